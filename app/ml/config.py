@@ -1,0 +1,101 @@
+"""Dataclass configs shared by the engine. Each is saved beside every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ArchitectureKind = Literal["logreg", "mlp"]
+ShardingKind = Literal["subject", "source", "random"]
+UnlearningMode = Literal["sisa", "monolithic"]
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """Which network maps preprocessed inputs to class logits."""
+
+    kind: ArchitectureKind = "logreg"
+    hidden: tuple[int, ...] = (64,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchitectureConfig:
+        return cls(kind=d.get("kind", "logreg"), hidden=tuple(d.get("hidden", (64,))))
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation settings. `epochs` is per slice stage for SISA, total for monolithic."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
+        return cls(**{k: d[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed") if k in d})
+
+
+@dataclass(frozen=True)
+class SisaConfig:
+    """Shards × slices layout of a SISA ensemble."""
+
+    shards: int = 4
+    slices: int = 4
+    sharding: ShardingKind = "subject"
+    aggregation: Literal["mean", "vote"] = "mean"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SisaConfig:
+        return cls(
+            shards=int(d.get("shards", 4)),
+            slices=int(d.get("slices", 4)),
+            sharding=d.get("sharding", "subject"),
+            aggregation=d.get("aggregation", "mean"),
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which columns feed the model and how.
+
+    `fixed_categories` pins a categorical vocabulary from the dataset schema instead of
+    fitting it on a shard; `removed` lists features forgotten by feature requests: the
+    preprocessor emits zeros for their inputs, so the model is structurally blind to them.
+    """
+
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    fixed_categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    removed: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.numeric + self.categorical
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "numeric": list(self.numeric),
+            "categorical": list(self.categorical),
+            "fixed_categories": {k: list(v) for k, v in self.fixed_categories.items()},
+            "removed": list(self.removed),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
+        return cls(
+            numeric=tuple(d.get("numeric", ())),
+            categorical=tuple(d.get("categorical", ())),
+            fixed_categories={k: tuple(v) for k, v in d.get("fixed_categories", {}).items()},
+            removed=tuple(d.get("removed", ())),
+        )

@@ -1,0 +1,42 @@
+"""Device choice and the determinism switches that make training reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PALIMPSEST_DEVICE=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def enable_determinism() -> None:
+    """Deterministic kernels everywhere; bit-exactness is guaranteed on CPU for a fixed
+    thread count and dtype (recorded in every manifest), and best effort on CUDA."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = False
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (model seed, model key, shard, slice, epoch...)."""
+    blob = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def runtime_fingerprint(device: torch.device) -> dict[str, object]:
+    """What bit-exactness depends on; stored in every training manifest."""
+    return {
+        "device": str(device),
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }

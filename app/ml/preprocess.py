@@ -1,0 +1,150 @@
+"""Learned preprocessing: category vocabularies and numeric scaling.
+
+A preprocessor is learned state like weights, so it is fitted per SISA shard on the
+shard's *retained* records (or pinned by the dataset schema) and never sees forgotten
+data. Numeric statistics are quantised (scale to quarter-octaves, mean to an eighth of
+the scale) so that removing a few records almost never changes them; when it does,
+the shard's checkpoints no longer apply and SISA restarts that shard from slice 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.ml.config import FeatureSpec
+
+
+def _quantise_scale(std: float) -> float:
+    if not math.isfinite(std) or std <= 1e-12:
+        return 1.0
+    return float(2.0 ** (round(math.log2(std) * 4) / 4))
+
+
+def _quantise_mean(mean: float, scale: float) -> float:
+    if not math.isfinite(mean):
+        return 0.0
+    step = scale / 8
+    return float(round(mean / step) * step)
+
+
+@dataclass(frozen=True)
+class PreprocessorState:
+    """Fitted preprocessing: inputs are [numeric..., one-hot per categorical...].
+
+    `removed` features still own their input columns (so shapes stay stable across
+    versions) but always emit zeros.
+    """
+
+    numeric: tuple[tuple[str, float, float], ...]  # (name, mean, scale)
+    categorical: tuple[tuple[str, tuple[str, ...]], ...]  # (name, vocabulary)
+    removed: tuple[str, ...] = ()
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.numeric) + sum(len(v) for _, v in self.categorical)
+
+    def column_slices(self) -> dict[str, slice]:
+        """Feature name -> the slice of input columns it occupies."""
+        out: dict[str, slice] = {}
+        for i, (name, _, _) in enumerate(self.numeric):
+            out[name] = slice(i, i + 1)
+        pos = len(self.numeric)
+        for name, vocab in self.categorical:
+            out[name] = slice(pos, pos + len(vocab))
+            pos += len(vocab)
+        return out
+
+    def feature_columns(self, feature: str) -> list[int]:
+        sl = self.column_slices()
+        if feature not in sl:
+            raise KeyError(feature)
+        s = sl[feature]
+        return list(range(s.start, s.stop))
+
+    def with_removed(self, feature: str) -> PreprocessorState:
+        if feature in self.removed:
+            return self
+        return PreprocessorState(self.numeric, self.categorical, (*self.removed, feature))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "numeric": [[n, m, s] for n, m, s in self.numeric],
+            "categorical": [[n, list(v)] for n, v in self.categorical],
+            "removed": list(self.removed),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessorState:
+        return cls(
+            numeric=tuple((str(n), float(m), float(s)) for n, m, s in d["numeric"]),
+            categorical=tuple((str(n), tuple(str(x) for x in v)) for n, v in d["categorical"]),
+            removed=tuple(d.get("removed", ())),
+        )
+
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def transform(self, columns: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """Raw columns -> float32 inputs (N, n_inputs). Unknown categories map to zeros."""
+        n = _n_rows(columns)
+        out = np.zeros((n, self.n_inputs), dtype=np.float32)
+        removed = set(self.removed)
+        for i, (name, mean, scale) in enumerate(self.numeric):
+            if name in removed:
+                continue
+            x = np.asarray(columns[name], dtype=np.float64)
+            z = (x - mean) / scale
+            out[:, i] = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        pos = len(self.numeric)
+        for name, vocab in self.categorical:
+            if name not in removed:
+                index = {v: j for j, v in enumerate(vocab)}
+                col = columns[name]
+                for r in range(n):
+                    j = index.get(_cat(col[r]))
+                    if j is not None:
+                        out[r, pos + j] = 1.0
+            pos += len(vocab)
+        return torch.from_numpy(out)
+
+
+def _n_rows(columns: Mapping[str, np.ndarray]) -> int:
+    for v in columns.values():
+        return len(v)
+    return 0
+
+
+def _cat(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def fit_preprocessor(spec: FeatureSpec, columns: Mapping[str, np.ndarray]) -> PreprocessorState:
+    """Fit vocabularies and scaling on exactly the rows given (a shard's retained records)."""
+    numeric: list[tuple[str, float, float]] = []
+    for name in spec.numeric:
+        x = np.asarray(columns[name], dtype=np.float64)
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            numeric.append((name, 0.0, 1.0))
+            continue
+        scale = _quantise_scale(float(x.std()))
+        numeric.append((name, _quantise_mean(float(x.mean()), scale), scale))
+    categorical: list[tuple[str, tuple[str, ...]]] = []
+    for name in spec.categorical:
+        if name in spec.fixed_categories:
+            vocab = tuple(spec.fixed_categories[name])
+        else:
+            vocab = tuple(sorted({_cat(v) for v in columns[name]} - {""}))
+        categorical.append((name, vocab))
+    return PreprocessorState(tuple(numeric), tuple(categorical), tuple(spec.removed))
