@@ -1,0 +1,114 @@
+"""Certified removal: the bound holds, removal ~ retraining, the budget forces a retrain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.ml.certified import (
+    CertifiedConfig,
+    from_module,
+    gradient_norm,
+    predict_proba_certified,
+    remove,
+    retrain_certified,
+    to_module,
+    train_certified,
+)
+from app.ml.training import predict_proba
+
+AGREEMENT = 0.99  # removal vs retrain-from-scratch prediction agreement on test rows
+
+
+def make_data(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(n, d, generator=gen)
+    y = (torch.rand(n, generator=gen) < torch.sigmoid(x @ w)).long()
+    return x, y
+
+
+CFG = CertifiedConfig(epsilon=1.0, delta=1e-4, lam=1e-2, sigma=5.0)
+
+
+def split(n: int, removed: list[int]) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    return keep
+
+
+def test_gradient_residual_is_within_the_reported_bound_over_several_removals() -> None:
+    x, y = make_data(2000, 10, 0)
+    state = train_certified(x, y, CFG, seed=1)
+    assert state.cumulative_bound < 1e-5  # training residual, counted in the bound
+    keep = torch.ones(len(y), dtype=torch.bool)
+    for batch in ([0], [1, 2, 3], list(range(10, 30))):
+        new_keep = keep.clone()
+        new_keep[batch] = False
+        state, res = remove(state, x[new_keep], y[new_keep], x[batch], y[batch])
+        keep = new_keep
+        assert not res.fallback_required
+        assert res.gradient_norm is not None
+        assert res.gradient_norm <= res.cumulative_bound
+        assert res.gradient_norm == pytest.approx(gradient_norm(state, x[keep], y[keep]))
+        assert res.budget_left == pytest.approx(res.budget - res.cumulative_bound)
+        assert res.budget == pytest.approx(CFG.sigma * CFG.epsilon / CFG.c)
+    assert state.n == int(keep.sum())
+
+
+def test_removal_agrees_with_retraining_from_scratch() -> None:
+    x, y = make_data(3000, 20, 1)
+    xt, _ = make_data(2000, 20, 2)
+    state = train_certified(x, y, CFG, seed=3)
+    keep = split(len(y), [5])
+    removed, res = remove(state, x[keep], y[keep], x[~keep], y[~keep])
+    assert not res.fallback_required
+    reference = retrain_certified(x[keep], y[keep], CFG, seed=3)
+    agree = (predict_proba_certified(removed, xt) > 0.5) == (
+        predict_proba_certified(reference, xt) > 0.5
+    )
+    assert float(agree.double().mean()) >= AGREEMENT
+    # the Newton step moves towards the retrained optimum, not away
+    assert (removed.w - reference.w).norm() < (state.w - reference.w).norm()
+
+
+def test_exceeding_the_budget_requires_fallback_and_retrain_resets_it() -> None:
+    x, y = make_data(500, 5, 4)
+    cfg = CertifiedConfig(epsilon=1.0, delta=1e-4, lam=1e-2, sigma=0.05)
+    state = train_certified(x, y, cfg, seed=5)
+    batch = list(range(100))
+    keep = split(len(y), batch)
+    unchanged, res = remove(state, x[keep], y[keep], x[~keep], y[~keep])
+    assert res.fallback_required
+    assert res.cumulative_bound > res.budget and res.budget_left == 0.0
+    assert res.gradient_norm is None
+    assert unchanged is state  # nothing applied: the caller retrains
+    fresh = retrain_certified(x[keep], y[keep], cfg, seed=5)
+    assert fresh.n == int(keep.sum())
+    assert fresh.cumulative_bound < 1e-6 and fresh.budget_left == pytest.approx(
+        cfg.budget, rel=1e-3
+    )
+
+
+def test_remove_refuses_inconsistent_row_counts() -> None:
+    x, y = make_data(200, 4, 6)
+    state = train_certified(x, y, CFG, seed=0)
+    with pytest.raises(ValueError):
+        remove(state, x[2:], y[2:], x[:1], y[:1])
+
+
+def test_exported_module_serves_the_same_scores() -> None:
+    x, y = make_data(400, 6, 8)
+    state = train_certified(x, y, CFG, seed=0)
+    module = to_module(state, 6)
+    p_module = predict_proba(module, x)[:, 1].double()
+    assert torch.allclose(p_module, predict_proba_certified(state, x), atol=1e-5)
+    assert torch.allclose(from_module(module), state.w, atol=1e-5)
+
+
+def test_config_derives_sigma_and_budget_from_epsilon_delta() -> None:
+    cfg = CertifiedConfig.from_budget(epsilon=0.5, delta=1e-5, lam=1e-3, budget=0.2)
+    assert cfg.budget == pytest.approx(0.2)
+    assert cfg.sigma == pytest.approx(cfg.c * 0.2 / 0.5)
+    with pytest.raises(ValueError):
+        CertifiedConfig(lam=0.0)
