@@ -1,0 +1,159 @@
+"""The `palimpsest` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+cli = typer.Typer(
+    help="Palimpsest: right-to-be-forgotten requests with machine unlearning.", no_args_is_help=True
+)
+db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
+keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
+audit_cli = typer.Typer(help="The audit log.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(audit_cli, name="audit")
+
+
+def alembic_config(url: str | None = None) -> object:
+    from alembic.config import Config
+
+    from app.core.settings import get_settings
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = Config(str(root / "alembic.ini")) if (root / "alembic.ini").exists() else Config()
+    cfg.set_main_option("script_location", str(root / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", (url or get_settings().database_url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade_database(url: str | None = None, revision: str = "head") -> None:
+    from alembic import command
+
+    from app.core.settings import get_settings
+
+    get_settings().ensure_local_dirs()
+    command.upgrade(alembic_config(url), revision)  # type: ignore[arg-type]
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations to PALIMPSEST_DATABASE_URL."""
+    upgrade_database(revision=revision)
+    typer.echo(f"database at {revision}")
+
+
+@db_cli.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION (`base` for an empty schema)."""
+    from alembic import command
+
+    command.downgrade(alembic_config(), revision)  # type: ignore[arg-type]
+    typer.echo(f"database at {revision}")
+
+
+@keys_cli.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin | portal | auditor")],
+    name: Annotated[str, typer.Option(help="who holds the key")],
+) -> None:
+    """Create an API key; the key alone is printed on the last line."""
+    from app.core.db import session_scope
+    from app.keys import create_key
+
+    try:
+        with session_scope() as s:
+            key, raw = create_key(s, role, name)
+            key_id = key.id
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"created {role} key {key_id} for {name!r}; store it now, it is not shown again:")
+    typer.echo(raw)
+
+
+@cli.command("api")
+def api(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from app.core.settings import get_settings
+
+    get_settings().ensure_local_dirs()
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@cli.command("worker")
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "gpu,default",
+    concurrency: Annotated[int | None, typer.Option()] = None,
+    pool: Annotated[str | None, typer.Option(help="solo | threads | prefork")] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a Celery worker for the configured broker."""
+    from app.core.settings import get_settings
+    from workers.celery_app import get_celery
+
+    settings = get_settings()
+    get_celery().worker_main(
+        [
+            "worker",
+            f"--queues={queues}",
+            f"--pool={pool or settings.worker_pool}",
+            f"--concurrency={concurrency or settings.worker_concurrency}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@cli.command("beat")
+def beat(loglevel: str = "INFO") -> None:
+    """Run the periodic scheduler (resumes stalled work)."""
+    from workers.celery_app import get_celery
+
+    get_celery().start(
+        ["beat", f"--loglevel={loglevel}", "--schedule=palimpsest-data/celerybeat-schedule"]
+    )
+
+
+@audit_cli.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit hash chain; exit 0 only if intact."""
+    from app.audit.service import verify_chain
+    from app.core.db import session_scope
+
+    with session_scope() as s:
+        check = verify_chain(s)
+    if check.intact:
+        typer.echo(f"audit chain intact: {check.events} events")
+        return
+    typer.echo(f"audit chain BROKEN at event {check.first_bad_id}: {check.reason}", err=True)
+    raise typer.Exit(1)
+
+
+@cli.command("demo")
+def demo(
+    folder: Annotated[
+        Path | None, typer.Option(help="work folder (default: a new temp folder)")
+    ] = None,
+    subjects: int = 600,
+    port: int = 0,
+) -> None:
+    """Run the seed stories end to end on the embedded default and print a report."""
+    from app.demo import run_demo
+
+    sys.exit(run_demo(folder, n_subjects=subjects, port=port))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The artifact store: a local folder or any fsspec URL (s3://bucket/prefix...)."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app.core.settings import Settings, get_settings
+
+
+class ArtifactStore:
+    """Paths are relative to the root; writes go to a temporary name, then move."""
+
+    def __init__(self, root: str) -> None:
+        self.fs: Any
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.root = path.rstrip("/")
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self.path(rel)))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        full = self.path(rel)
+        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        tmp = full + ".tmp"
+        with self.fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        self.fs.mv(tmp, full)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as fh:
+            return bytes(fh.read())
+
+    def delete(self, rel: str) -> None:
+        full = self.path(rel)
+        if self.fs.exists(full):
+            self.fs.rm(full, recursive=True)
+
+    def list(self, rel: str) -> list[str]:
+        full = self.path(rel)
+        if not self.fs.exists(full):
+            return []
+        return sorted(posixpath.relpath(p, self.root) for p in self.fs.find(full))
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+
+_stores: dict[str, ArtifactStore] = {}
+
+
+def get_store(settings: Settings | None = None) -> ArtifactStore:
+    root = (settings or get_settings()).artifact_root
+    if root not in _stores:
+        _stores[root] = ArtifactStore(root)
+    return _stores[root]

@@ -1,0 +1,37 @@
+"""Dataset ingest spec and responses."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DatasetSpec(BaseModel):
+    """The JSON `spec` part of `POST /v1/datasets`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    subject_column: str = Field(min_length=1)
+    label_column: str = Field(min_length=1)
+    source_column: str | None = None
+    feature_columns: list[str] | None = None
+    categorical_columns: list[str] | None = None
+    group_columns: list[str] | None = None
+    # Additions beyond the contract: a column of stable record ids (used by `records`
+    # deletion requests; row numbers otherwise) and the number of storage partitions.
+    record_id_column: str | None = None
+    partitions: int = Field(default=16, ge=1, le=256)
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    n_records: int
+    n_subjects: int
+    sources: list[str]
+    feature_columns: list[str]
+    group_columns: list[str]
+    categorical_columns: list[str] = []
+    label_column: str = ""
+    label_classes: list[str] = []
+    created_at: str = ""

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class JobCost(BaseModel):
+    wall_seconds: float | None = None
+    device: str | None = None
+    device_seconds: float | None = None
+    retrain_estimate_seconds: float | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: str
+    progress: float
+    model: str
+    request_ids: list[str]
+    method: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    cost: JobCost
+    report_id: str | None
+    result: dict[str, Any] = {}
+    error: str | None = None

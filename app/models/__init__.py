@@ -1,0 +1,24 @@
+"""ORM models. Importing this package registers every table on `Base.metadata`."""
+
+from app.models.base import Base
+from app.models.catalog import Dataset, Record, Source, Subject
+from app.models.ops import ApiKey, AuditEvent, Job, Report
+from app.models.registry import Lineage, MLModel, ModelVersion
+from app.models.requests import DeletionRequest, RequestModel
+
+__all__ = [
+    "ApiKey",
+    "AuditEvent",
+    "Base",
+    "Dataset",
+    "DeletionRequest",
+    "Job",
+    "Lineage",
+    "MLModel",
+    "ModelVersion",
+    "Record",
+    "Report",
+    "RequestModel",
+    "Source",
+    "Subject",
+]

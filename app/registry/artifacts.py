@@ -1,0 +1,54 @@
+"""Where model versions live in the artifact store, and loading them for serving."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from app.core.storage import ArtifactStore
+from app.ml.checkpoints import FsspecCheckpointStore
+from app.ml.device import resolve_device
+from app.ml.sisa import SisaEnsemble, SisaManifest
+
+
+class Predictor(Protocol):
+    def predict_proba(self, columns: dict[str, np.ndarray]) -> torch.Tensor: ...
+
+
+def checkpoint_store(store: ArtifactStore, model_id: str) -> FsspecCheckpointStore:
+    """Checkpoints are content-addressed per model: versions share unchanged ones."""
+    return FsspecCheckpointStore(store.fs, store.path(f"models/{model_id}/checkpoints"))
+
+
+def manifest_path(model_id: str, version: int) -> str:
+    return f"models/{model_id}/versions/{version}/manifest.json"
+
+
+def save_manifest(store: ArtifactStore, model_id: str, version: int, manifest: SisaManifest) -> str:
+    rel = manifest_path(model_id, version)
+    store.write_bytes(rel, json.dumps(manifest.to_dict(), sort_keys=True).encode())
+    return rel
+
+
+def load_manifest(store: ArtifactStore, rel: str) -> SisaManifest:
+    return SisaManifest.from_dict(json.loads(store.read_bytes(rel)))
+
+
+def summary(manifest: SisaManifest, rel: str) -> dict[str, Any]:
+    """What the database keeps of a manifest (record-id lists stay in the artifact)."""
+    d = manifest.to_dict()
+    for entry in d["entries"]:
+        entry.pop("record_ids", None)
+    d["artifact"] = rel
+    return d
+
+
+def load_predictor(
+    store: ArtifactStore, manifest_summary: dict[str, Any], device: str
+) -> Predictor:
+    manifest = load_manifest(store, manifest_summary["artifact"])
+    model_id = manifest_summary["artifact"].split("/")[1]
+    return SisaEnsemble.load(manifest, checkpoint_store(store, model_id), resolve_device(device))

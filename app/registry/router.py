@@ -1,0 +1,38 @@
+"""`/v1/models`: create (train), view, predict, promote."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import AdminDep, ReaderDep, SessionDep, SettingsDep
+from app.core.storage import get_store
+from app.registry import service
+from app.registry.schemas import ModelCreate, ModelCreated, ModelOut, PredictIn, PredictOut
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.post("", status_code=202, responses={404: {}, 409: {}, 422: {}})
+def create_model(body: ModelCreate, caller: AdminDep, session: SessionDep) -> ModelCreated:
+    return service.create(session, body, caller.actor)
+
+
+@router.get("/{name}", responses={404: {}})
+def get_model(name: str, _: ReaderDep, session: SessionDep) -> ModelOut:
+    return service.to_out(session, service.get_by_name(session, name))
+
+
+@router.post("/{name}/predict", responses={400: {}, 404: {}, 422: {}})
+def predict(
+    name: str, body: PredictIn, _: AdminDep, session: SessionDep, settings: SettingsDep
+) -> PredictOut:
+    model = service.get_by_name(session, name)
+    return service.predict(session, get_store(settings), model, body.records)
+
+
+@router.post("/{name}/versions/{version}/promote", responses={404: {}, 409: {}})
+def promote(name: str, version: int, caller: AdminDep, session: SessionDep) -> ModelOut:
+    model = service.get_by_name(session, name)
+    mv = service.get_version(session, model, version)
+    service.promote(session, model, mv, caller.actor, reason="manual")
+    return service.to_out(session, model)

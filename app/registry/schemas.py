@@ -1,0 +1,99 @@
+"""Model creation body and model/version views."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ArchitectureIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["logreg", "mlp"] = "logreg"
+    hidden: list[int] = Field(default_factory=lambda: [64], min_length=1, max_length=6)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ArchitectureIn:
+        if any(h < 1 or h > 4096 for h in self.hidden):
+            raise ValueError("hidden sizes must be between 1 and 4096")
+        return self
+
+
+class TrainingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(default=10, ge=1, le=1000)
+    batch_size: int = Field(default=256, ge=1, le=65536)
+    lr: float = Field(default=0.01, gt=0, le=10)
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class UnlearningIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["sisa", "monolithic"] = "sisa"
+    shards: int = Field(default=4, ge=1, le=128)
+    slices: int = Field(default=4, ge=1, le=64)
+    sharding: Literal["subject", "source", "random"] = "subject"
+    aggregation: Literal["mean", "vote"] = "mean"
+    certified: bool = False
+
+
+class VerificationIn(BaseModel):
+    """Per-model thresholds (defaults come from settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+    utility_max_drop: float | None = Field(default=None, ge=0, le=1)
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    dataset_id: str = Field(min_length=1, max_length=64)
+    architecture: ArchitectureIn = Field(default_factory=ArchitectureIn)
+    training: TrainingIn = Field(default_factory=TrainingIn)
+    unlearning: UnlearningIn = Field(default_factory=UnlearningIn)
+    feature_columns: list[str] | None = None
+    group_columns: list[str] | None = None
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+    verification: VerificationIn = Field(default_factory=VerificationIn)
+
+
+class ModelCreated(BaseModel):
+    id: str
+    name: str
+    status: str
+    job_id: str
+
+
+class VersionOut(BaseModel):
+    version: int
+    status: str
+    created_at: datetime
+    created_by_job: str | None
+    metrics: dict[str, Any]
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    status: str
+    production_version: int | None
+    dataset_id: str
+    config: dict[str, Any]
+    versions: list[VersionOut]
+
+
+class PredictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    records: list[dict[str, Any]] = Field(min_length=1, max_length=10000)
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class PredictOut(BaseModel):
+    version: int
+    predictions: list[Prediction]

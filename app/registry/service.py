@@ -1,0 +1,226 @@
+"""Models and versions: creation, views, promotion and serving."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.core.db import enqueue
+from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
+from app.core.settings import get_settings
+from app.core.storage import ArtifactStore
+from app.datasets import service as datasets
+from app.ml.config import FeatureSpec
+from app.models import Job, MLModel, ModelVersion
+from app.registry import artifacts
+from app.registry.schemas import (
+    ModelCreate,
+    ModelCreated,
+    ModelOut,
+    Prediction,
+    PredictOut,
+    VersionOut,
+)
+
+
+def get_by_name(session: Session, name: str) -> MLModel:
+    model = session.scalars(select(MLModel).where(MLModel.name == name)).first()
+    if model is None:
+        raise NotFound(f"no model named {name!r}", code="model_not_found")
+    return model
+
+
+def get_version(session: Session, model: MLModel, version: int) -> ModelVersion:
+    mv = session.scalars(
+        select(ModelVersion).where(
+            ModelVersion.model_id == model.id, ModelVersion.version == version
+        )
+    ).first()
+    if mv is None:
+        raise NotFound(f"model {model.name!r} has no version {version}", code="version_not_found")
+    return mv
+
+
+def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
+    if session.scalars(select(MLModel).where(MLModel.name == body.name)).first() is not None:
+        raise Conflict(f"a model named {body.name!r} already exists", code="model_exists")
+    ds = datasets.get(session, body.dataset_id)
+    schema = ds.schema
+    features = body.feature_columns or list(schema["feature_columns"])
+    unknown = [f for f in features if f not in schema["feature_columns"]]
+    if unknown:
+        raise Unprocessable(
+            f"not feature columns of dataset {ds.name!r}: {unknown}", code="invalid_columns"
+        )
+    if len(set(features)) != len(features) or not features:
+        raise Unprocessable(
+            "feature_columns must be non-empty and without duplicates", code="invalid_columns"
+        )
+    groups = body.group_columns if body.group_columns is not None else list(schema["group_columns"])
+    known = set(schema["group_columns"]) | set(schema["feature_columns"])
+    bad_groups = [g for g in groups if g not in known]
+    if bad_groups:
+        raise Unprocessable(f"unknown group columns: {bad_groups}", code="invalid_columns")
+    if body.unlearning.certified and (
+        body.architecture.kind != "logreg" or len(schema["label_classes"]) != 2
+    ):
+        raise Unprocessable(
+            "certified removal needs a binary logistic model", code="invalid_config"
+        )
+    if body.unlearning.mode == "monolithic" and (
+        body.unlearning.shards,
+        body.unlearning.slices,
+    ) != (1, 1):
+        body.unlearning.shards, body.unlearning.slices = 1, 1
+    spec = FeatureSpec(
+        numeric=tuple(f for f in features if f in schema["numeric_columns"]),
+        categorical=tuple(f for f in features if f in schema["categorical_columns"]),
+    )
+    config: dict[str, Any] = body.model_dump(mode="json")
+    config["feature_columns"] = features
+    config["group_columns"] = groups
+    config["resolved"] = {
+        "feature_spec": spec.to_dict(),
+        "label_classes": schema["label_classes"],
+        "removed_features": [],
+    }
+    model = MLModel(name=body.name, dataset_id=ds.id, config=config, status="training")
+    session.add(model)
+    session.flush()
+    job = Job(kind="train", model_id=model.id, method=body.unlearning.mode)
+    session.add(job)
+    session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="model.created",
+        entity_type="model",
+        entity_id=model.id,
+        data={"name": model.name, "dataset_id": ds.id, "job_id": job.id},
+    )
+    enqueue(session, "palimpsest.train_model", job.id, queue="gpu")
+    return ModelCreated(id=model.id, name=model.name, status=model.status, job_id=job.id)
+
+
+def to_out(session: Session, model: MLModel) -> ModelOut:
+    versions = session.scalars(
+        select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version)
+    ).all()
+    return ModelOut(
+        id=model.id,
+        name=model.name,
+        status=model.status,
+        production_version=model.production_version,
+        dataset_id=model.dataset_id,
+        config={k: v for k, v in model.config.items() if k != "resolved"}
+        | {"removed_features": model.config["resolved"].get("removed_features", [])},
+        versions=[
+            VersionOut(
+                version=v.version,
+                status=v.status,
+                created_at=v.created_at,
+                created_by_job=v.created_by_job,
+                metrics=v.metrics,
+            )
+            for v in versions
+        ],
+    )
+
+
+def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reason: str) -> None:
+    """Make `mv` production. A purged version (trained on erased data) never comes back."""
+    if mv.status == "purged":
+        raise Conflict(
+            f"version {mv.version} was trained on erased data and its artifacts are gone",
+            code="version_purged",
+        )
+    if mv.status == "production":
+        return
+    if model.locked_by_job is not None and reason == "manual":
+        raise Conflict(
+            "a job is running on this model; try again when it finishes", code="model_busy"
+        )
+    previous = model.production_version
+    if previous is not None:
+        old = get_version(session, model, previous)
+        old.status = "retired"
+    mv.status = "production"
+    model.production_version = mv.version
+    audit.record(
+        session,
+        actor=actor,
+        action="model.promoted",
+        entity_type="model",
+        entity_id=model.id,
+        data={
+            "model": model.name,
+            "from_version": previous,
+            "to_version": mv.version,
+            "reason": reason,
+        },
+    )
+
+
+# -- serving ------------------------------------------------------------------------
+
+_cache: dict[tuple[str, int], artifacts.Predictor] = {}
+_cache_lock = threading.Lock()
+
+
+def _predictor(store: ArtifactStore, model: MLModel, mv: ModelVersion) -> artifacts.Predictor:
+    key = (model.id, mv.version)
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    pred = artifacts.load_predictor(store, mv.manifest, get_settings().device)
+    with _cache_lock:
+        for k in [k for k in _cache if k[0] == model.id]:
+            del _cache[k]  # one version per model in memory: the production one
+        _cache[key] = pred
+    return pred
+
+
+def _columns(model: MLModel, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    spec = FeatureSpec.from_dict(model.config["resolved"]["feature_spec"])
+    missing = sorted({c for c in spec.columns if any(c not in r for r in records)})
+    if missing:
+        raise Unprocessable(f"records lack feature columns: {missing[:10]}", code="missing_columns")
+    out: dict[str, np.ndarray] = {}
+    for name in spec.numeric:
+        try:
+            out[name] = np.asarray(
+                [np.nan if r[name] is None else float(r[name]) for r in records], dtype=np.float64
+            )
+        except (TypeError, ValueError) as exc:
+            raise Unprocessable(f"column {name!r} must be numeric", code="invalid_value") from exc
+    for name in spec.categorical:
+        out[name] = np.asarray(
+            ["" if r[name] is None else str(r[name]) for r in records], dtype=object
+        )
+    return out
+
+
+def predict(
+    session: Session, store: ArtifactStore, model: MLModel, records: list[dict[str, Any]]
+) -> PredictOut:
+    if model.production_version is None:
+        raise BadRequest(f"model {model.name!r} has no production version yet", code="not_ready")
+    mv = get_version(session, model, model.production_version)
+    proba = _predictor(store, model, mv).predict_proba(_columns(model, records))
+    classes: list[str] = model.config["resolved"]["label_classes"]
+    best = torch.argmax(proba, dim=1)
+    preds = []
+    for i in range(len(records)):
+        label = int(best[i])
+        # Binary: the score is P(second class), the usual "positive" score; otherwise
+        # the probability of the predicted class.
+        score = float(proba[i, 1]) if len(classes) == 2 else float(proba[i, label])
+        preds.append(Prediction(label=classes[label], score=score))
+    return PredictOut(version=mv.version, predictions=preds)

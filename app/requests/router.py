@@ -1,0 +1,77 @@
+"""`/v1/deletion-requests`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from app.api.deps import AdminDep, AnyRoleDep, PortalDep, SessionDep, SettingsDep
+from app.core.errors import NotFound
+from app.requests import service
+from app.requests.schemas import (
+    DeletionRequestIn,
+    DeletionRequestOut,
+    ExtendIn,
+    RequestAccepted,
+    RequestPage,
+)
+
+router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
+STATUSES = "received|planned|unlearning|verifying|retraining|needs_review|erasing|completed|failed|cancelled|rejected"
+
+
+@router.post("", status_code=202, responses={200: {}, 403: {}, 404: {}, 409: {}, 422: {}})
+def create_request(
+    body: DeletionRequestIn,
+    caller: PortalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> RequestAccepted:
+    accepted, created = service.create(session, body, caller, settings, idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return accepted
+
+
+@router.get("", responses={400: {}})
+def list_requests(
+    caller: AnyRoleDep,
+    session: SessionDep,
+    status: Annotated[str | None, Query(pattern=f"^({STATUSES})$")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> RequestPage:
+    return service.list_page(session, caller, status, limit, cursor)
+
+
+@router.get("/{request_id}", responses={404: {}})
+def get_request(request_id: str, caller: AnyRoleDep, session: SessionDep) -> DeletionRequestOut:
+    return service.to_out(session, service.get(session, request_id, caller))
+
+
+@router.post("/{request_id}/cancel", responses={404: {}, 409: {}})
+def cancel_request(request_id: str, caller: PortalDep, session: SessionDep) -> DeletionRequestOut:
+    req = service.get(session, request_id, caller)
+    service.cancel(session, req, caller)
+    return service.to_out(session, req)
+
+
+@router.post("/{request_id}/extend", responses={404: {}, 409: {}, 422: {}})
+def extend_request(
+    request_id: str, body: ExtendIn, caller: AdminDep, session: SessionDep, settings: SettingsDep
+) -> DeletionRequestOut:
+    req = service.get(session, request_id, caller)
+    service.extend(session, req, caller, body.reason, body.days, settings)
+    return service.to_out(session, req)
+
+
+@router.get("/{request_id}/certificate", responses={404: {}})
+def get_certificate(request_id: str, caller: AnyRoleDep, session: SessionDep) -> dict[str, str]:
+    req = service.get(session, request_id, caller)
+    raise NotFound(
+        f"request {req.id} has no certificate (status {req.status!r}); certificates are not issued yet",
+        code="certificate_not_available",
+    )

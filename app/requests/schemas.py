@@ -1,0 +1,94 @@
+"""Deletion request bodies and views."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RequestKind = Literal["subject", "records", "source", "feature"]
+
+
+class DeletionRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: RequestKind
+    subject_id: str | None = Field(default=None, min_length=1, max_length=500)
+    record_ids: list[str] | None = Field(default=None, min_length=1, max_length=100_000)
+    source: str | None = Field(default=None, min_length=1, max_length=200)
+    feature: str | None = Field(default=None, min_length=1, max_length=200)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    dataset_id: str | None = Field(default=None, max_length=64)
+    reason: str | None = Field(default=None, max_length=2000)
+    external_ref: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _target(self) -> DeletionRequestIn:
+        need = {
+            "subject": "subject_id",
+            "records": "record_ids",
+            "source": "source",
+            "feature": "feature",
+        }
+        field = need[self.kind]
+        if getattr(self, field) in (None, "", []):
+            raise ValueError(f"a {self.kind!r} request needs {field!r}")
+        others = [f for k, f in need.items() if k != self.kind and getattr(self, f) is not None]
+        if others:
+            raise ValueError(f"a {self.kind!r} request must not carry {others}")
+        if self.kind == "feature" and not self.model:
+            raise ValueError("a 'feature' request needs 'model'")
+        if self.subject_id is not None and not self.subject_id.strip():
+            raise ValueError("subject_id is blank")
+        return self
+
+
+class RequestAccepted(BaseModel):
+    id: str
+    status: str
+    received_at: datetime
+    due_at: datetime
+
+
+class RequestModelOut(BaseModel):
+    model: str
+    status: str
+    job_id: str | None
+    from_version: int | None
+    to_version: int | None
+    method: str | None
+    report_id: str | None
+
+
+class DeletionRequestOut(BaseModel):
+    id: str
+    kind: str
+    status: str
+    received_at: datetime
+    due_at: datetime
+    completed_at: datetime | None
+    models: list[RequestModelOut]
+    n_records: int = 0
+    source: str | None = None
+    feature: str | None = None
+    model: str | None = None
+    external_ref: str | None = None
+    extended: bool = False
+    error: str | None = None
+
+
+class RequestPage(BaseModel):
+    items: list[DeletionRequestOut]
+    next_cursor: str | None
+
+
+class ExtendIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=3, max_length=2000)
+    days: int | None = Field(default=None, ge=1, le=61)
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["approve", "reject", "mitigate"]
+    note: str | None = Field(default=None, max_length=2000)

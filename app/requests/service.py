@@ -1,0 +1,288 @@
+"""Deletion requests: intake, views, cancel, extend, and status transitions."""
+
+from __future__ import annotations
+
+import base64
+from datetime import timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.api.deps import Caller
+from app.audit import service as audit
+from app.core.db import enqueue
+from app.core.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from app.core.security import subject_key
+from app.core.settings import Settings
+from app.models import DeletionRequest, MLModel, Record, RequestModel, Source, Subject
+from app.models.base import utcnow
+from app.requests.schemas import (
+    DeletionRequestIn,
+    DeletionRequestOut,
+    RequestAccepted,
+    RequestModelOut,
+    RequestPage,
+)
+
+TERMINAL = {"completed", "failed", "cancelled", "rejected"}
+CANCELLABLE = {"received", "planned"}
+
+
+def transition(
+    session: Session, req: DeletionRequest, status: str, actor: str, **data: object
+) -> None:
+    """Every status change is an audit event."""
+    if req.status == status:
+        return
+    previous = req.status
+    req.status = status
+    if status == "completed":
+        req.completed_at = utcnow()
+    audit.record(
+        session,
+        actor=actor,
+        action="request.status_changed",
+        entity_type="deletion_request",
+        entity_id=req.id,
+        data={"from": previous, "to": status, **data},
+    )
+
+
+def _find_records(
+    session: Session, body: DeletionRequestIn, settings: Settings
+) -> tuple[str | None, int]:
+    """Check the target exists now; a request for data we do not hold is a clear 404."""
+    live = Record.status.in_(("active", "quarantined"))
+    if body.kind == "subject":
+        assert body.subject_id is not None
+        key = subject_key(body.subject_id, settings.subject_pepper)
+        n = session.scalar(
+            select(func.count())
+            .select_from(Record)
+            .join(Subject, Subject.id == Record.subject_id)
+            .where(Subject.subject_key == key, live)
+        )
+        if not n:
+            raise NotFound("no records are held for this subject", code="subject_not_found")
+        return key, int(n)
+    if body.kind == "records":
+        assert body.record_ids is not None
+        ids = sorted(set(body.record_ids))
+        found: list[tuple[str, str]] = []
+        for chunk in range(0, len(ids), 900):
+            q = select(Record.external_id, Record.dataset_id).where(
+                Record.external_id.in_(ids[chunk : chunk + 900]), live
+            )
+            if body.dataset_id:
+                q = q.where(Record.dataset_id == body.dataset_id)
+            found.extend((r[0], r[1]) for r in session.execute(q))
+        missing = sorted(set(ids) - {f[0] for f in found})
+        if missing:
+            raise NotFound(f"unknown record ids: {missing[:10]}", code="records_not_found")
+        if len(found) != len(ids):
+            raise Unprocessable(
+                "some record ids exist in several datasets; name the dataset with 'dataset_id'",
+                code="ambiguous_records",
+            )
+        return None, len(found)
+    if body.kind == "source":
+        n = session.scalar(
+            select(func.count())
+            .select_from(Record)
+            .join(Source, Source.id == Record.source_id)
+            .where(Source.name == body.source, live)
+        )
+        if not n:
+            raise NotFound(
+                f"no records are held from source {body.source!r}", code="source_not_found"
+            )
+        return None, int(n)
+    raise Unprocessable("feature requests are not supported yet", code="unsupported_kind")
+
+
+def create(
+    session: Session,
+    body: DeletionRequestIn,
+    caller: Caller,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> tuple[RequestAccepted, bool]:
+    """Returns the accepted request and whether it was newly created."""
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 200:
+            raise BadRequest(
+                "Idempotency-Key must be 1 to 200 characters", code="invalid_idempotency_key"
+            )
+        prior = session.scalars(
+            select(DeletionRequest).where(
+                DeletionRequest.api_key_id == caller.key_id,
+                DeletionRequest.idempotency_key == idempotency_key,
+            )
+        ).first()
+        if prior is not None:
+            return RequestAccepted(
+                id=prior.id, status=prior.status, received_at=prior.received_at, due_at=prior.due_at
+            ), False
+    if body.kind == "feature" and caller.role != "admin":
+        raise Forbidden("feature requests are admin-only")
+    if body.dataset_id is not None and body.kind != "records":
+        raise Unprocessable("dataset_id only narrows 'records' requests", code="invalid")
+    key, n = _find_records(session, body, settings)
+    now = utcnow()
+    req = DeletionRequest(
+        kind=body.kind,
+        status="received",
+        subject_key=key,
+        record_ids=sorted(set(body.record_ids)) if body.record_ids else None,
+        source=body.source,
+        feature=body.feature,
+        model_name=body.model,
+        dataset_id=body.dataset_id,
+        reason=body.reason,
+        external_ref=body.external_ref,
+        api_key_id=caller.key_id,
+        idempotency_key=idempotency_key,
+        received_at=now,
+        due_at=now + timedelta(days=settings.deadline_days),
+        n_records=n,
+    )
+    session.add(req)
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent retry with the same Idempotency-Key won
+        raise Conflict(
+            "a request with this Idempotency-Key is being created", code="idempotency_conflict"
+        ) from exc
+    audit.record(
+        session,
+        actor=caller.actor,
+        action="request.received",
+        entity_type="deletion_request",
+        entity_id=req.id,
+        data={"kind": req.kind, "records": n, "due_at": req.due_at.isoformat()},
+    )
+    enqueue(session, "palimpsest.plan_request", req.id)
+    return RequestAccepted(
+        id=req.id, status=req.status, received_at=req.received_at, due_at=req.due_at
+    ), True
+
+
+def get(session: Session, request_id: str, caller: Caller) -> DeletionRequest:
+    req = session.get(DeletionRequest, request_id)
+    # Portals see only their own requests; others' look like they do not exist.
+    if req is None or (caller.role == "portal" and req.api_key_id != caller.key_id):
+        raise NotFound(f"no deletion request {request_id!r}", code="request_not_found")
+    return req
+
+
+def to_out(session: Session, req: DeletionRequest) -> DeletionRequestOut:
+    rows = session.execute(
+        select(RequestModel, MLModel.name)
+        .join(MLModel, MLModel.id == RequestModel.model_id)
+        .where(RequestModel.request_id == req.id)
+        .order_by(RequestModel.id)
+    ).all()
+    return DeletionRequestOut(
+        id=req.id,
+        kind=req.kind,
+        status=req.status,
+        received_at=req.received_at,
+        due_at=req.due_at,
+        completed_at=req.completed_at,
+        models=[
+            RequestModelOut(
+                model=name,
+                status=rm.status,
+                job_id=rm.job_id,
+                from_version=rm.from_version,
+                to_version=rm.to_version,
+                method=rm.method,
+                report_id=rm.report_id,
+            )
+            for rm, name in rows
+        ],
+        n_records=req.n_records,
+        source=req.source,
+        feature=req.feature,
+        model=req.model_name,
+        external_ref=req.external_ref,
+        extended=req.extended_at is not None,
+        error=req.error,
+    )
+
+
+def _cursor(req: DeletionRequest) -> str:
+    return base64.urlsafe_b64encode(f"{req.received_at.isoformat()}|{req.id}".encode()).decode()
+
+
+def list_page(
+    session: Session, caller: Caller, status: str | None, limit: int, cursor: str | None
+) -> RequestPage:
+    q = select(DeletionRequest).order_by(
+        DeletionRequest.received_at.desc(), DeletionRequest.id.desc()
+    )
+    if caller.role == "portal":
+        q = q.where(DeletionRequest.api_key_id == caller.key_id)
+    if status:
+        q = q.where(DeletionRequest.status == status)
+    if cursor:
+        try:
+            at_s, rid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+            at = DeletionRequest.received_at.type.python_type.fromisoformat(at_s)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            raise BadRequest("invalid cursor", code="invalid_cursor") from exc
+        q = q.where(
+            (DeletionRequest.received_at < at)
+            | ((DeletionRequest.received_at == at) & (DeletionRequest.id < rid))
+        )
+    rows = session.scalars(q.limit(limit + 1)).all()
+    items = [to_out(session, r) for r in rows[:limit]]
+    return RequestPage(
+        items=items, next_cursor=_cursor(rows[limit - 1]) if len(rows) > limit else None
+    )
+
+
+def cancel(session: Session, req: DeletionRequest, caller: Caller) -> None:
+    if req.status not in CANCELLABLE:
+        raise Conflict(
+            f"a request in status {req.status!r} can no longer be cancelled", code="not_cancellable"
+        )
+    # Release the quarantine this request placed.
+    for rec in session.scalars(select(Record).where(Record.quarantined_by == req.id)):
+        rec.status = "active"
+        rec.quarantined_by = None
+    for rm in session.scalars(select(RequestModel).where(RequestModel.request_id == req.id)):
+        session.delete(rm)
+    transition(session, req, "cancelled", caller.actor)
+
+
+def extend(
+    session: Session,
+    req: DeletionRequest,
+    caller: Caller,
+    reason: str,
+    days: int | None,
+    settings: Settings,
+) -> None:
+    if req.extended_at is not None:
+        raise Conflict("the deadline was already extended once", code="already_extended")
+    if req.status in TERMINAL:
+        raise Conflict(f"the request is {req.status}", code="request_closed")
+    add = days or settings.max_extension_days
+    if add > settings.max_extension_days:
+        raise Unprocessable(
+            f"an extension is at most {settings.max_extension_days} days", code="invalid"
+        )
+    old = req.due_at
+    req.due_at = req.due_at + timedelta(days=add)
+    req.extended_at = utcnow()
+    req.extension_reason = reason
+    audit.record(
+        session,
+        actor=caller.actor,
+        action="request.extended",
+        entity_type="deletion_request",
+        entity_id=req.id,
+        data={"from": old.isoformat(), "to": req.due_at.isoformat(), "reason": reason},
+    )

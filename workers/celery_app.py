@@ -1,0 +1,52 @@
+"""The Celery app, built from settings: queues `gpu` (training, unlearning) and `default`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from app.core.settings import Settings, get_settings
+
+
+def _transport_options(url: str) -> dict[str, object]:
+    if url.startswith("sqla+"):
+        # kombu hands these to create_engine: let SQLite writers wait for each other.
+        return {"connect_args": {"timeout": 30}} if "sqlite" in url else {}
+    # Long unlearning jobs with acks_late must not be redelivered while still running.
+    return {"visibility_timeout": 6 * 3600}
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    settings.ensure_local_dirs()
+    app = Celery("palimpsest", broker=settings.broker_url, backend=settings.result_backend)
+    app.conf.update(
+        task_queues=(Queue("default"), Queue("gpu")),
+        task_default_queue="default",
+        task_routes={
+            "palimpsest.train_model": {"queue": "gpu"},
+            "palimpsest.run_unlearning": {"queue": "gpu"},
+        },
+        # Tasks are idempotent, so a redelivery after a crash is safe: ack only when done.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=_transport_options(settings.broker_url),
+        beat_schedule={
+            "resume-stalled-work": {"task": "palimpsest.resume_stalled", "schedule": 60.0},
+        },
+        timezone="UTC",
+    )
+    app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return create_celery()

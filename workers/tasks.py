@@ -1,0 +1,88 @@
+"""Thin tasks: take ids, call a service, let the session scope commit."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import Task, shared_task
+from sqlalchemy import select
+
+from app.core.db import enqueue, session_scope
+from app.core.storage import get_store
+from app.models import DeletionRequest, Job
+from app.models.base import utcnow
+from app.registry import runner
+from app.requests import lifecycle
+
+log = logging.getLogger(__name__)
+MAX_RETRIES = 2
+
+
+def _run_job(task: Task, fn: Any, job_id: str, lock_retry: float = 2.0) -> None:
+    try:
+        fn(job_id)
+    except runner.ModelBusy as exc:
+        # Serialised per model: wait for the other job without burning a retry.
+        raise task.retry(countdown=lock_retry, max_retries=None) from exc
+    except Exception as exc:
+        log.exception("job %s failed (attempt %s)", job_id, task.request.retries + 1)
+        if task.request.retries < MAX_RETRIES:
+            raise task.retry(countdown=2**task.request.retries, exc=exc) from exc
+        runner.fail_job(job_id, f"{type(exc).__name__}: {exc}")
+
+
+@shared_task(name="palimpsest.train_model", bind=True, acks_late=True)
+def train_model(self: Task, job_id: str) -> None:
+    _run_job(self, runner.run_training, job_id)
+
+
+@shared_task(name="palimpsest.run_unlearning", bind=True, acks_late=True)
+def run_unlearning(self: Task, job_id: str) -> None:
+    _run_job(self, runner.run_unlearning, job_id)
+
+
+@shared_task(name="palimpsest.plan_request", bind=True, acks_late=True, max_retries=5)
+def plan_request(self: Task, request_id: str) -> None:
+    try:
+        with session_scope() as s:
+            lifecycle.plan(s, request_id)
+    except Exception as exc:
+        raise self.retry(countdown=2, exc=exc) from exc
+
+
+@shared_task(name="palimpsest.erase_request", bind=True, acks_late=True, max_retries=5)
+def erase_request(self: Task, request_id: str) -> None:
+    try:
+        with session_scope() as s:
+            lifecycle.erase(s, get_store(), request_id)
+    except Exception as exc:
+        raise self.retry(countdown=2, exc=exc) from exc
+
+
+@shared_task(name="palimpsest.resume_stalled")
+def resume_stalled(older_than_seconds: float = 120.0) -> dict[str, int]:
+    """Beat: re-send work whose task was lost (broker down at commit time, a crash).
+    Safe because every task is idempotent."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    counts = {"jobs": 0, "requests": 0}
+    with session_scope() as s:
+        for job in s.scalars(select(Job).where(Job.status == "pending", Job.created_at < cutoff)):
+            name = "palimpsest.train_model" if job.kind == "train" else "palimpsest.run_unlearning"
+            enqueue(s, name, job.id, queue="gpu")
+            counts["jobs"] += 1
+        for req in s.scalars(
+            select(DeletionRequest).where(
+                DeletionRequest.status.in_(("received", "erasing")),
+                DeletionRequest.received_at < cutoff,
+            )
+        ):
+            name = (
+                "palimpsest.plan_request"
+                if req.status == "received"
+                else "palimpsest.erase_request"
+            )
+            enqueue(s, name, req.id)
+            counts["requests"] += 1
+    return counts
