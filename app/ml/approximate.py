@@ -261,11 +261,11 @@ class NegGradPlus:
 
 @dataclass(frozen=True)
 class ScrubParams:
-    epochs: int = 3  # total epochs of min-steps
-    max_epochs: int = 2  # the first max_epochs also do max-steps on the forget set
-    lr: float = 1e-3
+    epochs: int = 4  # total epochs of min-steps
+    max_epochs: int = 3  # the first max_epochs also do max-steps on the forget set
+    lr: float = 3e-3
     batch_size: int = 128
-    forget_batch_size: int = 64
+    forget_batch_size: int = 32
     alpha: float = 1.0  # weight of KL(teacher || student) in min-steps
     gamma: float = 1.0  # weight of cross-entropy in min-steps
     temperature: float = 2.0
@@ -381,11 +381,12 @@ def run_strategy(
 for _s in (Finetune(), NegGradPlus(), Scrub()):
     register(_s)
 
-# SCRUB is the default: in Kurmanji et al.'s comparisons it is the most consistent at
-# removing memorised examples while keeping retain/test utility, it stays anchored to the
-# original model through the KL term (so it degrades more gracefully than NegGrad+ when
-# hyper-parameters are off), and its cost is bounded by epochs over a retain subsample.
-DEFAULT_STRATEGY = "scrub"
+# NegGrad+ is the default: on B3 (50k rows, forgetting 1%) it came closest to the
+# retrained reference on forget, retain and test accuracy at about 3% of the retrain
+# time, and its per-example clamp stops the ascent once an example is forgotten, so it
+# does not diverge. SCRUB is the alternative when a model's verification shows NegGrad+
+# hurting retained accuracy (it stays anchored to the original through the KL term).
+DEFAULT_STRATEGY = "neggrad_plus"
 
 __all__ = [
     "DEFAULT_STRATEGY",
