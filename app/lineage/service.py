@@ -21,11 +21,10 @@ def subject_lineage(session: Session, subject_id: str, settings: Settings) -> di
     ).all()
     record_ids = [r[0] for r in rows]
     ds_ids = sorted({r[1] for r in rows})
-    names = (
-        dict(session.execute(select(Dataset.id, Dataset.name).where(Dataset.id.in_(ds_ids))).all())
-        if ds_ids
-        else {}
-    )
+    names: dict[str, str] = {
+        str(i): str(n)
+        for i, n in session.execute(select(Dataset.id, Dataset.name).where(Dataset.id.in_(ds_ids)))
+    }
     models: dict[str, dict[str, Any]] = {}
     for chunk in range(0, len(record_ids), 900):
         for model_name, model_id, shard, lo, hi, split in session.execute(

@@ -6,6 +6,8 @@ Binary tasks use a single logit (class 1 vs class 0), which is what certified re
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -40,7 +42,7 @@ class MLP(nn.Module):
             raise ValueError("an MLP needs at least one hidden layer")
         self.input_layer = nn.Linear(n_inputs, hidden[0])
         layers: list[nn.Module] = [nn.ReLU()]
-        for a, b in zip(hidden[:-1], hidden[1:], strict=True):
+        for a, b in itertools.pairwise(hidden):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(hidden[-1], n_outputs(n_classes)))
         self.body = nn.Sequential(*layers)

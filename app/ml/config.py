@@ -40,12 +40,14 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
-        return cls(**{k: d[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed") if k in d})
+        return cls(
+            **{k: d[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed") if k in d}
+        )
 
 
 @dataclass(frozen=True)
 class SisaConfig:
-    """Shards × slices layout of a SISA ensemble."""
+    """Shards x slices layout of a SISA ensemble."""
 
     shards: int = 4
     slices: int = 4

@@ -10,9 +10,10 @@ import torch
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` takes CUDA when present, else the CPU."""
+    has_cuda = bool(torch.cuda.is_available())
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        return torch.device("cuda" if has_cuda else "cpu")
+    if name == "cuda" and not has_cuda:
         raise RuntimeError("PALIMPSEST_DEVICE=cuda but no CUDA device is available")
     return torch.device(name)
 
@@ -22,7 +23,7 @@ def enable_determinism() -> None:
     thread count and dtype (recorded in every manifest), and best effort on CUDA."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.backends.cudnn.is_available():
+    if torch.backends.cudnn.is_available():  # type: ignore[no-untyped-call]
         torch.backends.cudnn.benchmark = False
 
 

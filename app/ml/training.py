@@ -99,7 +99,10 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> 
 
     model.eval()
     device = next(model.parameters()).device
-    outs = [probabilities(model(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)]
+    outs = [
+        probabilities(model(x[i : i + batch_size].to(device))).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     if not outs:
         return torch.zeros((0, 2))
     return torch.cat(outs)

@@ -18,7 +18,21 @@ from app.requests.schemas import (
 )
 
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
-STATUSES = "received|planned|unlearning|verifying|retraining|needs_review|erasing|completed|failed|cancelled|rejected"
+STATUSES = "|".join(
+    (
+        "received",
+        "planned",
+        "unlearning",
+        "verifying",
+        "retraining",
+        "needs_review",
+        "erasing",
+        "completed",
+        "failed",
+        "cancelled",
+        "rejected",
+    )
+)
 
 
 @router.post("", status_code=202, responses={200: {}, 403: {}, 404: {}, 409: {}, 422: {}})
@@ -72,6 +86,7 @@ def extend_request(
 def get_certificate(request_id: str, caller: AnyRoleDep, session: SessionDep) -> dict[str, str]:
     req = service.get(session, request_id, caller)
     raise NotFound(
-        f"request {req.id} has no certificate (status {req.status!r}); certificates are not issued yet",
+        f"request {req.id} has no certificate (status {req.status!r}): "
+        "certificates are not issued yet",
         code="certificate_not_available",
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -229,7 +229,7 @@ def list_page(
     if cursor:
         try:
             at_s, rid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-            at = DeletionRequest.received_at.type.python_type.fromisoformat(at_s)  # type: ignore[attr-defined]
+            at = datetime.fromisoformat(at_s)
         except ValueError as exc:
             raise BadRequest("invalid cursor", code="invalid_cursor") from exc
         q = q.where(
