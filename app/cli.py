@@ -142,7 +142,7 @@ def demo(
     folder: Annotated[
         Path | None, typer.Option(help="work folder (default: a new temp folder)")
     ] = None,
-    subjects: int = 600,
+    subjects: Annotated[int, typer.Option(help="students in the synthetic dataset")] = 3000,
     port: int = 0,
 ) -> None:
     """Run the seed stories end to end on the embedded default and print a report."""

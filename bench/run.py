@@ -1,0 +1,31 @@
+"""`make bench`: every benchmark, each measuring its naive alternative in the same run.
+
+B1 SISA subject unlearning vs a monolithic retrain; B2 certified removal vs retraining a
+logistic model; B3 approximate strategies vs retraining an MLP. Each prints its table and
+writes JSON under bench/results/. Pass --quick for a small smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench import b1_sisa, b2_certified, b3_strategies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", choices=["b1", "b2", "b3"], action="append")
+    args = parser.parse_args()
+    runs = {"b1": b1_sisa.main, "b2": b2_certified.main, "b3": b3_strategies.main}
+    for name, fn in runs.items():
+        if args.only and name not in args.only:
+            continue
+        t0 = time.perf_counter()
+        fn(quick=args.quick)
+        print(f"[{name} took {time.perf_counter() - t0:.0f} s]\n")
+
+
+if __name__ == "__main__":
+    main()
