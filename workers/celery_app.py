@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init, worker_process_init
 from kombu import Queue
 
 from app.core.settings import Settings, get_settings
@@ -50,3 +52,15 @@ def create_celery(settings: Settings | None = None) -> Celery:
 @lru_cache
 def get_celery() -> Celery:
     return create_celery()
+
+
+def _warm_up(**_: Any) -> None:
+    """Pay torch's one-off start-up costs (deterministic mode imports the compiler stack,
+    about 2 s) when the worker starts, not inside the first job's measured time."""
+    from app.ml.device import enable_determinism
+
+    enable_determinism()
+
+
+worker_init.connect(_warm_up, weak=False)
+worker_process_init.connect(_warm_up, weak=False)
