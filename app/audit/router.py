@@ -17,7 +17,7 @@ def list_events(
     _: ReaderDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[int | None, Query(ge=0)] = None,
+    cursor: Annotated[int | None, Query(ge=0, le=2**62)] = None,
 ) -> dict[str, Any]:
     q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
     if cursor is not None:
