@@ -112,12 +112,19 @@ def test_api_listens_on_all_interfaces(compose: dict[str, Any]) -> None:
     assert any(str(p).endswith(f":{port}") for p in compose["services"]["api"].get("ports", []))
 
 
-def test_worker_consumes_every_queue(compose: dict[str, Any]) -> None:
+def test_worker_consumes_every_queue(compose: dict[str, Any], tmp_path: Path) -> None:
     from workers.celery_app import create_celery
 
     args = as_args(compose["services"]["worker"]["command"])
     queues = set(args[args.index("--queues") + 1].split(","))
-    settings = Settings(broker_url="memory://", result_backend="cache+memory://")
+    # Local paths in tmp: building the Celery app creates the folders settings name.
+    settings = Settings(
+        broker_url="memory://",
+        result_backend="cache+memory://",
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        artifact_root=str(tmp_path / "artifacts"),
+        signing_key_file=str(tmp_path / "signing-key.pem"),
+    )
     declared = {q.name for q in create_celery(settings).conf.task_queues}
     assert queues == declared
 
