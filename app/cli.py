@@ -22,11 +22,12 @@ cli.add_typer(audit_cli, name="audit")
 def alembic_config(url: str | None = None) -> object:
     from alembic.config import Config
 
+    import migrations
     from app.core.settings import get_settings
 
-    root = Path(__file__).resolve().parent.parent
-    cfg = Config(str(root / "alembic.ini")) if (root / "alembic.ini").exists() else Config()
-    cfg.set_main_option("script_location", str(root / "migrations"))
+    # The migrations ship as a package, so an installed wheel finds them too.
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))
     cfg.set_main_option("sqlalchemy.url", (url or get_settings().database_url).replace("%", "%%"))
     return cfg
 
