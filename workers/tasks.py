@@ -13,7 +13,7 @@ from app.core.db import enqueue, session_scope
 from app.core.storage import get_store
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
-from app.registry import runner
+from app.registry import retraining, runner
 from app.requests import lifecycle
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,11 @@ def run_unlearning(self: Task, job_id: str) -> None:
     _run_job(self, runner.run_unlearning, job_id)
 
 
+@shared_task(name="palimpsest.run_retrain", bind=True, acks_late=True)
+def run_retrain(self: Task, job_id: str) -> None:
+    _run_job(self, retraining.run_retrain, job_id)
+
+
 @shared_task(name="palimpsest.plan_request", bind=True, acks_late=True, max_retries=5)
 def plan_request(self: Task, request_id: str) -> None:
     try:
@@ -69,7 +74,10 @@ def resume_stalled(older_than_seconds: float = 120.0) -> dict[str, int]:
     counts = {"jobs": 0, "requests": 0}
     with session_scope() as s:
         for job in s.scalars(select(Job).where(Job.status == "pending", Job.created_at < cutoff)):
-            name = "palimpsest.train_model" if job.kind == "train" else "palimpsest.run_unlearning"
+            name = {
+                "train": "palimpsest.train_model",
+                "retrain": "palimpsest.run_retrain",
+            }.get(job.kind, "palimpsest.run_unlearning")
             enqueue(s, name, job.id, queue="gpu")
             counts["jobs"] += 1
         for req in s.scalars(

@@ -36,3 +36,10 @@ def promote(name: str, version: int, caller: AdminDep, session: SessionDep) -> M
     mv = service.get_version(session, model, version)
     service.promote(session, model, mv, caller.actor, reason="manual")
     return service.to_out(session, model)
+
+
+@router.post("/{name}/retrain", status_code=202, responses={404: {}, 409: {}})
+def retrain(name: str, caller: AdminDep, session: SessionDep) -> dict[str, str]:
+    """Fallback retraining on demand: from scratch on the retained records."""
+    model = service.get_by_name(session, name)
+    return {"job_id": service.request_retrain(session, model, caller.actor)}

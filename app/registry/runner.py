@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
@@ -29,8 +29,9 @@ from app.ml.metrics import accuracy
 from app.ml.sharding import assign_shards, assign_slices
 from app.ml.sisa import SisaEnsemble, train_sisa, unlearn_sisa
 from app.models import DeletionRequest, Job, Lineage, MLModel, ModelVersion, Record, RequestModel
-from app.registry import artifacts
+from app.registry import artifacts, monolithic
 from app.registry import service as registry
+from app.registry.candidate import Candidate, conclude, load_context
 from app.requests.lifecycle import advance
 from app.requests.service import transition
 from app.verification import service as verification
@@ -119,20 +120,35 @@ def run_training(job_id: str) -> None:
     shard_of = assign_shards(train, sisa, training.seed)
     slice_of = assign_slices(train.record_ids, sisa.slices, training.seed)
     report = jobs.ProgressReporter(job_id)
-    manifest = train_sisa(
-        train,
-        shard_of,
-        slice_of,
-        feature_spec=spec,
-        arch=arch,
-        training=training,
-        sisa=sisa,
-        n_classes=n_classes,
-        model_key=model_id,
-        store=artifacts.checkpoint_store(store, model_id),
-        device=device,
-        progress=report.sub(0.0, 0.95),
-    )
+    extra: dict[str, Any] = {}
+    if monolithic.is_certified(config):
+        manifest, extra = monolithic.train_certified_manifest(
+            train,
+            feature_spec=spec,
+            arch=arch,
+            training=training,
+            sisa=sisa,
+            n_classes=n_classes,
+            model_key=model_id,
+            cfg=monolithic.certified_config(config),
+            store=artifacts.checkpoint_store(store, model_id),
+            device=device,
+        )
+    else:
+        manifest = train_sisa(
+            train,
+            shard_of,
+            slice_of,
+            feature_spec=spec,
+            arch=arch,
+            training=training,
+            sisa=sisa,
+            n_classes=n_classes,
+            model_key=model_id,
+            store=artifacts.checkpoint_store(store, model_id),
+            device=device,
+            progress=report.sub(0.0, 0.95),
+        )
     rel = artifacts.save_manifest(store, model_id, 1, manifest)
     ensemble = SisaEnsemble.load(manifest, artifacts.checkpoint_store(store, model_id), device)
     metrics = _metrics(ensemble, test, len(train))
@@ -186,6 +202,7 @@ def run_training(job_id: str) -> None:
             "metrics": metrics,
             "shards": sisa.shards,
             "slices": sisa.slices,
+            **extra,
         }
         jobs.finish(
             s,
@@ -213,138 +230,102 @@ def _metrics(ensemble: SisaEnsemble, test: TabularData, n_train: int) -> dict[st
 # -- unlearning -------------------------------------------------------------------------
 
 
+def _removed_features(config: dict[str, Any], new: list[tuple[str, str]]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = list(config["resolved"].get("removed_features", []))
+    have = {d["feature"] for d in out}
+    out += [{"feature": f, "request_id": r} for f, r in new if f not in have]
+    return out
+
+
+def _max_drop(config: dict[str, Any]) -> float:
+    return float(
+        config.get("verification", {}).get("utility_max_drop") or get_settings().utility_max_drop
+    )
+
+
 def run_unlearning(job_id: str) -> None:
+    with session_scope() as s:
+        peek = s.get(Job, job_id)
+        method = peek.method if peek is not None else None
+    if method == "feature":
+        from app.registry import retraining  # it builds on this module's helpers
+
+        retraining.run_feature(job_id)
+        return
     t0 = time.perf_counter()
     with session_scope() as s:
         job = _begin(s, job_id, "unlearn")
         if job is None:
             return
-        rms = s.scalars(select(RequestModel).where(RequestModel.job_id == job_id)).all()
-        request_ids = sorted({rm.request_id for rm in rms})
-        model = s.get(MLModel, job.model_id)
-        assert model is not None
-        if model.production_version is None:
-            raise RuntimeError(f"model {model.name} has no production version to unlearn from")
-        base_version = model.production_version
-        base = registry.get_version(s, model, base_version)
-        for rm in rms:
-            rm.status = "unlearning"
-            rm.from_version = base_version
-        for req in s.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(request_ids))):
-            if req.status == "planned":
-                transition(s, req, "unlearning", WORKER, job_id=job_id)
-        lineage = s.execute(
-            select(Lineage.record_id, Lineage.shard, Lineage.slice, Lineage.split, Record.status)
-            .join(Record, Record.id == Lineage.record_id)
-            .where(Lineage.model_id == model.id, Lineage.to_version.is_(None))
-            .order_by(Lineage.record_id)
-        ).all()
-        ds = datasets.get(s, model.dataset_id)
-        s.expunge(ds)
-        model_id, config, manifest_rel = model.id, model.config, base.manifest_path
-        retrain_estimate = _retrain_estimate(s, model_id)
+        ctx = load_context(s, job, "unlearning")
     store = get_store()
     device = _device()
-    ckpt = artifacts.checkpoint_store(store, model_id)
-    ids = np.asarray([r[0] for r in lineage], dtype=np.int64)
-    shard = np.asarray([r[1] for r in lineage], dtype=np.int64)
-    slc = np.asarray([r[2] for r in lineage], dtype=np.int64)
-    is_train = np.asarray([r[3] == "train" for r in lineage], dtype=bool)
-    is_active = np.asarray([r[4] == "active" for r in lineage], dtype=bool)
-    forgotten = ids[is_train & ~is_active]
-    retained_mask = is_train & is_active
+    ckpt = artifacts.checkpoint_store(store, ctx.model_id)
+    forgotten = ctx.forgotten
     if len(forgotten) == 0:
-        _nothing_to_forget(job_id, model_id, base_version, request_ids, time.perf_counter() - t0)
+        _nothing_to_forget(
+            job_id, ctx.model_id, ctx.base_version, ctx.request_ids, time.perf_counter() - t0
+        )
         return
-    manifest = artifacts.load_manifest(store, manifest_rel)
-    table = datasets.read_partitions(store, ds)
-    retained = datasets.to_tabular(ds, table, ids[retained_mask])
-    test = datasets.to_tabular(ds, table, ids[~is_train & is_active])
+    manifest = artifacts.load_manifest(store, ctx.manifest_rel)
+    table = datasets.read_partitions(store, ctx.ds)
+    retained_mask = ctx.retained_mask
+    retained = datasets.to_tabular(ctx.ds, table, ctx.ids[retained_mask])
+    test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
+    progress = jobs.ProgressReporter(job_id).sub(0.0, 0.8)
     # to_tabular sorts by id, as `ids` is; the layout arrays line up with it.
-    new_manifest, stats = unlearn_sisa(
-        manifest,
-        retained,
-        shard[retained_mask],
-        slc[retained_mask],
-        forgotten,
-        store=ckpt,
-        device=device,
-        progress=jobs.ProgressReporter(job_id).sub(0.0, 0.8),
-    )
+    if ctx.config["unlearning"]["mode"] == "monolithic":
+        # Quarantined rows are still readable: approximate methods need their gradients.
+        forget = datasets.to_tabular(ctx.ds, table, forgotten)
+        new_manifest, result = monolithic.approximate_unlearn(
+            manifest,
+            retained,
+            forget,
+            config=ctx.config,
+            job_id=job_id,
+            store=ckpt,
+            device=device,
+            progress=progress,
+        )
+    else:
+        new_manifest, stats = unlearn_sisa(
+            manifest,
+            retained,
+            ctx.shard[retained_mask],
+            ctx.slc[retained_mask],
+            forgotten,
+            store=ckpt,
+            device=device,
+            progress=progress,
+        )
+        result = {"method": "sisa", "approximate": False, **stats.to_dict()}
     unlearn_seconds = time.perf_counter() - t0
-    new_version = base_version + 1
-    rel = artifacts.save_manifest(store, model_id, new_version, new_manifest)
+    rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
     jobs.ProgressReporter(job_id)(0.85)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
-    checks = {
-        "lineage": verification.lineage_check(new_manifest, forgotten),
-        "utility": verification.utility_check(
-            candidate,
-            baseline,
-            test,
-            config.get("verification", {}).get("utility_max_drop")
-            or get_settings().utility_max_drop,
-        ),
-    }
-    metrics = _metrics(candidate, test, len(retained))
-    wall = time.perf_counter() - t0
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        model = s.get(MLModel, model_id)
-        assert job is not None and model is not None
-        mv = ModelVersion(
-            model_id=model_id,
-            version=new_version,
-            status="candidate",
-            created_by_job=job_id,
-            metrics=metrics | {"unlearning": stats.to_dict()},
-            manifest=artifacts.summary(new_manifest, rel),
-            manifest_path=rel,
-            schema={
-                "features": new_manifest.feature_spec.to_dict(),
-                "label_classes": config["resolved"]["label_classes"],
-            },
-        )
-        s.add(mv)
-        for i in range(0, len(forgotten), 900):
-            s.execute(
-                update(Lineage)
-                .where(
-                    Lineage.model_id == model_id,
-                    Lineage.record_id.in_([int(x) for x in forgotten[i : i + 900]]),
-                )
-                .values(to_version=base_version)
-            )
-        s.flush()
-        report = verification.save_report(s, model, job_id, new_version, base_version, checks)
-        rms = s.scalars(select(RequestModel).where(RequestModel.job_id == job_id)).all()
-        if report.decision == "promote":
-            registry.promote(s, model, mv, WORKER, reason=f"unlearning job {job_id}")
-        for rm in rms:
-            rm.to_version = new_version
-            rm.method = "sisa"
-            rm.report_id = report.id
-            rm.status = "promoted" if report.passed else "needs_review"
-        job.report_id = report.id
-        job.result = {
-            "version": new_version,
-            "decision": report.decision,
-            "unlearning": stats.to_dict(),
-            "forgotten_records": len(forgotten),
-            "unlearn_seconds": unlearn_seconds,
-        }
-        jobs.finish(
-            s,
-            job,
-            ok=True,
-            wall_seconds=wall,
+    checks: dict[str, verification.Check] = {}
+    if not result["approximate"]:
+        # Manifests prove exclusion only for exact methods; approximate ones rely on
+        # the other checks.
+        checks["lineage"] = verification.lineage_check(new_manifest, forgotten)
+    checks["utility"] = verification.utility_check(candidate, baseline, test, _max_drop(ctx.config))
+    conclude(
+        ctx,
+        Candidate(
+            manifest=new_manifest,
+            rel=rel,
+            checks=checks,
+            metrics=_metrics(candidate, test, len(retained)),
+            result=result,
+            forgotten=forgotten,
+            removed_features=_removed_features(ctx.config, []),
+            allow_retrain=True,
             device=str(device),
-            device_seconds=unlearn_seconds,
-            retrain_estimate_seconds=retrain_estimate,
-        )
-        jobs.unlock(s, model_id, job_id)
-        advance(s, request_ids)
+            compute_seconds=unlearn_seconds,
+            wall_seconds=time.perf_counter() - t0,
+        ),
+    )
 
 
 def _nothing_to_forget(
@@ -361,14 +342,6 @@ def _nothing_to_forget(
         jobs.finish(s, job, ok=True, wall_seconds=wall, device="cpu", device_seconds=0.0)
         jobs.unlock(s, model_id, job_id)
         advance(s, request_ids)
-
-
-def _retrain_estimate(session: Session, model_id: str) -> float | None:
-    """What a full retrain costs: the wall time of this model's training job."""
-    job = session.scalars(
-        select(Job).where(Job.model_id == model_id, Job.kind == "train", Job.status == "succeeded")
-    ).first()
-    return float(job.cost.get("wall_seconds", 0.0)) if job else None
 
 
 def fail_job(job_id: str, error: str) -> None:

@@ -37,6 +37,16 @@ class UnlearningIn(BaseModel):
     sharding: Literal["subject", "source", "random"] = "subject"
     aggregation: Literal["mean", "vote"] = "mean"
     certified: bool = False
+    # Monolithic models: the approximate strategy (app.ml.approximate registry) and
+    # overrides of its hyper-parameters; default DEFAULT_STRATEGY with its defaults.
+    strategy: str | None = Field(default=None, min_length=1, max_length=40)
+    strategy_params: dict[str, Any] | None = None
+    # Certified removal (Guo et al. 2020): the (epsilon, delta) certificate, the L2
+    # strength (mean form) and the noise scale; defaults are the engine's.
+    certified_epsilon: float | None = Field(default=None, gt=0, le=100)
+    certified_delta: float | None = Field(default=None, gt=0, lt=1)
+    certified_lambda: float | None = Field(default=None, gt=0, le=10)
+    certified_sigma: float | None = Field(default=None, ge=0, le=1e6)
 
 
 class VerificationIn(BaseModel):

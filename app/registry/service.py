@@ -16,6 +16,7 @@ from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore
 from app.datasets import service as datasets
+from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 from app.ml.config import FeatureSpec
 from app.models import Job, MLModel, ModelVersion
 from app.registry import artifacts
@@ -73,6 +74,9 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         raise Unprocessable(
             "certified removal needs a binary logistic model", code="invalid_config"
         )
+    if body.unlearning.certified:
+        body.unlearning.mode = "monolithic"  # certified removal is for one model
+    _check_strategy(body)
     if body.unlearning.mode == "monolithic" and (
         body.unlearning.shards,
         body.unlearning.slices,
@@ -106,6 +110,51 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
     )
     enqueue(session, "palimpsest.train_model", job.id, queue="gpu")
     return ModelCreated(id=model.id, name=model.name, status=model.status, job_id=job.id)
+
+
+def _check_strategy(body: ModelCreate) -> None:
+    u = body.unlearning
+    if u.strategy is None and u.strategy_params is None:
+        return
+    try:
+        strategy = get_strategy(u.strategy or DEFAULT_STRATEGY)
+    except KeyError as exc:
+        raise Unprocessable(
+            f"unknown strategy {u.strategy!r}; known: {sorted(STRATEGIES)}",
+            code="unknown_strategy",
+        ) from exc
+    try:
+        strategy.params_type(**(u.strategy_params or {}))
+    except (TypeError, ValueError) as exc:
+        raise Unprocessable(
+            f"invalid strategy_params for {strategy.name!r}: {exc}", code="invalid_config"
+        ) from exc
+
+
+def request_retrain(session: Session, model: MLModel, actor: str) -> str:
+    """An admin's retrain on demand: from scratch on the retained records."""
+    if model.production_version is None:
+        raise Conflict(f"model {model.name!r} has no production version yet", code="not_ready")
+    pending = session.scalars(
+        select(Job).where(
+            Job.model_id == model.id, Job.kind == "retrain", Job.status.in_(("pending", "running"))
+        )
+    ).first()
+    if pending is not None:
+        return pending.id
+    job = Job(kind="retrain", model_id=model.id, method="retrain", result={"reason": "admin"})
+    session.add(job)
+    session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="model.retrain_requested",
+        entity_type="model",
+        entity_id=model.id,
+        data={"model": model.name, "job_id": job.id},
+    )
+    enqueue(session, "palimpsest.run_retrain", job.id, queue="gpu")
+    return job.id
 
 
 def to_out(session: Session, model: MLModel) -> ModelOut:
@@ -152,6 +201,12 @@ def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reas
         old.status = "retired"
     mv.status = "production"
     model.production_version = mv.version
+    if "features" in mv.schema:
+        # The serving version defines which features the model is blind to.
+        resolved = dict(model.config["resolved"])
+        resolved["feature_spec"] = mv.schema["features"]
+        resolved["removed_features"] = list(mv.schema.get("removed_features", []))
+        model.config = {**model.config, "resolved": resolved}
     audit.record(
         session,
         actor=actor,
@@ -189,6 +244,10 @@ def _predictor(store: ArtifactStore, model: MLModel, mv: ModelVersion) -> artifa
 
 def _columns(model: MLModel, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     spec = FeatureSpec.from_dict(model.config["resolved"]["feature_spec"])
+    # Removed features are zeroed by the preprocessor: callers need not send them.
+    records = (
+        [{**{c: None for c in spec.removed}, **r} for r in records] if spec.removed else records
+    )
     missing = sorted({c for c in spec.columns if any(c not in r for r in records)})
     if missing:
         raise Unprocessable(f"records lack feature columns: {missing[:10]}", code="missing_columns")

@@ -24,6 +24,7 @@ from app.models import (
     Subject,
 )
 from app.registry import artifacts
+from app.registry.monolithic import method_of
 from app.requests.service import transition
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ def plan(session: Session, request_id: str) -> None:
     req = session.get(DeletionRequest, request_id, with_for_update=True)
     if req is None or req.status != "received":
         return  # idempotent: already planned, cancelled or gone
+    if req.kind == "feature":
+        _plan_feature(session, req)
+        return
     ids = target_record_ids(session, req)
     datasets_hit = set()
     for chunk in _in_chunks(ids):
@@ -107,11 +111,14 @@ def plan(session: Session, request_id: str) -> None:
         assert model is not None
         job = session.scalars(
             select(Job).where(
-                Job.model_id == model_id, Job.kind == "unlearn", Job.status == "pending"
+                Job.model_id == model_id,
+                Job.kind == "unlearn",
+                Job.status == "pending",
+                Job.method != "feature",
             )
         ).first()
         if job is None:
-            job = Job(kind="unlearn", model_id=model_id, method=model.config["unlearning"]["mode"])
+            job = Job(kind="unlearn", model_id=model_id, method=method_of(model.config))
             session.add(job)
             session.flush()
             enqueue(session, "palimpsest.run_unlearning", job.id, queue="gpu")
@@ -129,6 +136,32 @@ def plan(session: Session, request_id: str) -> None:
     if not models:
         transition(session, req, "erasing", WORKER)
         enqueue(session, "palimpsest.erase_request", req.id)
+
+
+def _plan_feature(session: Session, req: DeletionRequest) -> None:
+    """A feature request quarantines no records: one job of its own on the named model."""
+    model = session.scalars(select(MLModel).where(MLModel.name == req.model_name)).first()
+    if model is None or model.status == "failed" or model.production_version is None:
+        if model is not None and model.status == "training":
+            enqueue(session, "palimpsest.plan_request", req.id, countdown=2.0)
+            return
+        req.error = f"model {req.model_name!r} has no production version"
+        transition(session, req, "rejected", WORKER, reason=req.error)
+        return
+    job = Job(kind="unlearn", model_id=model.id, method="feature")
+    session.add(job)
+    session.flush()
+    enqueue(session, "palimpsest.run_unlearning", job.id, queue="gpu")
+    session.add(
+        RequestModel(
+            request_id=req.id,
+            model_id=model.id,
+            status="planned",
+            job_id=job.id,
+            from_version=model.production_version,
+        )
+    )
+    transition(session, req, "planned", WORKER, feature=req.feature, models=1)
 
 
 def advance(session: Session, request_ids: list[str]) -> None:

@@ -15,6 +15,7 @@ from app.requests.schemas import (
     ExtendIn,
     RequestAccepted,
     RequestPage,
+    ReviewIn,
 )
 
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
@@ -79,6 +80,16 @@ def extend_request(
 ) -> DeletionRequestOut:
     req = service.get(session, request_id, caller)
     service.extend(session, req, caller, body.reason, body.days, settings)
+    return service.to_out(session, req)
+
+
+@router.post("/{request_id}/review", responses={404: {}, 409: {}, 422: {}})
+def review_request(
+    request_id: str, body: ReviewIn, caller: AdminDep, session: SessionDep
+) -> DeletionRequestOut:
+    """Settle a request in `needs_review`: approve, reject (retrain) or mitigate."""
+    req = service.get(session, request_id, caller)
+    service.review(session, req, caller, body.action, body.note)
     return service.to_out(session, req)
 
 

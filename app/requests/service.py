@@ -98,7 +98,35 @@ def _find_records(
                 f"no records are held from source {body.source!r}", code="source_not_found"
             )
         return None, int(n)
-    raise Unprocessable("feature requests are not supported yet", code="unsupported_kind")
+    assert body.kind == "feature" and body.feature is not None and body.model is not None
+    model = session.scalars(select(MLModel).where(MLModel.name == body.model)).first()
+    if model is None:
+        raise NotFound(f"no model named {body.model!r}", code="model_not_found")
+    if body.feature not in model.config.get("feature_columns", []):
+        raise Unprocessable(
+            f"{body.feature!r} is not a feature column of model {body.model!r}",
+            code="unknown_feature",
+        )
+    removed = {d["feature"] for d in model.config["resolved"].get("removed_features", [])}
+    if body.feature in removed:
+        raise Unprocessable(
+            f"model {body.model!r} was already made blind to {body.feature!r}",
+            code="feature_already_removed",
+        )
+    pending = session.scalars(
+        select(DeletionRequest.id).where(
+            DeletionRequest.kind == "feature",
+            DeletionRequest.model_name == body.model,
+            DeletionRequest.feature == body.feature,
+            DeletionRequest.status.not_in(TERMINAL),
+        )
+    ).first()
+    if pending is not None:
+        raise Conflict(
+            f"request {pending} already removes {body.feature!r} from {body.model!r}",
+            code="feature_request_pending",
+        )
+    return None, 0
 
 
 def create(
@@ -286,3 +314,67 @@ def extend(
         entity_id=req.id,
         data={"from": old.isoformat(), "to": req.due_at.isoformat(), "reason": reason},
     )
+
+
+def review(
+    session: Session, req: DeletionRequest, caller: Caller, action: str, note: str | None
+) -> None:
+    """An admin settles a request in `needs_review`: approve promotes each candidate as
+    it is; reject retrains from scratch instead; mitigate, for now, also retrains (group
+    reweighting arrives with the fairness checks)."""
+    from app.registry import service as registry
+    from app.registry.candidate import enqueue_retrain
+    from app.requests.lifecycle import advance
+
+    if req.status != "needs_review":
+        raise Conflict(
+            f"only a request in 'needs_review' can be reviewed (it is {req.status!r})",
+            code="not_in_review",
+        )
+    rms = session.scalars(
+        select(RequestModel).where(
+            RequestModel.request_id == req.id, RequestModel.status == "needs_review"
+        )
+    ).all()
+    audit.record(
+        session,
+        actor=caller.actor,
+        action="request.reviewed",
+        entity_type="deletion_request",
+        entity_id=req.id,
+        data={
+            "action": action,
+            "note": note,
+            "models": [rm.model_id for rm in rms],
+            **(
+                {"mitigation": "retrain (group reweighting not available yet)"}
+                if action == "mitigate"
+                else {}
+            ),
+        },
+    )
+    for rm in rms:
+        model = session.get(MLModel, rm.model_id, with_for_update=True)
+        assert model is not None
+        if model.locked_by_job is not None:
+            raise Conflict(
+                f"a job is running on model {model.name!r}; try again when it finishes",
+                code="model_busy",
+            )
+        if action == "approve":
+            if rm.to_version is None:
+                raise Conflict("the model has no candidate version", code="no_candidate")
+            mv = registry.get_version(session, model, rm.to_version)
+            registry.promote(session, model, mv, caller.actor, reason=f"review of {req.id}")
+            rm.status = "promoted"
+        else:
+            if rm.to_version is not None:
+                mv = registry.get_version(session, model, rm.to_version)
+                if mv.status == "candidate":
+                    mv.status = "rejected"
+            job = enqueue_retrain(session, model.id, caller.actor, f"review {action} of {req.id}")
+            rm.status, rm.job_id = "retraining", job.id
+    if action == "approve":
+        advance(session, [req.id])
+    else:
+        transition(session, req, "retraining", caller.actor, action=action)

@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import NotFound
 from app.ml.data import TabularData
+from app.ml.features import flip_test
 from app.ml.metrics import accuracy
-from app.ml.sisa import SisaManifest
+from app.ml.sisa import SisaEnsemble, SisaManifest
 from app.models import MLModel, Report
 from app.registry.artifacts import Predictor
 from app.verification.schemas import ReportOut
@@ -66,15 +67,76 @@ def utility_check(
     )
 
 
-def decide(checks: dict[str, Check]) -> tuple[bool, str]:
-    """All pass -> promote. Forgetting fails -> retrain. Utility/fairness -> review."""
+def _flip_values(ensemble: SisaEnsemble, test: TabularData, feature: str) -> list[object]:
+    """A categorical's vocabulary (union over shards), or a numeric feature's distinct
+    test values (its quartiles when there are more than 10)."""
+    vocab: list[object] = []
+    for prep in ensemble.preprocessors.values():
+        for name, values in prep.categorical:
+            if name == feature:
+                vocab.extend(v for v in values if v not in vocab)
+    if vocab:
+        return vocab
+    col = np.asarray(test.columns[feature], dtype=np.float64)
+    col = col[np.isfinite(col)]
+    distinct = np.unique(col)
+    if len(distinct) > 10:
+        distinct = np.unique(np.quantile(col, [0.0, 0.25, 0.5, 0.75, 1.0]))
+    return [float(v) for v in distinct]
+
+
+def flip_summary(ensemble: SisaEnsemble, test: TabularData, feature: str) -> dict[str, Any]:
+    """The worst score change over shards when `feature` is flipped, and the score gap
+    between rows holding the first value and the others (mean over shards)."""
+    values = _flip_values(ensemble, test, feature)
+    if not values or len(test) == 0:
+        return {"max_abs_change": 0.0, "mean_abs_change": 0.0, "group_gap": 0.0, "values": 0}
+    results = [
+        flip_test(
+            ensemble.models[s],
+            ensemble.preprocessors[s],
+            test.columns,
+            feature,
+            values[0],
+            values=values,
+        )
+        for s in ensemble.shards
+    ]
+    return {
+        "max_abs_change": max(r.max_abs_change for r in results),
+        "mean_abs_change": float(np.mean([r.mean_abs_change for r in results])),
+        "group_gap": float(np.mean([r.group_gap for r in results])),
+        "value": str(values[0]),
+        "values": len(values),
+    }
+
+
+def feature_check(
+    candidate: SisaEnsemble, baseline: SisaEnsemble | None, test: TabularData, feature: str
+) -> Check:
+    """Feature requests: flipping the feature must change no score at all (structural
+    removal), on the held-out rows."""
+    after = flip_summary(candidate, test, feature)
+    metrics: dict[str, Any] = {"feature": feature, "test_rows": len(test), "after": after}
+    if baseline is not None:
+        metrics["before"] = flip_summary(baseline, test, feature)
+    return Check(
+        passed=after["max_abs_change"] == 0.0,
+        metrics=metrics,
+        threshold={"max_abs_change": 0.0},
+    )
+
+
+def decide(checks: dict[str, Check], approximate: bool = False) -> tuple[bool, str]:
+    """All pass -> promote. Forgetting (or lineage, or a feature still used) fails ->
+    retrain. Utility/fairness -> review, except after an approximate method, where the
+    exact fallback is tried first."""
     passed = all(c.passed for c in checks.values())
     if passed:
         return True, "promote"
-    if (
-        not checks.get("lineage", Check(True, {})).passed
-        or not checks.get("forgetting", Check(True, {})).passed
-    ):
+    if any(not checks.get(k, Check(True, {})).passed for k in ("lineage", "forgetting", "feature")):
+        return False, "retrain"
+    if approximate and not checks.get("utility", Check(True, {})).passed:
         return False, "retrain"
     return False, "needs_review"
 
@@ -86,8 +148,13 @@ def save_report(
     candidate: int,
     baseline: int | None,
     checks: dict[str, Check],
+    *,
+    approximate: bool = False,
+    allow_retrain: bool = True,
 ) -> Report:
-    passed, decision = decide(checks)
+    passed, decision = decide(checks, approximate)
+    if decision == "retrain" and not allow_retrain:
+        decision = "needs_review"  # a retrain's own report: no loop, a person decides
     report = Report(
         model_id=model.id,
         job_id=job_id,

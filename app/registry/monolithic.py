@@ -1,0 +1,441 @@
+"""Engine glue for monolithic models, feature removal and fallback retraining.
+
+A monolithic model is a 1-shard, 1-slice SisaManifest, so it is stored, versioned,
+served and purged exactly like a SISA ensemble. What differs is how it forgets:
+approximately (a strategy from `app.ml.approximate`, or certified removal for logistic
+models created with `certified: true`), by feature removal, or by retraining from
+scratch. Everything here takes tensors, data and a checkpoint store; the database is
+the caller's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.ml.approximate import DEFAULT_STRATEGY, run_strategy
+from app.ml.architectures import LogisticRegression, build_model
+from app.ml.certified import (
+    CertifiedConfig,
+    CertifiedState,
+    remove,
+    to_module,
+    train_certified,
+)
+from app.ml.checkpoints import CheckpointStore, canonical_json
+from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingConfig
+from app.ml.data import TabularData
+from app.ml.device import derive_seed, runtime_fingerprint
+from app.ml.features import linear_feature_update, mlp_feature_removal
+from app.ml.preprocess import PreprocessorState, fit_preprocessor
+from app.ml.sisa import ProgressFn, ShardEntry, SisaManifest, ids_digest, train_sisa
+
+CERT_STATE_PREFIX = "certstate-"
+# Recorded in the job result of every approximate run on a monolithic model.
+PREPROCESSOR_CAVEAT = (
+    "approximate removal keeps the preprocessor as trained: its vocabularies and scaling "
+    "may have been fitted with the forgotten rows (they are quantised; a retrain refits "
+    "them on retained data only)"
+)
+
+
+def _tag(*parts: object) -> str:
+    return hashlib.sha256(canonical_json([str(p) for p in parts]).encode()).hexdigest()[:40]
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def _xy(prep: PreprocessorState, data: TabularData, device: torch.device) -> tuple[Any, Any]:
+    x = prep.transform(data.columns).to(device)
+    y = torch.from_numpy(np.asarray(data.labels, dtype=np.int64)).to(device)
+    return x, y
+
+
+def is_certified(config: dict[str, Any]) -> bool:
+    return bool(config["unlearning"].get("certified"))
+
+
+def strategy_name(config: dict[str, Any]) -> str:
+    return str(config["unlearning"].get("strategy") or DEFAULT_STRATEGY)
+
+
+def certified_config(config: dict[str, Any]) -> CertifiedConfig:
+    u = config["unlearning"]
+    base = CertifiedConfig()
+    return CertifiedConfig(
+        epsilon=u.get("certified_epsilon") or base.epsilon,
+        delta=u.get("certified_delta") or base.delta,
+        lam=u.get("certified_lambda") or base.lam,
+        sigma=base.sigma if u.get("certified_sigma") is None else u["certified_sigma"],
+    )
+
+
+def method_of(config: dict[str, Any]) -> str:
+    """The method an unlearning job of this model runs first."""
+    if config["unlearning"]["mode"] != "monolithic":
+        return "sisa"
+    return "certified" if is_certified(config) else strategy_name(config)
+
+
+def _single_entry(manifest: SisaManifest) -> ShardEntry:
+    if len(manifest.entries) != 1:
+        raise ValueError("a monolithic model has exactly one shard")
+    return manifest.entries[0]
+
+
+def load_module(
+    manifest: SisaManifest, store: CheckpointStore, device: torch.device
+) -> tuple[nn.Module, PreprocessorState]:
+    e = _single_entry(manifest)
+    prep = PreprocessorState.from_dict(e.preprocessor)
+    model = build_model(manifest.arch, prep.n_inputs, manifest.n_classes)
+    tensors, _ = store.load(e.final_key)
+    model.load_state_dict(tensors)
+    return model.to(device), prep
+
+
+def _with_entry(
+    manifest: SisaManifest,
+    entry: ShardEntry,
+    device: torch.device,
+    spec: FeatureSpec | None = None,
+) -> SisaManifest:
+    return replace(
+        manifest,
+        feature_spec=spec or manifest.feature_spec,
+        entries=[entry],
+        runtime=runtime_fingerprint(device),
+    )
+
+
+# -- certified logistic models ------------------------------------------------------------
+
+
+def _save_certified(
+    state: CertifiedState,
+    prep: PreprocessorState,
+    record_ids: np.ndarray,
+    tag: str,
+    store: CheckpointStore,
+    meta: dict[str, Any],
+) -> ShardEntry:
+    """The servable module and the state the next removal needs, under one tag."""
+    module_key, state_key = f"cert-{tag}", f"{CERT_STATE_PREFIX}{tag}"
+    store.save(state_key, state.to_tensors(), state.meta())
+    store.save(module_key, _tensors(to_module(state, prep.n_inputs)), meta)
+    ids = np.sort(np.asarray(record_ids, dtype=np.int64))
+    return ShardEntry(
+        shard=0,
+        final_key=module_key,
+        checkpoint_keys=[state_key, module_key],
+        preprocessor=prep.to_dict(),
+        n_records=len(ids),
+        record_ids=[int(v) for v in ids],
+    )
+
+
+def train_certified_manifest(
+    data: TabularData,
+    *,
+    feature_spec: FeatureSpec,
+    arch: ArchitectureConfig,
+    training: TrainingConfig,
+    sisa: SisaConfig,
+    n_classes: int,
+    model_key: str,
+    cfg: CertifiedConfig,
+    store: CheckpointStore,
+    device: torch.device,
+) -> tuple[SisaManifest, dict[str, Any]]:
+    """Train from scratch with the loss perturbation; the preprocessor is fitted on
+    exactly `data` (so a retrain never sees forgotten rows)."""
+    prep = fit_preprocessor(feature_spec, data.columns)
+    x, y = _xy(prep, data, device)
+    state = train_certified(x, y, cfg, derive_seed(training.seed, model_key, "certified"))
+    tag = _tag(model_key, ids_digest(data.record_ids), prep.digest(), cfg.to_dict(), training)
+    entry = _save_certified(
+        state, prep, data.record_ids, tag, store, {"model_key": model_key, "certified": True}
+    )
+    manifest = SisaManifest(
+        model_key=model_key,
+        arch=arch,
+        training=training,
+        sisa=sisa,
+        feature_spec=feature_spec,
+        n_classes=n_classes,
+        entries=[entry],
+        runtime=runtime_fingerprint(device),
+    )
+    return manifest, {"certified": _state_summary(state), "config": cfg.to_dict()}
+
+
+def _state_summary(state: CertifiedState) -> dict[str, Any]:
+    return {
+        "cumulative_bound": state.cumulative_bound,
+        "budget": state.budget,
+        "budget_left": state.budget_left,
+        "epsilon": state.epsilon,
+        "delta": state.delta,
+        "removals": state.removals,
+    }
+
+
+def _certified_unlearn(
+    manifest: SisaManifest,
+    retained: TabularData,
+    forget: TabularData,
+    *,
+    config: dict[str, Any],
+    job_id: str,
+    store: CheckpointStore,
+    device: torch.device,
+) -> tuple[SisaManifest, dict[str, Any]]:
+    e = _single_entry(manifest)
+    state_key = next(k for k in e.checkpoint_keys if k.startswith(CERT_STATE_PREFIX))
+    tensors, meta = store.load(state_key)
+    state = CertifiedState.from_tensors({k: v.to(device) for k, v in tensors.items()}, meta)
+    prep = PreprocessorState.from_dict(e.preprocessor)
+    xr, yr = _xy(prep, retained, device)
+    xf, yf = _xy(prep, forget, device)
+    if len(retained) + len(forget) == state.n:
+        new_state, removal = remove(state, xr, yr, xf, yf)
+        if not removal.fallback_required:
+            tag = _tag(e.final_key, job_id)
+            entry = _save_certified(
+                new_state, prep, retained.record_ids, tag, store, {"certified": True}
+            )
+            return _with_entry(manifest, entry, device), {
+                "method": "certified",
+                "approximate": True,
+                "bound": removal.bound,
+                "cumulative_bound": removal.cumulative_bound,
+                "budget": removal.budget,
+                "budget_left": removal.budget_left,
+                "epsilon": removal.epsilon,
+                "delta": removal.delta,
+                "gradient_norm": removal.gradient_norm,
+                "removed": removal.removed,
+                "caveat": PREPROCESSOR_CAVEAT,
+            }
+        reason = "budget_exhausted"
+        attempted: dict[str, Any] = removal.to_dict()
+    else:
+        reason, attempted = "row_count_mismatch", {"state_rows": state.n}
+    # Fallback: retrain from scratch on the retained rows; the budget starts afresh.
+    cfg = certified_config(config)
+    new, info = train_certified_manifest(
+        retained,
+        feature_spec=manifest.feature_spec,
+        arch=manifest.arch,
+        training=manifest.training,
+        sisa=manifest.sisa,
+        n_classes=manifest.n_classes,
+        model_key=manifest.model_key,
+        cfg=cfg,
+        store=store,
+        device=device,
+    )
+    fresh = info["certified"]
+    return new, {
+        "method": "retrain",
+        "approximate": False,
+        "fallback_reason": reason,
+        "attempted_removal": attempted,
+        "bound": attempted.get("bound"),
+        "cumulative_bound": fresh["cumulative_bound"],
+        "budget": fresh["budget"],
+        "budget_left": fresh["budget_left"],
+        "epsilon": fresh["epsilon"],
+        "delta": fresh["delta"],
+        "budget_reset": True,
+    }
+
+
+# -- approximate unlearning ---------------------------------------------------------------
+
+
+def approximate_unlearn(
+    manifest: SisaManifest,
+    retained: TabularData,
+    forget: TabularData,
+    *,
+    config: dict[str, Any],
+    job_id: str,
+    store: CheckpointStore,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+) -> tuple[SisaManifest, dict[str, Any]]:
+    """Forget `forget` from a monolithic model: certified removal or the model's strategy.
+
+    The result's `method` is what was actually done ("retrain" when a certified budget
+    ran out) and `approximate` says whether the lineage check can apply.
+    """
+    if is_certified(config):
+        return _certified_unlearn(
+            manifest, retained, forget, config=config, job_id=job_id, store=store, device=device
+        )
+    e = _single_entry(manifest)
+    model, prep = load_module(manifest, store, device)
+    name = strategy_name(config)
+    run = run_strategy(
+        name,
+        model,
+        _xy(prep, forget, device),
+        _xy(prep, retained, device),
+        params=config["unlearning"].get("strategy_params"),
+        seed=derive_seed(manifest.training.seed, manifest.model_key, "unlearn", job_id),
+        progress=progress,
+    )
+    key = f"mono-{_tag(e.final_key, job_id)}"
+    store.save(key, _tensors(model), {"from": e.final_key, "job": job_id, "strategy": name})
+    ids = np.sort(np.asarray(retained.record_ids, dtype=np.int64))
+    entry = ShardEntry(0, key, [key], e.preprocessor, len(ids), [int(v) for v in ids])
+    return _with_entry(manifest, entry, device), {
+        "method": name,
+        "approximate": True,
+        "strategy": run.to_dict(),
+        "caveat": PREPROCESSOR_CAVEAT,
+    }
+
+
+# -- feature removal ----------------------------------------------------------------------
+
+
+def spec_without(spec: FeatureSpec, features: list[str]) -> FeatureSpec:
+    removed = tuple(dict.fromkeys((*spec.removed, *features)))
+    return replace(spec, removed=removed)
+
+
+def feature_unlearn(
+    manifest: SisaManifest,
+    retained: TabularData,
+    shard_of: np.ndarray,
+    slice_of: np.ndarray,
+    feature: str,
+    *,
+    config: dict[str, Any],
+    job_id: str,
+    store: CheckpointStore,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+) -> tuple[SisaManifest, dict[str, Any]]:
+    """Make the model structurally blind to `feature`.
+
+    SISA (exact): every shard retrains without the column (the preprocessor digest
+    changes, so no checkpoint is reused). Monolithic: binary logistic models get the
+    second-order update, other networks zero-freeze-repair; certified models retrain
+    (a cheap Newton solve that keeps the certificate's state consistent). Either way
+    the preprocessor emits zeros for the feature afterwards.
+    """
+    spec = spec_without(manifest.feature_spec, [feature])
+    if config["unlearning"]["mode"] != "monolithic":
+        new = train_sisa(
+            retained,
+            shard_of,
+            slice_of,
+            feature_spec=spec,
+            arch=manifest.arch,
+            training=manifest.training,
+            sisa=manifest.sisa,
+            n_classes=manifest.n_classes,
+            model_key=manifest.model_key,
+            store=store,
+            device=device,
+            progress=progress,
+        )
+        return new, {"method": "feature_retrain", "approximate": False, "shards": len(new.entries)}
+    if is_certified(config):
+        new, info = train_certified_manifest(
+            retained,
+            feature_spec=spec,
+            arch=manifest.arch,
+            training=manifest.training,
+            sisa=manifest.sisa,
+            n_classes=manifest.n_classes,
+            model_key=manifest.model_key,
+            cfg=certified_config(config),
+            store=store,
+            device=device,
+        )
+        return new, {"method": "retrain", "approximate": False, **info["certified"]}
+    e = _single_entry(manifest)
+    model, prep = load_module(manifest, store, device)
+    columns = prep.feature_columns(feature)
+    x, y = _xy(prep, retained, device)
+    result: dict[str, Any]
+    if isinstance(model, LogisticRegression) and manifest.n_classes == 2:
+        lam = max(manifest.training.weight_decay, 1e-4)
+        upd = linear_feature_update(model, x, y, columns, lam)
+        result = {"method": "feature_linear", "lam": lam, "update": upd.to_dict()}
+    else:
+        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", job_id)
+        rep = mlp_feature_removal(model, x, y, columns, manifest.training, seed)
+        result = {"method": "feature_repair", "repair": rep.to_dict()}
+    new_prep = prep.with_removed(feature)
+    key = f"mono-{_tag(e.final_key, job_id, feature)}"
+    store.save(key, _tensors(model), {"from": e.final_key, "job": job_id, "feature": feature})
+    entry = replace(e, final_key=key, checkpoint_keys=[key], preprocessor=new_prep.to_dict())
+    return _with_entry(manifest, entry, device, spec), {"approximate": True, **result}
+
+
+# -- fallback retraining ------------------------------------------------------------------
+
+
+def retrain(
+    manifest: SisaManifest,
+    retained: TabularData,
+    shard_of: np.ndarray,
+    slice_of: np.ndarray,
+    spec: FeatureSpec,
+    *,
+    config: dict[str, Any],
+    store: CheckpointStore,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+) -> tuple[SisaManifest, dict[str, Any]]:
+    """From scratch on the retained records. SISA: only shards whose records changed
+    (all of them when the feature spec changed or nothing changed: a retrain on demand)."""
+    common: dict[str, Any] = {
+        "feature_spec": spec,
+        "arch": manifest.arch,
+        "training": manifest.training,
+        "sisa": manifest.sisa,
+        "n_classes": manifest.n_classes,
+        "model_key": manifest.model_key,
+        "store": store,
+        "device": device,
+    }
+    if is_certified(config):
+        new, info = train_certified_manifest(retained, cfg=certified_config(config), **common)
+        return new, {"method": "retrain", "shards": [0], **info["certified"]}
+    shards: set[int] | None = None
+    if config["unlearning"]["mode"] != "monolithic" and spec == manifest.feature_spec:
+        ids = np.asarray(retained.record_ids, dtype=np.int64)
+        changed = {
+            e.shard
+            for e in manifest.entries
+            if not np.array_equal(
+                np.sort(ids[np.asarray(shard_of) == e.shard]),
+                np.sort(np.asarray(e.record_ids, dtype=np.int64)),
+            )
+        }
+        shards = changed or None
+    new = train_sisa(
+        retained,
+        shard_of,
+        slice_of,
+        shards_to_train=shards,
+        previous=manifest if shards is not None else None,
+        reuse=False,
+        progress=progress,
+        **common,
+    )
+    trained = sorted(shards) if shards is not None else list(range(manifest.sisa.shards))
+    return new, {"method": "retrain", "shards": trained}

@@ -1,0 +1,152 @@
+"""Feature-removal jobs and fallback retraining jobs (kind `retrain`, method `retrain`).
+
+Both produce a candidate version that goes through the same verification and decision
+as an unlearning job (`app.registry.candidate.conclude`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from app.core.db import session_scope
+from app.core.storage import get_store
+from app.datasets import service as datasets
+from app.jobs import service as jobs
+from app.ml.sisa import SisaEnsemble
+from app.registry import artifacts, monolithic
+from app.registry.candidate import Candidate, conclude, load_context
+from app.registry.runner import _begin, _device, _max_drop, _metrics, _removed_features
+from app.verification import service as verification
+
+
+def run_feature(job_id: str) -> None:
+    """Kind `unlearn`, method `feature`: make the model blind to the requested feature."""
+    t0 = time.perf_counter()
+    with session_scope() as s:
+        job = _begin(s, job_id, "unlearn")
+        if job is None:
+            return
+        ctx = load_context(s, job, "unlearning")
+    if not ctx.features:
+        raise RuntimeError(f"feature job {job_id} has no feature request attached")
+    feature, _ = ctx.features[0]
+    store = get_store()
+    device = _device()
+    ckpt = artifacts.checkpoint_store(store, ctx.model_id)
+    manifest = artifacts.load_manifest(store, ctx.manifest_rel)
+    table = datasets.read_partitions(store, ctx.ds)
+    mask = ctx.retained_mask
+    retained = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])
+    test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
+    if feature in manifest.feature_spec.removed:
+        new_manifest, result = manifest, {"method": "none", "approximate": False}
+    else:
+        new_manifest, result = monolithic.feature_unlearn(
+            manifest,
+            retained,
+            ctx.shard[mask],
+            ctx.slc[mask],
+            feature,
+            config=ctx.config,
+            job_id=job_id,
+            store=ckpt,
+            device=device,
+            progress=jobs.ProgressReporter(job_id).sub(0.0, 0.8),
+        )
+    result["feature"] = feature
+    if ctx.config["unlearning"]["mode"] != "monolithic":
+        # Exact mode: the shards retrain one after the other inside this job.
+        result["parallelism"] = "sequential"
+    compute = time.perf_counter() - t0
+    rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
+    candidate = SisaEnsemble.load(new_manifest, ckpt, device)
+    baseline = SisaEnsemble.load(manifest, ckpt, device)
+    checks = {
+        "utility": verification.utility_check(candidate, baseline, test, _max_drop(ctx.config)),
+        "feature": verification.feature_check(candidate, baseline, test, feature),
+    }
+    conclude(
+        ctx,
+        Candidate(
+            manifest=new_manifest,
+            rel=rel,
+            checks=checks,
+            metrics=_metrics(candidate, test, len(retained)),
+            result=result,
+            forgotten=np.zeros(0, dtype=np.int64),
+            removed_features=_removed_features(ctx.config, ctx.features),
+            allow_retrain=True,
+            device=str(device),
+            compute_seconds=compute,
+            wall_seconds=time.perf_counter() - t0,
+        ),
+    )
+
+
+def run_retrain(job_id: str) -> None:
+    """From scratch on the retained records, without every removed feature (those of the
+    production version and of feature requests attached to this job)."""
+    t0 = time.perf_counter()
+    with session_scope() as s:
+        job = _begin(s, job_id, "retrain")
+        if job is None:
+            return
+        ctx = load_context(s, job, "retraining")
+    store = get_store()
+    device = _device()
+    ckpt = artifacts.checkpoint_store(store, ctx.model_id)
+    manifest = artifacts.load_manifest(store, ctx.manifest_rel)
+    table = datasets.read_partitions(store, ctx.ds)
+    mask = ctx.retained_mask
+    retained = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])
+    test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
+    removed = _removed_features(ctx.config, ctx.features)
+    spec = monolithic.spec_without(manifest.feature_spec, [d["feature"] for d in removed])
+    new_manifest, result = monolithic.retrain(
+        manifest,
+        retained,
+        ctx.shard[mask],
+        ctx.slc[mask],
+        spec,
+        config=ctx.config,
+        store=ckpt,
+        device=device,
+        progress=jobs.ProgressReporter(job_id).sub(0.0, 0.8),
+    )
+    result["approximate"] = False
+    compute = time.perf_counter() - t0
+    # Everything the production version saw that the retrained one does not.
+    seen = np.unique(
+        np.concatenate(
+            [np.asarray(e.record_ids, dtype=np.int64) for e in manifest.entries]
+            + [np.zeros(0, dtype=np.int64)]
+        )
+    )
+    forgotten = np.setdiff1d(seen, np.asarray(retained.record_ids, dtype=np.int64))
+    rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
+    candidate = SisaEnsemble.load(new_manifest, ckpt, device)
+    baseline = SisaEnsemble.load(manifest, ckpt, device)
+    checks = {
+        "lineage": verification.lineage_check(new_manifest, forgotten),
+        "utility": verification.utility_check(candidate, baseline, test, _max_drop(ctx.config)),
+    }
+    for feature, _ in ctx.features:
+        checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
+    conclude(
+        ctx,
+        Candidate(
+            manifest=new_manifest,
+            rel=rel,
+            checks=checks,
+            metrics=_metrics(candidate, test, len(retained)),
+            result=result,
+            forgotten=forgotten,
+            removed_features=removed,
+            allow_retrain=False,
+            device=str(device),
+            compute_seconds=compute,
+            wall_seconds=time.perf_counter() - t0,
+        ),
+    )
