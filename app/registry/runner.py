@@ -238,9 +238,9 @@ def _removed_features(config: dict[str, Any], new: list[tuple[str, str]]) -> lis
 
 
 def _max_drop(config: dict[str, Any]) -> float:
-    return float(
-        config.get("verification", {}).get("utility_max_drop") or get_settings().utility_max_drop
-    )
+    # An explicit 0 means "no drop at all", not "use the default".
+    value = config.get("verification", {}).get("utility_max_drop")
+    return float(get_settings().utility_max_drop if value is None else value)
 
 
 def run_unlearning(job_id: str) -> None:

@@ -153,3 +153,47 @@ def test_certified_erasure_and_retrain_on_demand(stack: LocalStack) -> None:
     assert view["production_version"] == job["result"]["version"]
     review = admin.post(f"/v1/deletion-requests/{done['id']}/review", json={"action": "approve"})
     assert review.status_code == 409 and review.json()["error"]["code"] == "not_in_review"
+
+
+def test_sisa_feature_retrain_and_certified_budget_fallback(stack: LocalStack) -> None:
+    admin, portal = _client(stack, "admin"), _client(stack, "portal")
+    ds = ingest(admin, "people", make_csv(n_subjects=100, per_subject=4, seed=5))
+    train(
+        admin,
+        {
+            "name": "sharded",
+            "dataset_id": ds["id"],
+            "architecture": {"kind": "logreg"},
+            "training": {"epochs": 3, "batch_size": 64, "lr": 0.05, "seed": 1},
+            "unlearning": {"mode": "sisa", "shards": 2, "slices": 2},
+            "verification": {"utility_max_drop": 0.15},
+        },
+    )
+    feat = erase(admin, {"kind": "feature", "feature": "home_language", "model": "sharded"})
+    assert feat["status"] == "completed", feat
+    (fm,) = feat["models"]
+    assert fm["method"] == "feature_retrain" and fm["to_version"] == 2
+    job = admin.get(f"/v1/jobs/{fm['job_id']}").json()
+    assert job["result"]["unlearning"]["shards"] == 2
+    row = {"age": 17, "score": -0.2, "track": "b"}
+    langs = [row | {"home_language": v} for v in ("en", "es", "fr", "xx")]
+    scores = _scores(admin, "sharded", langs)
+    assert len(set(scores)) == 1
+
+    # sigma = 0 leaves no removal budget: the first erasure retrains from scratch.
+    train(
+        admin,
+        {
+            "name": "no-budget",
+            "dataset_id": ds["id"],
+            "unlearning": {"certified": True, "certified_sigma": 0.0},
+        },
+    )
+    done = erase(portal, {"kind": "subject", "subject_id": "p0011"})
+    assert done["status"] == "completed", done
+    methods = {m["model"]: m["method"] for m in done["models"]}
+    assert methods == {"sharded": "sisa", "no-budget": "retrain"}, done
+    job_id = next(m["job_id"] for m in done["models"] if m["model"] == "no-budget")
+    result = admin.get(f"/v1/jobs/{job_id}").json()["result"]["unlearning"]
+    assert result["fallback_reason"] == "budget_exhausted" and result["budget_reset"] is True
+    assert result["budget"] == 0.0 and result["bound"] > 0
