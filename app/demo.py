@@ -94,6 +94,7 @@ def run_demo(folder: Path | None, n_subjects: int = 3000, port: int = 0) -> int:
             headers={"Authorization": f"Bearer {stack.create_key('portal', 'privacy-portal')}"},
         )
         rows = _erasure_story(admin, portal, n_subjects)
+        cv = _feature_story(admin)
     except Exception as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         console.print(stack.tail(3000))
@@ -101,6 +102,7 @@ def run_demo(folder: Path | None, n_subjects: int = 3000, port: int = 0) -> int:
     finally:
         stack.stop()
     console.print(rows)
+    console.print(cv)
     console.print(
         f"demo finished in {time.perf_counter() - t_start:.0f} s; everything is in {work}"
     )
@@ -189,6 +191,181 @@ def _erasure_story(admin: httpx.Client, portal: httpx.Client, n_subjects: int) -
     r.raise_for_status()
     finished += _follow(portal, [("source district-a", r.json()["id"])])
     return _summary(admin, finished)
+
+
+def cv_dataset(n: int = 4000, seed: int = 11) -> bytes:
+    """CV screening: historical hiring decisions that rewarded a driving licence."""
+    rng = np.random.default_rng(seed)
+    lines = [
+        "candidate,agency,years_experience,skills_score,education,driving_licence,region,hired"
+    ]
+    for i in range(n):
+        years = float(rng.gamma(2.0, 3.0))
+        skills = float(rng.normal())
+        education = rng.choice(["secondary", "bachelor", "master"], p=[0.4, 0.45, 0.15])
+        licence = rng.choice(["yes", "no"], p=[0.6, 0.4])
+        region = rng.choice(["urban", "rural"], p=[0.7, 0.3])
+        merit = (
+            1.1 * skills
+            + 0.12 * (years - 6)
+            + {"secondary": -0.3, "bachelor": 0.1, "master": 0.4}[education]
+        )
+        bias = 1.2 if licence == "yes" else -0.6  # what the firm no longer wants
+        hired = int(merit + bias + rng.normal(scale=0.6) > 0.3)
+        lines.append(
+            f"c{i:05d},agency-{i % 3},{years:.1f},{skills:.3f},"
+            f"{education},{licence},{region},{hired}"
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _scores(admin: httpx.Client, model: str, records: list[dict[str, Any]]) -> np.ndarray:
+    r = admin.post(f"/v1/models/{model}/predict", json={"records": records})
+    r.raise_for_status()
+    return np.asarray([p["score"] for p in r.json()["predictions"]])
+
+
+def _licence_effect(
+    admin: httpx.Client, model: str, people: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Score change when only the licence is flipped, and the mean gap between
+    candidates with and without one."""
+    base = _scores(admin, model, people)
+    flipped = [
+        p | {"driving_licence": "no" if p["driving_licence"] == "yes" else "yes"} for p in people
+    ]
+    moved = np.abs(_scores(admin, model, flipped) - base)
+    has = np.asarray([p["driving_licence"] == "yes" for p in people])
+    return {
+        "max_flip": float(moved.max()),
+        "mean_flip": float(moved.mean()),
+        "gap": float(base[has].mean() - base[~has].mean()),
+    }
+
+
+def _feature_story(admin: httpx.Client) -> Table:
+    console.rule("Story 1: stop a CV-ranking model from rewarding a driving licence")
+    data = cv_dataset()
+    spec = {
+        "name": "cv-screening",
+        "subject_column": "candidate",
+        "label_column": "hired",
+        "source_column": "agency",
+        "group_columns": ["region"],
+    }
+    r = admin.post(
+        "/v1/datasets",
+        files={"file": ("cv.csv", io.BytesIO(data), "text/csv")},
+        data={"spec": json.dumps(spec)},
+    )
+    r.raise_for_status()
+    ds = r.json()
+    r = admin.post(
+        "/v1/models",
+        json={
+            "name": "cv-ranker",
+            "dataset_id": ds["id"],
+            "architecture": {"kind": "logreg"},
+            "training": {"epochs": 20, "batch_size": 128, "lr": 0.05, "seed": 5},
+            "unlearning": {"mode": "monolithic"},
+            "feature_columns": ["years_experience", "skills_score", "education", "driving_licence"],
+        },
+    )
+    r.raise_for_status()
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+    ]
+    job_id = r.json()["job_id"]
+    with Progress(*columns, console=console) as progress:
+        job = _wait(
+            progress,
+            "training cv-ranker (monolithic logistic)",
+            lambda: admin.get(f"/v1/jobs/{job_id}").json(),
+            lambda j: j["progress"],
+            lambda j: j["status"] in ("succeeded", "failed"),
+        )
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"training cv-ranker failed: {job.get('error')}")
+    rng = np.random.default_rng(1)
+    people = []
+    for line in data.decode().splitlines()[1:][::8][:400]:
+        _, _, years, skills, edu, licence, _, _ = line.split(",")
+        people.append(
+            {
+                "years_experience": float(years),
+                "skills_score": float(skills),
+                "education": edu,
+                "driving_licence": licence,
+            }
+        )
+    rng.shuffle(people)
+    before = _licence_effect(admin, "cv-ranker", people)
+    r = admin.post(
+        "/v1/deletion-requests",
+        json={
+            "kind": "feature",
+            "model": "cv-ranker",
+            "feature": "driving_licence",
+            "reason": "the licence is no longer a job requirement",
+        },
+    )
+    r.raise_for_status()
+    rid = r.json()["id"]
+    ((_, d),) = _follow(admin, [("feature driving_licence", rid)])
+    if d["status"] == "needs_review":
+        # The historical labels rewarded the licence, so accuracy against them must drop
+        # once the model ignores it: the utility gate stops the promotion and asks a human.
+        report = admin.get(f"/v1/reports/{d['models'][0]['report_id']}").json()
+        for name, check in report["checks"].items():
+            verdict = "pass" if check["passed"] else "FAIL"
+            console.print(f"  check {name}: {verdict} {check['metrics']}")
+        note = "accuracy drop is the removed bias: the labels historically rewarded the licence"
+        console.print(f"  admin review: approve ({note})")
+        r = admin.post(
+            f"/v1/deletion-requests/{rid}/review", json={"action": "approve", "note": note}
+        )
+        r.raise_for_status()
+        ((_, d),) = _follow(admin, [("feature driving_licence (approved)", rid)])
+    after = _licence_effect(admin, "cv-ranker", people)
+    model = admin.get("/v1/models/cv-ranker").json()
+    versions = {v["version"]: v for v in model["versions"]}
+    (m,) = d["models"]
+    acc_before = versions[m["from_version"]]["metrics"].get("test_accuracy")
+    acc_after = versions.get(m["to_version"], {}).get("metrics", {}).get("test_accuracy")
+    table = Table(title=f"cv-ranker: forgetting 'driving_licence' ({d['status']}, {m['method']})")
+    for col in (
+        "",
+        "version",
+        "max score change on flip",
+        "mean score change on flip",
+        "mean score gap licence vs none",
+        "test accuracy",
+    ):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row(
+        "before",
+        f"v{m['from_version']}",
+        fmt(before["max_flip"]),
+        fmt(before["mean_flip"]),
+        fmt(before["gap"]),
+        fmt(acc_before),
+    )
+    table.add_row(
+        "after",
+        f"v{m['to_version']}",
+        fmt(after["max_flip"]),
+        fmt(after["mean_flip"]),
+        fmt(after["gap"]),
+        fmt(acc_after),
+    )
+    return table
+
+
+def fmt(x: object) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else "-"
 
 
 def _follow(

@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, new_id, utcnow
@@ -45,6 +54,9 @@ class ModelVersion(Base):
     manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
     manifest_path: Mapped[str] = mapped_column(String(300), default="")
     schema: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Its weights derive from records that have since been erased (an approximate
+    # unlearning result that still serves): purged as soon as it stops serving.
+    erased_data: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Lineage(Base):

@@ -151,6 +151,18 @@ class Candidate:
     wall_seconds: float
 
 
+def begin_verification(ctx: JobContext) -> None:
+    """The candidate exists: its requests are `verifying` while the checks run."""
+    with session_scope() as s:
+        for rm in s.scalars(select(RequestModel).where(RequestModel.job_id == ctx.job_id)):
+            rm.status = "verifying"
+        for req in s.scalars(
+            select(DeletionRequest).where(DeletionRequest.id.in_(ctx.request_ids))
+        ):
+            if req.status in ("planned", "unlearning", "retraining"):
+                transition(s, req, "verifying", WORKER, job_id=ctx.job_id)
+
+
 def conclude(ctx: JobContext, cand: Candidate) -> None:
     """Persist the candidate, report and decide; update requests; unlock; advance."""
     method = str(cand.result.get("method", "sisa"))

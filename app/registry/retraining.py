@@ -16,7 +16,7 @@ from app.datasets import service as datasets
 from app.jobs import service as jobs
 from app.ml.sisa import SisaEnsemble
 from app.registry import artifacts, monolithic
-from app.registry.candidate import Candidate, conclude, load_context
+from app.registry.candidate import Candidate, begin_verification, conclude, load_context
 from app.registry.runner import _begin, _device, _max_drop, _metrics, _removed_features
 from app.verification import service as verification
 
@@ -61,6 +61,7 @@ def run_feature(job_id: str) -> None:
         result["parallelism"] = "sequential"
     compute = time.perf_counter() - t0
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
+    begin_verification(ctx)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
     checks = {
@@ -126,6 +127,7 @@ def run_retrain(job_id: str) -> None:
     )
     forgotten = np.setdiff1d(seen, np.asarray(retained.record_ids, dtype=np.int64))
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
+    begin_verification(ctx)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
     checks = {

@@ -31,7 +31,7 @@ from app.ml.sisa import SisaEnsemble, train_sisa, unlearn_sisa
 from app.models import DeletionRequest, Job, Lineage, MLModel, ModelVersion, Record, RequestModel
 from app.registry import artifacts, monolithic
 from app.registry import service as registry
-from app.registry.candidate import Candidate, conclude, load_context
+from app.registry.candidate import Candidate, begin_verification, conclude, load_context
 from app.requests.lifecycle import advance
 from app.requests.service import transition
 from app.verification import service as verification
@@ -302,6 +302,7 @@ def run_unlearning(job_id: str) -> None:
     unlearn_seconds = time.perf_counter() - t0
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
     jobs.ProgressReporter(job_id)(0.85)
+    begin_verification(ctx)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
     checks: dict[str, verification.Check] = {}

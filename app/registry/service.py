@@ -14,7 +14,7 @@ from app.audit import service as audit
 from app.core.db import enqueue
 from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
-from app.core.storage import ArtifactStore
+from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 from app.ml.config import FeatureSpec
@@ -201,6 +201,9 @@ def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reas
         old.status = "retired"
     mv.status = "production"
     model.production_version = mv.version
+    if previous is not None and old.erased_data:
+        # No rollback may bring back weights derived from erased records.
+        purge_versions(session, get_store(), model.id, {previous}, actor)
     if "features" in mv.schema:
         # The serving version defines which features the model is blind to.
         resolved = dict(model.config["resolved"])
@@ -283,3 +286,40 @@ def predict(
         score = float(proba[i, 1]) if len(classes) == 2 else float(proba[i, label])
         preds.append(Prediction(label=classes[label], score=score))
     return PredictOut(version=mv.version, predictions=preds)
+
+
+def purge_versions(
+    session: Session, store: ArtifactStore, model_id: str, versions: set[int], actor: str
+) -> None:
+    """Delete the artifacts of non-production versions in `versions`; checkpoints still
+    used by a surviving version stay (they never saw the erased records). A production
+    version in `versions` (an approximate result) is marked and purged when retired."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.model_id == model_id)).all()
+    for v in rows:
+        if v.version in versions and v.status == "production":
+            v.erased_data = True
+    doomed = [v for v in rows if v.version in versions and v.status not in ("production", "purged")]
+    if not doomed:
+        return
+    keep: set[str] = set()
+    for v in rows:
+        if v not in doomed and v.status != "purged":
+            for e in v.manifest.get("entries", []):
+                keep.update(e.get("checkpoint_keys", []))
+    ckpt = artifacts.checkpoint_store(store, model_id)
+    for v in doomed:
+        for e in v.manifest.get("entries", []):
+            for key in e.get("checkpoint_keys", []):
+                if key not in keep:
+                    ckpt.delete(key)
+        if v.manifest_path:
+            store.delete(v.manifest_path)
+        v.status = "purged"
+        audit.record(
+            session,
+            actor=actor,
+            action="model.version_purged",
+            entity_type="model",
+            entity_id=model_id,
+            data={"version": v.version},
+        )

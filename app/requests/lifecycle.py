@@ -17,13 +17,12 @@ from app.models import (
     Job,
     Lineage,
     MLModel,
-    ModelVersion,
     Record,
     RequestModel,
     Source,
     Subject,
 )
-from app.registry import artifacts
+from app.registry import service as registry
 from app.registry.monolithic import method_of
 from app.requests.service import transition
 
@@ -208,7 +207,7 @@ def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
             top = hi if hi is not None else (model.production_version if model else lo) or lo
             reached.setdefault(model_id, set()).update(range(lo, top + 1))
     for model_id, versions in reached.items():
-        purge_versions(session, store, model_id, versions)
+        registry.purge_versions(session, store, model_id, versions, WORKER)
     erased = 0
     for ds_id, parts in by_dataset.items():
         ds = session.get(Dataset, ds_id, with_for_update=True)  # serialise rewrites of a dataset
@@ -235,36 +234,3 @@ def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
         },
     )
     transition(session, req, "completed", WORKER)
-
-
-def purge_versions(
-    session: Session, store: ArtifactStore, model_id: str, versions: set[int]
-) -> None:
-    """Delete the artifacts of non-production versions in `versions`; checkpoints still
-    used by a surviving version stay (they never saw the erased records)."""
-    rows = session.scalars(select(ModelVersion).where(ModelVersion.model_id == model_id)).all()
-    doomed = [v for v in rows if v.version in versions and v.status not in ("production", "purged")]
-    if not doomed:
-        return
-    keep: set[str] = set()
-    for v in rows:
-        if v not in doomed and v.status != "purged":
-            for e in v.manifest.get("entries", []):
-                keep.update(e.get("checkpoint_keys", []))
-    ckpt = artifacts.checkpoint_store(store, model_id)
-    for v in doomed:
-        for e in v.manifest.get("entries", []):
-            for key in e.get("checkpoint_keys", []):
-                if key not in keep:
-                    ckpt.delete(key)
-        if v.manifest_path:
-            store.delete(v.manifest_path)
-        v.status = "purged"
-        audit.record(
-            session,
-            actor=WORKER,
-            action="model.version_purged",
-            entity_type="model",
-            entity_id=model_id,
-            data={"version": v.version},
-        )

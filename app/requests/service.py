@@ -258,6 +258,8 @@ def list_page(
         try:
             at_s, rid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
             at = datetime.fromisoformat(at_s)
+            if at.tzinfo is None:
+                raise ValueError("naive timestamp")
         except ValueError as exc:
             raise BadRequest("invalid cursor", code="invalid_cursor") from exc
         q = q.where(
