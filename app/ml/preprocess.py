@@ -108,11 +108,18 @@ class PreprocessorState:
         for name, vocab in self.categorical:
             if name not in removed:
                 index = {v: j for j, v in enumerate(vocab)}
-                col = columns[name]
-                for r in range(n):
-                    j = index.get(_cat(col[r]))
-                    if j is not None:
-                        out[r, pos + j] = 1.0
+                # Strings (the usual case) skip the normalising call; one pass in C-speed
+                # generator code instead of per-cell indexing.
+                codes = np.fromiter(
+                    (
+                        index.get(v, -1) if type(v) is str else index.get(_cat(v), -1)
+                        for v in columns[name]
+                    ),
+                    dtype=np.int64,
+                    count=n,
+                )
+                hit = codes >= 0
+                out[np.nonzero(hit)[0], pos + codes[hit]] = 1.0
             pos += len(vocab)
         return torch.from_numpy(out)
 
