@@ -13,7 +13,7 @@ from app.core.db import enqueue, session_scope
 from app.core.storage import get_store
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
-from app.registry import retraining, runner
+from app.registry import fanout, retraining, runner
 from app.requests import lifecycle
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,30 @@ def run_unlearning(self: Task, job_id: str) -> None:
 @shared_task(name="palimpsest.run_retrain", bind=True, acks_late=True)
 def run_retrain(self: Task, job_id: str) -> None:
     _run_job(self, retraining.run_retrain, job_id)
+
+
+@shared_task(name="palimpsest.feature_shard", bind=True, acks_late=True, ignore_result=False)
+def feature_shard(self: Task, job_id: str, shard: int) -> dict[str, Any]:
+    """One shard of an exact feature removal (a chord header task)."""
+    try:
+        return fanout.train_one_shard(job_id, shard)
+    except Exception as exc:
+        if self.request.retries < MAX_RETRIES:
+            raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
+        # The chord's callback will never run: fail the job here, releasing its lock.
+        runner.fail_job(job_id, f"shard {shard}: {type(exc).__name__}: {exc}")
+        raise
+
+
+@shared_task(name="palimpsest.feature_finish", bind=True, acks_late=True)
+def feature_finish(self: Task, results: list[dict[str, Any]], job_id: str) -> None:
+    """The chord's callback: verify and conclude the feature job."""
+    try:
+        retraining.finish_feature(job_id, results)
+    except Exception as exc:
+        if self.request.retries < MAX_RETRIES:
+            raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
+        runner.fail_job(job_id, f"{type(exc).__name__}: {exc}")
 
 
 @shared_task(name="palimpsest.plan_request", bind=True, acks_late=True, max_retries=5)

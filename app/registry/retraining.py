@@ -7,6 +7,7 @@ as an unlearning job (`app.registry.candidate.conclude`).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -14,16 +15,26 @@ from app.core.db import session_scope
 from app.core.storage import get_store
 from app.datasets import service as datasets
 from app.jobs import service as jobs
-from app.ml.sisa import SisaEnsemble
-from app.registry import artifacts, monolithic
-from app.registry.candidate import Candidate, begin_verification, conclude, load_context
+from app.ml.sisa import SisaEnsemble, SisaManifest
+from app.models import Job
+from app.registry import artifacts, fanout, monolithic
+from app.registry.candidate import (
+    Candidate,
+    JobContext,
+    begin_verification,
+    conclude,
+    load_context,
+)
 from app.registry.runner import _begin, _device, _max_drop, _metrics, _removed_features
 from app.verification import service as verification
 
 
 def run_feature(job_id: str) -> None:
-    """Kind `unlearn`, method `feature`: make the model blind to the requested feature."""
+    """Kind `unlearn`, method `feature`: make the model blind to the requested feature.
+    SISA models retrain every shard without it, fanned out as a Celery chord
+    (`app.registry.fanout`); monolithic ones are updated in this task."""
     t0 = time.perf_counter()
+    started = time.time()
     with session_scope() as s:
         job = _begin(s, job_id, "unlearn")
         if job is None:
@@ -36,10 +47,14 @@ def run_feature(job_id: str) -> None:
     device = _device()
     ckpt = artifacts.checkpoint_store(store, ctx.model_id)
     manifest = artifacts.load_manifest(store, ctx.manifest_rel)
+    exact = ctx.config["unlearning"]["mode"] != "monolithic"
+    if exact and feature not in manifest.feature_spec.removed:
+        # The job keeps its model lock; the chord's callback concludes and releases it.
+        fanout.dispatch(ctx, manifest.sisa.shards, started)
+        return
     table = datasets.read_partitions(store, ctx.ds)
     mask = ctx.retained_mask
     retained = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])
-    test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
     if feature in manifest.feature_spec.removed:
         new_manifest, result = manifest, {"method": "none", "approximate": False}
     else:
@@ -56,12 +71,41 @@ def run_feature(job_id: str) -> None:
             progress=jobs.ProgressReporter(job_id).sub(0.0, 0.8),
         )
     result["feature"] = feature
-    if ctx.config["unlearning"]["mode"] != "monolithic":
-        # Exact mode: the shards retrain one after the other inside this job.
-        result["parallelism"] = "sequential"
-    compute = time.perf_counter() - t0
+    _verify_feature(
+        ctx, manifest, new_manifest, result, len(retained), time.perf_counter() - t0, started
+    )
+
+
+def finish_feature(job_id: str, results: list[dict[str, Any]]) -> None:
+    """The chord's callback: every shard is retrained; verify and conclude."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != "running":
+            return  # idempotent: concluded (or failed) already
+    ctx, manifest, new_manifest, result, started = fanout.assemble(job_id, results)
+    result["feature"] = ctx.features[0][0]
+    n_retained = sum(e.n_records for e in new_manifest.entries)
+    _verify_feature(
+        ctx, manifest, new_manifest, result, n_retained, float(result["device_seconds"]), started
+    )
+
+
+def _verify_feature(
+    ctx: JobContext,
+    manifest: SisaManifest,
+    new_manifest: SisaManifest,
+    result: dict[str, Any],
+    n_retained: int,
+    compute: float,
+    started: float,
+) -> None:
+    store = get_store()
+    device = _device()
+    ckpt = artifacts.checkpoint_store(store, ctx.model_id)
+    feature = str(result["feature"])
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
     begin_verification(ctx)
+    test = datasets.to_tabular(ctx.ds, datasets.read_partitions(store, ctx.ds), ctx.test_ids)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
     checks = {
@@ -74,14 +118,14 @@ def run_feature(job_id: str) -> None:
             manifest=new_manifest,
             rel=rel,
             checks=checks,
-            metrics=_metrics(candidate, test, len(retained)),
+            metrics=_metrics(candidate, test, n_retained),
             result=result,
             forgotten=np.zeros(0, dtype=np.int64),
             removed_features=_removed_features(ctx.config, ctx.features),
             allow_retrain=True,
             device=str(device),
             compute_seconds=compute,
-            wall_seconds=time.perf_counter() - t0,
+            wall_seconds=fanout.elapsed_since(started),
         ),
     )
 

@@ -175,6 +175,10 @@ def test_sisa_feature_retrain_and_certified_budget_fallback(stack: LocalStack) -
     assert fm["method"] == "feature_retrain" and fm["to_version"] == 2
     job = admin.get(f"/v1/jobs/{fm['job_id']}").json()
     assert job["result"]["unlearning"]["shards"] == 2
+    # Exact mode fans the shards out as a Celery chord; the callback concluded the job.
+    assert job["result"]["unlearning"]["parallelism"] == "celery_chord"
+    assert len(job["result"]["unlearning"]["shard_seconds"]) == 2
+    assert job["status"] == "succeeded" and job["progress"] == 1.0
     row = {"age": 17, "score": -0.2, "track": "b"}
     langs = [row | {"home_language": v} for v in ("en", "es", "fr", "xx")]
     scores = _scores(admin, "sharded", langs)
