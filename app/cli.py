@@ -116,10 +116,13 @@ def worker(
 @cli.command("beat")
 def beat(loglevel: str = "INFO") -> None:
     """Run the periodic scheduler (resumes stalled work)."""
+    from app.core.settings import get_settings
     from workers.celery_app import get_celery
 
+    settings = get_settings()
+    settings.ensure_local_dirs()
     get_celery().start(
-        ["beat", f"--loglevel={loglevel}", "--schedule=palimpsest-data/celerybeat-schedule"]
+        ["beat", f"--loglevel={loglevel}", f"--schedule={settings.beat_schedule_file}"]
     )
 
 

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     artifact_root: str = "palimpsest-data/artifacts"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     signing_key_file: str = "palimpsest-data/signing-key.pem"
+    beat_schedule_file: str = "palimpsest-data/celerybeat-schedule"
     subject_pepper: str = DEV_PEPPER
     # Worker shape: CUDA does not survive fork, so the GPU queue runs `solo` by default.
     worker_pool: Literal["solo", "threads", "prefork"] = "solo"
@@ -57,6 +58,7 @@ class Settings(BaseSettings):
         if "://" not in self.artifact_root:
             Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
         Path(self.signing_key_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.beat_schedule_file).parent.mkdir(parents=True, exist_ok=True)
 
 
 @lru_cache
