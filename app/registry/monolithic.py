@@ -316,8 +316,6 @@ def spec_without(spec: FeatureSpec, features: list[str]) -> FeatureSpec:
 def feature_unlearn(
     manifest: SisaManifest,
     retained: TabularData,
-    shard_of: np.ndarray,
-    slice_of: np.ndarray,
     feature: str,
     *,
     config: dict[str, Any],
@@ -326,31 +324,16 @@ def feature_unlearn(
     device: torch.device,
     progress: ProgressFn | None = None,
 ) -> tuple[SisaManifest, dict[str, Any]]:
-    """Make the model structurally blind to `feature`.
-
-    SISA (exact): every shard retrains without the column (the preprocessor digest
-    changes, so no checkpoint is reused). Monolithic: binary logistic models get the
-    second-order update, other networks zero-freeze-repair; certified models retrain
+    """Make a monolithic model structurally blind to `feature` (SISA models retrain every
+    shard without the column, fanned out by `app.registry.fanout`). Binary logistic
+    models get the second-order update, other networks zero-freeze-repair; certified models retrain
     (a cheap Newton solve that keeps the certificate's state consistent). Either way
     the preprocessor emits zeros for the feature afterwards.
     """
     spec = spec_without(manifest.feature_spec, [feature])
     if config["unlearning"]["mode"] != "monolithic":
-        new = train_sisa(
-            retained,
-            shard_of,
-            slice_of,
-            feature_spec=spec,
-            arch=manifest.arch,
-            training=manifest.training,
-            sisa=manifest.sisa,
-            n_classes=manifest.n_classes,
-            model_key=manifest.model_key,
-            store=store,
-            device=device,
-            progress=progress,
-        )
-        return new, {"method": "feature_retrain", "approximate": False, "shards": len(new.entries)}
+        # Exact SISA feature removal retrains shard by shard as a Celery chord.
+        raise ValueError("SISA feature removal runs through app.registry.fanout")
     if is_certified(config):
         new, info = train_certified_manifest(
             retained,

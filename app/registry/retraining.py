@@ -61,8 +61,6 @@ def run_feature(job_id: str) -> None:
         new_manifest, result = monolithic.feature_unlearn(
             manifest,
             retained,
-            ctx.shard[mask],
-            ctx.slc[mask],
             feature,
             config=ctx.config,
             job_id=job_id,
