@@ -348,24 +348,73 @@ def feature_unlearn(
             device=device,
         )
         return new, {"method": "retrain", "approximate": False, **info["certified"]}
-    e = _single_entry(manifest)
-    model, prep = load_module(manifest, store, device)
+    entry, result = _entry_without_feature(
+        manifest, _single_entry(manifest), retained, feature, job_id, store, device
+    )
+    return _with_entry(manifest, entry, device, spec), {"approximate": True, **result}
+
+
+def approximate_sisa_feature(
+    manifest: SisaManifest,
+    retained: TabularData,
+    shard_of: np.ndarray,
+    feature: str,
+    *,
+    job_id: str,
+    store: CheckpointStore,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+) -> tuple[SisaManifest, dict[str, Any]]:
+    """SISA, approximate mode: the monolithic method applied to each shard's final model
+    on that shard's retained rows. The slice checkpoints keep the feature, so they are
+    dropped from the entries: a later exact unlearning of a shard restarts it from slice
+    0 under the new feature spec (its preprocessor digest no longer matches)."""
+    spec = spec_without(manifest.feature_spec, [feature])
+    shard_of = np.asarray(shard_of, dtype=np.int64)
+    entries: list[ShardEntry] = []
+    per_shard: dict[str, Any] = {}
+    for i, e in enumerate(manifest.entries):
+        data = retained.take(np.flatnonzero(shard_of == e.shard))
+        entry, result = _entry_without_feature(manifest, e, data, feature, job_id, store, device)
+        entries.append(entry)
+        per_shard[str(e.shard)] = result
+        if progress is not None:
+            progress((i + 1) / len(manifest.entries))
+    new = replace(manifest, feature_spec=spec, entries=entries, runtime=runtime_fingerprint(device))
+    return new, {"method": "feature_approximate", "approximate": True, "shards": per_shard}
+
+
+def _entry_without_feature(
+    manifest: SisaManifest,
+    e: ShardEntry,
+    data: TabularData,
+    feature: str,
+    job_id: str,
+    store: CheckpointStore,
+    device: torch.device,
+) -> tuple[ShardEntry, dict[str, Any]]:
+    """One model made blind to `feature`: a second-order update for a binary logistic
+    model, zero-freeze-repair otherwise; its preprocessor emits zeros for the feature."""
+    prep = PreprocessorState.from_dict(e.preprocessor)
+    model = build_model(manifest.arch, prep.n_inputs, manifest.n_classes)
+    tensors, _ = store.load(e.final_key)
+    model.load_state_dict(tensors)
+    model = model.to(device)
     columns = prep.feature_columns(feature)
-    x, y = _xy(prep, retained, device)
+    x, y = _xy(prep, data, device)
     result: dict[str, Any]
     if isinstance(model, LogisticRegression) and manifest.n_classes == 2:
         lam = max(manifest.training.weight_decay, 1e-4)
         upd = linear_feature_update(model, x, y, columns, lam)
         result = {"method": "feature_linear", "lam": lam, "update": upd.to_dict()}
     else:
-        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", job_id)
+        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", job_id, e.shard)
         rep = mlp_feature_removal(model, x, y, columns, manifest.training, seed)
         result = {"method": "feature_repair", "repair": rep.to_dict()}
     new_prep = prep.with_removed(feature)
     key = f"mono-{_tag(e.final_key, job_id, feature)}"
     store.save(key, _tensors(model), {"from": e.final_key, "job": job_id, "feature": feature})
-    entry = replace(e, final_key=key, checkpoint_keys=[key], preprocessor=new_prep.to_dict())
-    return _with_entry(manifest, entry, device, spec), {"approximate": True, **result}
+    return replace(e, final_key=key, checkpoint_keys=[key], preprocessor=new_prep.to_dict()), result
 
 
 # -- fallback retraining ------------------------------------------------------------------

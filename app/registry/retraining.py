@@ -47,7 +47,8 @@ def run_feature(job_id: str) -> None:
     device = _device()
     ckpt = artifacts.checkpoint_store(store, ctx.model_id)
     manifest = artifacts.load_manifest(store, ctx.manifest_rel)
-    exact = ctx.config["unlearning"]["mode"] != "monolithic"
+    sisa = ctx.config["unlearning"]["mode"] != "monolithic"
+    exact = sisa and ctx.config["unlearning"].get("feature_mode", "exact") == "exact"
     if exact and feature not in manifest.feature_spec.removed:
         # The job keeps its model lock; the chord's callback concludes and releases it.
         fanout.dispatch(ctx, manifest.sisa.shards, started)
@@ -55,8 +56,20 @@ def run_feature(job_id: str) -> None:
     table = datasets.read_partitions(store, ctx.ds)
     mask = ctx.retained_mask
     retained = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])
+    progress = jobs.ProgressReporter(job_id).sub(0.0, 0.8)
     if feature in manifest.feature_spec.removed:
         new_manifest, result = manifest, {"method": "none", "approximate": False}
+    elif sisa:
+        new_manifest, result = monolithic.approximate_sisa_feature(
+            manifest,
+            retained,
+            ctx.shard[mask],
+            feature,
+            job_id=job_id,
+            store=ckpt,
+            device=device,
+            progress=progress,
+        )
     else:
         new_manifest, result = monolithic.feature_unlearn(
             manifest,
@@ -66,7 +79,7 @@ def run_feature(job_id: str) -> None:
             job_id=job_id,
             store=ckpt,
             device=device,
-            progress=jobs.ProgressReporter(job_id).sub(0.0, 0.8),
+            progress=progress,
         )
     result["feature"] = feature
     _verify_feature(

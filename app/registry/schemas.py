@@ -37,6 +37,9 @@ class UnlearningIn(BaseModel):
     sharding: Literal["subject", "source", "random"] = "subject"
     aggregation: Literal["mean", "vote"] = "mean"
     certified: bool = False
+    # SISA feature requests: `exact` retrains every shard without the column (a Celery
+    # chord); `approximate` applies the monolithic method to each shard's model.
+    feature_mode: Literal["exact", "approximate"] = "exact"
     # Monolithic models: the approximate strategy (app.ml.approximate registry) and
     # overrides of its hyper-parameters; default DEFAULT_STRATEGY with its defaults.
     strategy: str | None = Field(default=None, min_length=1, max_length=40)
