@@ -23,10 +23,10 @@ COPY pyproject.toml README.md* alembic.ini ./
 COPY migrations ./migrations
 COPY workers ./workers
 COPY app ./app
-# Editable on purpose: `palimpsest db upgrade` finds migrations/ next to the app package,
-# and a regular wheel does not ship migrations/ or alembic.ini.
-RUN pip install -e . \
-    && python -c "import app.cli, workers.celery_app"
+# A regular install: the migrations ship as a package, so `palimpsest db upgrade` finds
+# them in site-packages.
+RUN pip install . \
+    && python -c "import app.cli, migrations, workers.celery_app"
 
 # Unprivileged user; the beat schedule is written under palimpsest-data/ in the workdir,
 # and artifacts plus the signing key live on the shared /data volume.
