@@ -45,9 +45,9 @@ class ModelBusy(Exception):
 
 
 def _configs(
-    model: MLModel,
+    c: dict[str, Any],
 ) -> tuple[ArchitectureConfig, TrainingConfig, SisaConfig, FeatureSpec, int]:
-    c = model.config
+    """The engine configs of a model's stored creation body."""
     spec = FeatureSpec.from_dict(c["resolved"]["feature_spec"])
     return (
         ArchitectureConfig.from_dict(c["architecture"]),
@@ -113,7 +113,7 @@ def run_training(job_id: str) -> None:
         s.expunge(ds)
     store = get_store()
     device = _device()
-    arch, training, sisa, spec, n_classes = _configs_from(config)
+    arch, training, sisa, spec, n_classes = _configs(config)
     data = datasets.to_tabular(ds, datasets.read_partitions(store, ds), active)
     test_mask = _is_test(data.record_ids, training.seed, test_fraction)
     train, test = data.take(~test_mask), data.take(test_mask)
@@ -214,12 +214,6 @@ def run_training(job_id: str) -> None:
             retrain_estimate_seconds=wall,
         )
         jobs.unlock(s, model_id, job_id)
-
-
-def _configs_from(
-    config: dict[str, Any],
-) -> tuple[ArchitectureConfig, TrainingConfig, SisaConfig, FeatureSpec, int]:
-    return _configs(MLModel(config=config))
 
 
 def _metrics(
