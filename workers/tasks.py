@@ -48,9 +48,9 @@ def run_retrain(self: Task, job_id: str) -> None:
     _run_job(self, retraining.run_retrain, job_id)
 
 
-@shared_task(name="palimpsest.feature_shard", bind=True, acks_late=True, ignore_result=False)
-def feature_shard(self: Task, job_id: str, shard: int) -> dict[str, Any]:
-    """One shard of an exact feature removal (a chord header task)."""
+@shared_task(name="palimpsest.sisa_shard", bind=True, acks_late=True, ignore_result=False)
+def sisa_shard(self: Task, job_id: str, shard: int) -> dict[str, Any]:
+    """One shard of a fanned-out SISA job (a chord header task)."""
     try:
         return fanout.train_one_shard(job_id, shard)
     except Exception as exc:
@@ -61,11 +61,11 @@ def feature_shard(self: Task, job_id: str, shard: int) -> dict[str, Any]:
         raise
 
 
-@shared_task(name="palimpsest.feature_finish", bind=True, acks_late=True)
-def feature_finish(self: Task, results: list[dict[str, Any]], job_id: str) -> None:
-    """The chord's callback: verify and conclude the feature job."""
+@shared_task(name="palimpsest.sisa_finish", bind=True, acks_late=True)
+def sisa_finish(self: Task, results: list[dict[str, Any]], job_id: str) -> None:
+    """The chord's callback: verify and conclude the job."""
     try:
-        retraining.finish_feature(job_id, results)
+        retraining.finish_chord(job_id, results)
     except Exception as exc:
         if self.request.retries < MAX_RETRIES:
             raise self.retry(countdown=2**self.request.retries, exc=exc) from exc

@@ -1,6 +1,7 @@
-"""Exact feature removal on a SISA model, fanned out: one Celery task per shard, joined
-by a chord whose callback verifies and concludes the job. Several GPU workers then share
-the shards; with one worker they simply run one after another.
+"""SISA shards of one job, fanned out: one Celery task per shard, joined by a chord whose
+callback verifies and concludes the job. Used by exact feature removal (every shard
+retrains without the column) and by unlearning jobs that reach several shards. Several
+GPU workers then share the shards; with one worker they simply run one after another.
 
 The parent job snapshots its context (lineage, layout, versions) into the artifact store
 before dispatching, so every shard trains on the same retained set even if new requests
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,10 +22,11 @@ from sqlalchemy import update
 from app.core.db import session_scope
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
+from app.ml.config import FeatureSpec
 from app.ml.device import runtime_fingerprint
 from app.ml.sisa import ShardEntry, SisaManifest, train_shard
 from app.models import Job
-from app.registry import artifacts, monolithic
+from app.registry import artifacts
 from app.registry.candidate import JobContext
 
 
@@ -31,8 +34,19 @@ def _snapshot_path(job_id: str) -> str:
     return f"jobs/{job_id}/context.json"
 
 
-def save_snapshot(store: ArtifactStore, ctx: JobContext, started: float) -> None:
+def save_snapshot(
+    store: ArtifactStore,
+    ctx: JobContext,
+    started: float,
+    *,
+    purpose: str,
+    spec: FeatureSpec,
+    shards: list[int],
+) -> None:
     body = {
+        "purpose": purpose,
+        "spec": spec.to_dict(),
+        "shards": shards,
         "job_id": ctx.job_id,
         "model_id": ctx.model_id,
         "config": ctx.config,
@@ -53,7 +67,16 @@ def save_snapshot(store: ArtifactStore, ctx: JobContext, started: float) -> None
     store.write_bytes(_snapshot_path(ctx.job_id), json.dumps(body).encode())
 
 
-def load_snapshot(store: ArtifactStore, job_id: str) -> tuple[JobContext, float]:
+@dataclass
+class Snapshot:
+    ctx: JobContext
+    started: float
+    purpose: str  # "feature" | "unlearn"
+    spec: FeatureSpec  # what the shards train with
+    shards: list[int]  # the shards the chord trains
+
+
+def load_snapshot(store: ArtifactStore, job_id: str) -> Snapshot:
     body = json.loads(store.read_bytes(_snapshot_path(job_id)))
     with session_scope() as s:
         ds = datasets.get(s, body["dataset_id"])
@@ -75,33 +98,41 @@ def load_snapshot(store: ArtifactStore, job_id: str) -> tuple[JobContext, float]
         is_active=np.asarray(body["is_active"], dtype=bool),
         retrain_estimate=body["retrain_estimate"],
     )
-    return ctx, float(body["started"])
+    return Snapshot(
+        ctx,
+        float(body["started"]),
+        str(body["purpose"]),
+        FeatureSpec.from_dict(body["spec"]),
+        [int(x) for x in body["shards"]],
+    )
 
 
-def dispatch(ctx: JobContext, n_shards: int, started: float) -> None:
-    """Send the chord: every shard task, then `feature_finish` with their results."""
+def dispatch(
+    ctx: JobContext, started: float, *, purpose: str, spec: FeatureSpec, shards: list[int]
+) -> None:
+    """Send the chord: one task per shard, then `sisa_finish` with their results. The
+    job keeps its model lock; the callback concludes it and releases the lock."""
     from workers.celery_app import get_celery
 
-    save_snapshot(get_store(), ctx, started)
+    save_snapshot(get_store(), ctx, started, purpose=purpose, spec=spec, shards=shards)
     app = get_celery()
     header = [
-        app.signature("palimpsest.feature_shard", args=(ctx.job_id, s), queue="gpu")
-        for s in range(n_shards)
+        app.signature("palimpsest.sisa_shard", args=(ctx.job_id, s), queue="gpu") for s in shards
     ]
-    body = app.signature("palimpsest.feature_finish", args=(ctx.job_id,), queue="gpu")
+    body = app.signature("palimpsest.sisa_finish", args=(ctx.job_id,), queue="gpu")
     chord(header, app=app)(body)
 
 
 def train_one_shard(job_id: str, shard: int) -> dict[str, Any]:
-    """One shard without the feature. Idempotent: checkpoints are content-addressed, so a
-    redelivered task reuses what the first attempt wrote."""
+    """One shard on its retained rows under the snapshot's feature spec. Idempotent:
+    checkpoints are content-addressed, so a redelivered task reuses what the first
+    attempt wrote, and an unlearning shard reuses the slices before its first change."""
     from app.registry.runner import _device
 
     store = get_store()
-    ctx, _ = load_snapshot(store, job_id)
-    feature = ctx.features[0][0]
+    snap = load_snapshot(store, job_id)
+    ctx = snap.ctx
     manifest = artifacts.load_manifest(store, ctx.manifest_rel)
-    spec = monolithic.spec_without(manifest.feature_spec, [feature])
     mask = ctx.retained_mask & (ctx.shard == shard)
     table = datasets.read_partitions(store, ctx.ds)
     data = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])  # sorted by id, as ids are
@@ -109,7 +140,7 @@ def train_one_shard(job_id: str, shard: int) -> dict[str, Any]:
         data,
         ctx.slc[mask],
         shard=shard,
-        feature_spec=spec,
+        feature_spec=snap.spec,
         arch=manifest.arch,
         training=manifest.training,
         sisa=manifest.sisa,
@@ -118,47 +149,68 @@ def train_one_shard(job_id: str, shard: int) -> dict[str, Any]:
         store=artifacts.checkpoint_store(store, ctx.model_id),
         device=_device(),
     )
-    step = 0.8 / manifest.sisa.shards
+    step = 0.8 / max(1, len(snap.shards))
     with session_scope() as s:
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "running")
             .values(progress=Job.progress + step)
         )
-    return {"entry": ShardEntry.from_result(res).to_dict(), "seconds": res.seconds}
+    return {
+        "entry": ShardEntry.from_result(res).to_dict(),
+        "seconds": res.seconds,
+        "slices_trained": res.slices_trained,
+    }
 
 
 def assemble(
     job_id: str, results: list[dict[str, Any]]
-) -> tuple[JobContext, SisaManifest, SisaManifest, dict[str, Any], float]:
-    """The candidate manifest from the shard results, in shard order."""
+) -> tuple[Snapshot, SisaManifest, SisaManifest, dict[str, Any]]:
+    """The candidate manifest: the chord's shards from their results, every other shard
+    as it was."""
     from app.registry.runner import _device
 
     store = get_store()
-    ctx, started = load_snapshot(store, job_id)
-    feature = ctx.features[0][0]
-    base = artifacts.load_manifest(store, ctx.manifest_rel)
-    entries = sorted((ShardEntry.from_dict(r["entry"]) for r in results), key=lambda e: e.shard)
+    snap = load_snapshot(store, job_id)
+    base = artifacts.load_manifest(store, snap.ctx.manifest_rel)
+    trained = {e.shard: e for e in (ShardEntry.from_dict(r["entry"]) for r in results)}
     new = SisaManifest(
         model_key=base.model_key,
         arch=base.arch,
         training=base.training,
         sisa=base.sisa,
-        feature_spec=monolithic.spec_without(base.feature_spec, [feature]),
+        feature_spec=snap.spec,
         n_classes=base.n_classes,
-        entries=entries,
+        entries=[trained.get(e.shard, e) for e in base.entries],
         runtime=runtime_fingerprint(_device()),
     )
-    shard_seconds = [float(r["seconds"]) for r in results]
-    result = {
-        "method": "feature_retrain",
+    by_shard = {int(r["entry"]["shard"]): r for r in results}
+    shard_seconds = [float(by_shard[s]["seconds"]) for s in sorted(by_shard)]
+    result: dict[str, Any] = {
         "approximate": False,
-        "shards": len(entries),
         "parallelism": "celery_chord",
         "shard_seconds": shard_seconds,
         "device_seconds": sum(shard_seconds),
     }
-    return ctx, base, new, result, started
+    if snap.purpose == "feature":
+        result |= {"method": "feature_retrain", "shards": len(trained)}
+    else:
+        earliest: dict[str, int] = {}
+        for s, e in trained.items():
+            old = base.entry(s).checkpoint_keys
+            pairs = zip(old, e.checkpoint_keys, strict=False)
+            changed = [i for i, (a, b) in enumerate(pairs) if a != b]
+            earliest[str(s)] = changed[0] if changed else base.sisa.slices
+        result |= {
+            "method": "sisa",
+            "affected_shards": sorted(trained),
+            "total_shards": base.sisa.shards,
+            "slices_retrained": {str(s): int(by_shard[s]["slices_trained"]) for s in by_shard},
+            "earliest_affected_slice": earliest,
+            "forgotten_found": len(snap.ctx.forgotten),
+            "seconds": sum(shard_seconds),
+        }
+    return snap, base, new, result
 
 
 def elapsed_since(started: float) -> float:

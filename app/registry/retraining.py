@@ -51,7 +51,13 @@ def run_feature(job_id: str) -> None:
     exact = sisa and ctx.config["unlearning"].get("feature_mode", "exact") == "exact"
     if exact and feature not in manifest.feature_spec.removed:
         # The job keeps its model lock; the chord's callback concludes and releases it.
-        fanout.dispatch(ctx, manifest.sisa.shards, started)
+        fanout.dispatch(
+            ctx,
+            started,
+            purpose="feature",
+            spec=monolithic.spec_without(manifest.feature_spec, [feature]),
+            shards=list(range(manifest.sisa.shards)),
+        )
         return
     table = datasets.read_partitions(store, ctx.ds)
     mask = ctx.retained_mask
@@ -87,18 +93,22 @@ def run_feature(job_id: str) -> None:
     )
 
 
-def finish_feature(job_id: str, results: list[dict[str, Any]]) -> None:
-    """The chord's callback: every shard is retrained; verify and conclude."""
+def finish_chord(job_id: str, results: list[dict[str, Any]]) -> None:
+    """The chord's callback: its shards are trained; verify and conclude the job."""
+    from app.registry.runner import verify_unlearning
+
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running":
             return  # idempotent: concluded (or failed) already
-    ctx, manifest, new_manifest, result, started = fanout.assemble(job_id, results)
-    result["feature"] = ctx.features[0][0]
+    snap, manifest, new_manifest, result = fanout.assemble(job_id, results)
+    ctx, compute = snap.ctx, float(result["device_seconds"])
     n_retained = sum(e.n_records for e in new_manifest.entries)
-    _verify_feature(
-        ctx, manifest, new_manifest, result, n_retained, float(result["device_seconds"]), started
-    )
+    if snap.purpose == "feature":
+        result["feature"] = ctx.features[0][0]
+        _verify_feature(ctx, manifest, new_manifest, result, n_retained, compute, snap.started)
+    else:
+        verify_unlearning(ctx, manifest, new_manifest, result, n_retained, compute, snap.started)
 
 
 def _verify_feature(

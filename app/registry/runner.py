@@ -27,11 +27,17 @@ from app.ml.data import TabularData
 from app.ml.device import derive_seed, enable_determinism, resolve_device
 from app.ml.metrics import accuracy
 from app.ml.sharding import assign_shards, assign_slices
-from app.ml.sisa import SisaEnsemble, train_sisa, unlearn_sisa
+from app.ml.sisa import SisaEnsemble, SisaManifest, train_sisa, unlearn_sisa
 from app.models import DeletionRequest, Job, Lineage, MLModel, ModelVersion, Record, RequestModel
-from app.registry import artifacts, monolithic
+from app.registry import artifacts, fanout, monolithic
 from app.registry import service as registry
-from app.registry.candidate import Candidate, begin_verification, conclude, load_context
+from app.registry.candidate import (
+    Candidate,
+    JobContext,
+    begin_verification,
+    conclude,
+    load_context,
+)
 from app.requests.lifecycle import advance
 from app.requests.service import transition
 from app.verification import service as verification
@@ -257,6 +263,7 @@ def run_unlearning(job_id: str) -> None:
         retraining.run_feature(job_id)
         return
     t0 = time.perf_counter()
+    started = time.time()
     with session_scope() as s:
         job = _begin(s, job_id, "unlearn")
         if job is None:
@@ -272,13 +279,20 @@ def run_unlearning(job_id: str) -> None:
         )
         return
     manifest = artifacts.load_manifest(store, ctx.manifest_rel)
+    sisa = ctx.config["unlearning"]["mode"] != "monolithic"
+    affected = sorted(manifest.shards_containing(int(i) for i in forgotten))
+    if sisa and len(affected) > 1:
+        # Several shards: one task each, shared by the GPU workers (a Celery chord).
+        fanout.dispatch(
+            ctx, started, purpose="unlearn", spec=manifest.feature_spec, shards=affected
+        )
+        return
     table = datasets.read_partitions(store, ctx.ds)
     retained_mask = ctx.retained_mask
     retained = datasets.to_tabular(ctx.ds, table, ctx.ids[retained_mask])
-    test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
     progress = jobs.ProgressReporter(job_id).sub(0.0, 0.8)
     # to_tabular sorts by id, as `ids` is; the layout arrays line up with it.
-    if ctx.config["unlearning"]["mode"] == "monolithic":
+    if not sisa:
         # Quarantined rows are still readable: approximate methods need their gradients.
         forget = datasets.to_tabular(ctx.ds, table, forgotten)
         new_manifest, result = monolithic.approximate_unlearn(
@@ -303,10 +317,29 @@ def run_unlearning(job_id: str) -> None:
             progress=progress,
         )
         result = {"method": "sisa", "approximate": False, **stats.to_dict()}
-    unlearn_seconds = time.perf_counter() - t0
+    verify_unlearning(
+        ctx, manifest, new_manifest, result, len(retained), time.perf_counter() - t0, started
+    )
+
+
+def verify_unlearning(
+    ctx: JobContext,
+    manifest: SisaManifest,
+    new_manifest: SisaManifest,
+    result: dict[str, Any],
+    n_retained: int,
+    compute: float,
+    started: float,
+) -> None:
+    """Save the candidate, check it against the production version, and conclude."""
+    store = get_store()
+    device = _device()
+    ckpt = artifacts.checkpoint_store(store, ctx.model_id)
+    forgotten = ctx.forgotten
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
-    jobs.ProgressReporter(job_id)(0.85)
+    jobs.ProgressReporter(ctx.job_id)(0.85)
     begin_verification(ctx)
+    test = datasets.to_tabular(ctx.ds, datasets.read_partitions(store, ctx.ds), ctx.test_ids)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
     checks: dict[str, verification.Check] = {}
@@ -321,14 +354,14 @@ def run_unlearning(job_id: str) -> None:
             manifest=new_manifest,
             rel=rel,
             checks=checks,
-            metrics=_metrics(candidate, test, len(retained), checks),
+            metrics=_metrics(candidate, test, n_retained, checks),
             result=result,
             forgotten=forgotten,
             removed_features=_removed_features(ctx.config, []),
             allow_retrain=True,
             device=str(device),
-            compute_seconds=unlearn_seconds,
-            wall_seconds=time.perf_counter() - t0,
+            compute_seconds=compute,
+            wall_seconds=max(0.0, time.time() - started),
         ),
     )
 

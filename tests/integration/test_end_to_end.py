@@ -81,6 +81,13 @@ def test_erase_subject_and_source_end_to_end(stack: LocalStack) -> None:
 
     done_src = erase(portal, {"kind": "source", "source": "north"})
     assert done_src["status"] == "completed", done_src
+    # A district spans every subject-sharded shard: they retrain as one Celery task each.
+    src_job = admin.get(f"/v1/jobs/{done_src['models'][0]['job_id']}").json()
+    un = src_job["result"]["unlearning"]
+    assert un["parallelism"] == "celery_chord" and un["affected_shards"] == [0, 1, 2, 3]
+    assert len(un["shard_seconds"]) == 4 and src_job["progress"] == 1.0
+    src_report = admin.get(f"/v1/reports/{done_src['models'][0]['report_id']}").json()
+    assert src_report["checks"]["lineage"]["passed"]
     after = admin.get("/v1/models/pass-predictor").json()
     assert after["production_version"] == 3
     statuses = {v["version"]: v["status"] for v in after["versions"]}
