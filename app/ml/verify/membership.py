@@ -1,0 +1,257 @@
+"""Membership inference: does the unlearned model still treat the forget set as members?
+
+Scores follow Carlini et al., "Membership Inference Attacks From First Principles"
+(IEEE S&P 2022): the logit-scaled confidence on the true label, log p_y - log(1 - p_y),
+which is close to Gaussian across models for a fixed example. Two attacks are offered:
+
+- a global threshold attack over the scores (`attack`): AUC and TPR at 1% FPR of members
+  (here: the forget set) against non-members from the same population (test rows);
+- the offline likelihood-ratio test (`lira_offline`): each example's score is compared
+  with its own distribution under reference models that never trained on it, which
+  removes per-example difficulty and is what makes low-FPR claims meaningful.
+
+`forgetting_check` turns them into a pass/fail: the candidate's attack on the forget set
+must not beat the same attack against reference models (which never saw the forget set)
+by more than a margin. Comparing against references rather than against 0.5 matters when
+the forget set is not a random sample (a withdrawn district scores differently from the
+test rows even under a model that never saw it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.ml.metrics import auc, tpr_at_fpr
+
+# Probabilities are floored here before taking logs, which bounds scores to about +-27.6.
+_PROB_FLOOR = 1e-12
+# Below this many reference models a per-example variance is too noisy to trust (the
+# paper's recommendation for per-example tests); the pooled variance is used instead.
+LIRA_MIN_REFS = 4
+# With K >= LIRA_MIN_REFS each example's variance is floored at this share of the pooled
+# variance: a variance estimated from four samples is often far too small by chance,
+# which would turn small score differences into huge z-scores.
+_VAR_FLOOR_SHARE = 0.5
+_MIN_STD = 1e-3
+_MAX_SCORES_REPORTED = 500
+LOW_FPR = 0.01
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def member_scores(proba: torch.Tensor | np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example score (N,), higher = more member-like: log p_y - log(1 - p_y).
+
+    `proba` is (N, C) class probabilities. 1 - p_y is taken as the sum of the other
+    classes' probabilities (no cancellation when p_y is close to 1), and both terms are
+    floored at 1e-12 so the score stays finite.
+    """
+    p = proba.detach().cpu().numpy() if isinstance(proba, torch.Tensor) else np.asarray(proba)
+    p = p.astype(np.float64)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if p.ndim != 2 or p.shape[0] != len(y):
+        raise ValueError(f"proba must be (N, C) with N = {len(y)}, got {p.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError("labels must be class indices into proba's columns")
+    rows = np.arange(len(y))
+    p_y = p[rows, y]
+    others = p.sum(axis=1) - p_y
+    if p.shape[1] == 2:
+        others = p[rows, 1 - y]  # exact for binary, where rounding would matter most
+    out: np.ndarray = np.log(np.maximum(p_y, _PROB_FLOOR)) - np.log(np.maximum(others, _PROB_FLOOR))
+    return out
+
+
+@dataclass
+class AttackResult:
+    """A threshold attack's success: members vs non-members."""
+
+    auc: float
+    tpr_at_1pct_fpr: float
+    n_members: int
+    n_nonmembers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "auc": _finite_or_none(self.auc),
+            "tpr_at_1pct_fpr": _finite_or_none(self.tpr_at_1pct_fpr),
+            "n_members": self.n_members,
+            "n_nonmembers": self.n_nonmembers,
+        }
+
+
+def attack(member: np.ndarray, nonmember: np.ndarray) -> AttackResult:
+    """Threshold attack over scores (any shape; flattened). Both sides must be non-empty.
+
+    With fewer than 100 non-members, "1% FPR" means no false positive at all.
+    """
+    m = np.asarray(member, dtype=np.float64).reshape(-1)
+    n = np.asarray(nonmember, dtype=np.float64).reshape(-1)
+    if len(m) == 0 or len(n) == 0:
+        raise ValueError("an attack needs at least one member and one non-member score")
+    scores = np.concatenate([m, n])
+    is_member = np.concatenate([np.ones(len(m), dtype=bool), np.zeros(len(n), dtype=bool)])
+    return AttackResult(
+        auc=auc(scores, is_member),
+        tpr_at_1pct_fpr=tpr_at_fpr(scores, is_member, LOW_FPR),
+        n_members=len(m),
+        n_nonmembers=len(n),
+    )
+
+
+def lira_offline(target: np.ndarray, out_refs: np.ndarray) -> np.ndarray:
+    """Offline LiRA statistic (N,): one-sided z-score of each target score, higher = member.
+
+    `target` (N,) are the scores of N examples under the model being tested; `out_refs`
+    (K, N) their scores under K reference models that did not train on them. Each
+    example's out-distribution is a Gaussian N(mu_i, sigma_i^2):
+
+    - mu_i is the mean of its K reference scores;
+    - K == 1: no per-example spread is observable; sigma is the spread of the reference
+      scores across examples (conservative: it includes example difficulty);
+    - 2 <= K < 4: the pooled variance (mean of the per-example variances), the paper's
+      "global variance" variant for few shadow models;
+    - K >= 4: the per-example variance, floored at half the pooled variance.
+
+    Carlini et al. recommend K >= 4 reference models before trusting per-example tests;
+    with fewer the statistic is still returned but is coarse. The z-score is monotone in
+    the paper's offline likelihood ratio 1 - Pr[Z > target], so ranks (and AUCs) agree.
+    """
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    refs = np.asarray(out_refs, dtype=np.float64)
+    if refs.ndim == 1:
+        refs = refs[None, :]
+    if refs.ndim != 2 or refs.shape[1] != len(t):
+        raise ValueError(f"out_refs must be (K, {len(t)}), got {refs.shape}")
+    k = refs.shape[0]
+    if k < 1:
+        raise ValueError("LiRA needs at least one reference model")
+    mu = refs.mean(axis=0)
+    if len(t) == 0:
+        return np.zeros(0, dtype=np.float64)
+    if k == 1:
+        var = np.full(len(t), refs[0].var(ddof=1) if len(t) > 1 else 0.0)
+    else:
+        per = refs.var(axis=0, ddof=1)
+        pooled = float(per.mean())
+        var = (
+            np.full(len(t), pooled)
+            if k < LIRA_MIN_REFS
+            else np.maximum(per, _VAR_FLOOR_SHARE * pooled)
+        )
+    std = np.maximum(np.sqrt(var), _MIN_STD)
+    z: np.ndarray = (t - mu) / std
+    return z
+
+
+def auc_null_se(n_pos: int, n_neg: int) -> float:
+    """Standard error of the AUC of two exchangeable samples (Mann-Whitney null)."""
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return math.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg))
+
+
+@dataclass
+class ForgettingCheck:
+    """Membership inference on the forget set, candidate vs references.
+
+    `passed` is candidate.auc <= reference.auc + margin and, when a LiRA AUC was computed
+    (K >= 4 references), lira_auc <= lira_threshold as well.
+    """
+
+    passed: bool
+    candidate: AttackResult
+    reference: AttackResult
+    margin: float
+    lira_auc: float | None
+    lira_threshold: float | None = None
+    n_refs: int = 0
+    forget_scores: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "candidate": self.candidate.to_dict(),
+            "reference": self.reference.to_dict(),
+            "margin": self.margin,
+            "lira_auc": _finite_or_none(self.lira_auc),
+            "lira_threshold": _finite_or_none(self.lira_threshold),
+            "n_refs": self.n_refs,
+            "forget_scores": [
+                _finite_or_none(v) for v in self.forget_scores[:_MAX_SCORES_REPORTED]
+            ],
+        }
+
+
+def forgetting_check(
+    cand_forget: np.ndarray,
+    cand_nonmember: np.ndarray,
+    ref_forget: np.ndarray,
+    ref_nonmember: np.ndarray,
+    *,
+    margin: float = 0.05,
+    out_refs_forget: np.ndarray | None = None,
+    out_refs_nonmember: np.ndarray | None = None,
+) -> ForgettingCheck:
+    """Does the candidate's attack on the forget set beat the references' by > margin?
+
+    `cand_*` are member scores of the unlearned model on the forget set and on same-
+    population non-members (test rows); `ref_*` the scores of models that never saw the
+    forget set on the same kinds of rows (they may pool several reference models).
+
+    With `out_refs_forget` (K, n_forget) and `out_refs_nonmember` (K, n_nonmember) and
+    K >= 4, the per-example LiRA z-scores of the candidate (forget vs non-members) are
+    ranked too. Because each example is compared with its own out-distribution, a model
+    that never saw the forget set gives a LiRA AUC of 0.5 whatever the forget set's
+    population, so the rule is lira_auc <= 0.5 + max(margin, 2 * SE0), where SE0 is the
+    AUC's null standard error for these sample sizes: with a few dozen forget rows SE0
+    alone is about 0.05, and a bare 0.5 + margin would fail honest unlearning about one
+    time in six. The variance is pooled over forget and non-member rows together so both
+    sides are standardised alike. With K < 4 no LiRA AUC is computed (lira_auc None).
+    """
+    cf = np.asarray(cand_forget, dtype=np.float64).reshape(-1)
+    cn = np.asarray(cand_nonmember, dtype=np.float64).reshape(-1)
+    candidate = attack(cf, cn)
+    reference = attack(ref_forget, ref_nonmember)
+    passed = bool(candidate.auc <= reference.auc + margin)
+
+    lira: float | None = None
+    threshold: float | None = None
+    n_refs = 0
+    if out_refs_forget is not None and out_refs_nonmember is not None:
+        rf = np.asarray(out_refs_forget, dtype=np.float64)
+        rn = np.asarray(out_refs_nonmember, dtype=np.float64)
+        if rf.ndim == 1:
+            rf = rf[None, :]
+        if rn.ndim == 1:
+            rn = rn[None, :]
+        if rf.shape != (rf.shape[0], len(cf)) or rn.shape != (rf.shape[0], len(cn)):
+            raise ValueError(
+                "out_refs_forget/out_refs_nonmember must be (K, n_forget)/(K, n_nonmember) "
+                f"with the same K; got {rf.shape} and {rn.shape}"
+            )
+        n_refs = rf.shape[0]
+        if n_refs >= LIRA_MIN_REFS:
+            z = lira_offline(np.concatenate([cf, cn]), np.concatenate([rf, rn], axis=1))
+            lira = attack(z[: len(cf)], z[len(cf) :]).auc
+            threshold = 0.5 + max(margin, 2.0 * auc_null_se(len(cf), len(cn)))
+            passed = passed and bool(lira <= threshold)
+    return ForgettingCheck(
+        passed=passed,
+        candidate=candidate,
+        reference=reference,
+        margin=margin,
+        lira_auc=lira,
+        lira_threshold=threshold,
+        n_refs=n_refs,
+        forget_scores=[float(v) for v in cf[:_MAX_SCORES_REPORTED]],
+    )

@@ -1,0 +1,178 @@
+"""Membership inference finds members of an overfit model and stops after exact unlearning."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from app.ml.architectures import build_model
+from app.ml.config import ArchitectureConfig, TrainingConfig
+from app.ml.training import fit, init_model_, predict_proba
+from app.ml.verify.membership import (
+    LIRA_MIN_REFS,
+    attack,
+    forgetting_check,
+    lira_offline,
+    member_scores,
+)
+
+D = 10
+N_TRAIN = 300
+N_FORGET = 100
+N_TEST = 400
+K_REFS = 4
+ARCH = ArchitectureConfig(kind="mlp", hidden=(256,))
+TRAIN = TrainingConfig(epochs=150, batch_size=50, lr=1e-2, weight_decay=0.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _population(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A noisy linear task: 30% of labels flipped, so fitting them means memorising."""
+    w = torch.linspace(-1.0, 1.0, D)
+    x = torch.randn(n, D, generator=gen)
+    y = (x @ w > 0).long()
+    flip = torch.rand(n, generator=gen) < 0.3
+    return x, torch.where(flip, 1 - y, y)
+
+
+def _train(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
+    model = init_model_(build_model(ARCH, D, 2), seed)
+    return fit(model, x, y, TRAIN, seed)
+
+
+def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    return member_scores(predict_proba(model, x), y.numpy())
+
+
+@pytest.fixture(scope="module")
+def world() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    x, y = _population(N_TRAIN + N_TEST, gen)
+    xtr, ytr, xte, yte = x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
+    xf, yf, xr, yr = xtr[:N_FORGET], ytr[:N_FORGET], xtr[N_FORGET:], ytr[N_FORGET:]
+    original = _train(xtr, ytr, seed=1)
+    retrained = _train(xr, yr, seed=2)  # exact unlearning
+    refs = [_train(xr, yr, seed=100 + k) for k in range(K_REFS)]  # never saw the forget set
+    return {
+        "members": (_scores(original, xtr, ytr), _scores(original, xte, yte)),
+        "original": (_scores(original, xf, yf), _scores(original, xte, yte)),
+        "retrained": (_scores(retrained, xf, yf), _scores(retrained, xte, yte)),
+        "refs_forget": np.stack([_scores(m, xf, yf) for m in refs]),
+        "refs_test": np.stack([_scores(m, xte, yte) for m in refs]),
+    }
+
+
+def test_member_scores_are_logit_confidence_and_finite() -> None:
+    proba = np.array([[0.2, 0.8], [0.9, 0.1], [0.0, 1.0], [1.0, 0.0]])
+    s = member_scores(proba, np.array([1, 1, 1, 1]))
+    assert s[0] == pytest.approx(np.log(0.8 / 0.2))
+    assert s[1] == pytest.approx(np.log(0.1 / 0.9))
+    assert np.all(np.isfinite(s)) and s[2] > 20 and s[3] < -20
+    multi = torch.tensor([[0.7, 0.2, 0.1]])
+    assert member_scores(multi, np.array([0]))[0] == pytest.approx(np.log(0.7 / 0.3))
+
+
+def test_attack_finds_members_of_an_overfit_model(world: dict[str, Any]) -> None:
+    members, nonmembers = world["members"]
+    result = attack(members, nonmembers)
+    assert result.auc > 0.7
+    assert result.n_members == N_TRAIN and result.n_nonmembers == N_TEST
+    assert 0.0 <= result.tpr_at_1pct_fpr <= 1.0
+
+
+def test_exact_unlearning_passes_the_check(world: dict[str, Any]) -> None:
+    check = forgetting_check(
+        *world["retrained"],
+        world["refs_forget"],
+        world["refs_test"],
+        out_refs_forget=world["refs_forget"],
+        out_refs_nonmember=world["refs_test"],
+    )
+    assert abs(check.candidate.auc - check.reference.auc) < 0.05
+    assert check.passed, check.to_dict()
+    assert check.lira_auc is not None and check.n_refs == K_REFS
+    d = check.to_dict()
+    json.dumps(d)
+    assert len(d["forget_scores"]) == N_FORGET
+
+
+def test_model_that_still_holds_the_forget_set_fails(world: dict[str, Any]) -> None:
+    check = forgetting_check(*world["original"], world["refs_forget"], world["refs_test"])
+    assert check.candidate.auc > check.reference.auc + 0.15
+    assert not check.passed
+    assert check.lira_auc is None  # no per-example references given
+    with_lira = forgetting_check(
+        *world["original"],
+        world["refs_forget"],
+        world["refs_test"],
+        out_refs_forget=world["refs_forget"],
+        out_refs_nonmember=world["refs_test"],
+    )
+    assert with_lira.lira_auc is not None and with_lira.lira_auc > 0.65
+    assert not with_lira.passed
+
+
+def test_lira_alone_can_fail_a_candidate() -> None:
+    """Global AUC within the margin, but each forget example sits above its own references."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 3, size=200)  # per-example level dominates the global view
+    refs = difficulty + rng.normal(0, 0.3, size=(LIRA_MIN_REFS, 200))
+    cand = difficulty + rng.normal(0, 0.3, size=200)
+    cand[:50] += 0.6  # the forget rows: a small but systematic member signal
+    check = forgetting_check(
+        cand[:50],
+        cand[50:],
+        refs[0, :50],
+        refs[0, 50:],
+        margin=0.1,
+        out_refs_forget=refs[:, :50],
+        out_refs_nonmember=refs[:, 50:],
+    )
+    assert check.candidate.auc <= check.reference.auc + 0.1
+    assert check.lira_auc is not None and check.lira_threshold is not None
+    assert check.lira_auc > check.lira_threshold
+    assert not check.passed
+
+
+def test_lira_below_four_references_is_not_used() -> None:
+    rng = np.random.default_rng(1)
+    refs = rng.normal(size=(3, 30))
+    check = forgetting_check(
+        rng.normal(size=10),
+        rng.normal(size=20),
+        refs[0, :10],
+        refs[0, 10:],
+        out_refs_forget=refs[:, :10],
+        out_refs_nonmember=refs[:, 10:],
+    )
+    assert check.lira_auc is None and check.n_refs == 3
+
+
+def test_lira_offline_statistic() -> None:
+    rng = np.random.default_rng(2)
+    mu = rng.normal(0, 5, size=100)
+    refs = mu + rng.normal(0, 1, size=(8, 100))
+    z_out = lira_offline(mu + rng.normal(0, 1, size=100), refs)
+    z_in = lira_offline(mu + 3.0 + rng.normal(0, 1, size=100), refs)
+    assert abs(float(np.mean(z_out))) < 0.5
+    assert float(np.mean(z_in)) > 2.0
+    # One reference still gives a finite statistic; none is refused.
+    assert np.all(np.isfinite(lira_offline(mu, refs[:1])))
+    with pytest.raises(ValueError):
+        lira_offline(mu, np.zeros((0, 100)))
+    with pytest.raises(ValueError):
+        lira_offline(mu, refs[:, :50])
+    with pytest.raises(ValueError):
+        attack(np.array([]), np.array([1.0]))
