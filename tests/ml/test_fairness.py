@@ -1,0 +1,99 @@
+"""Fairness check: names a group-specific regression, stays quiet on spread-out noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from app.ml.verify.fairness import fairness_check, group_metrics, group_weights
+
+N_PER_GROUP = 200
+GROUPS = ("A", "B", "C", "D", "E")
+N_DEGRADED = 24  # 12% of group A: well past the 5% threshold when concentrated
+
+
+def _before(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Labels, ~85%-accurate predictions, and a group column of five equal groups."""
+    rng = np.random.default_rng(seed)
+    n = N_PER_GROUP * len(GROUPS)
+    labels = rng.integers(0, 2, size=n)
+    pred = np.where(rng.random(n) < 0.85, labels, 1 - labels)
+    groups = {"language": np.repeat(np.array(GROUPS, dtype=object), N_PER_GROUP)}
+    return labels, pred, groups
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_flags_a_regression_confined_to_one_group(seed: int) -> None:
+    labels, pred, groups = _before(seed)
+    rng = np.random.default_rng(100 + seed)
+    in_a_right = np.flatnonzero((groups["language"] == "A") & (pred == labels))
+    after = pred.copy()
+    hit = rng.choice(in_a_right, size=N_DEGRADED, replace=False)
+    after[hit] = 1 - after[hit]
+    check = fairness_check(pred, after, labels, groups)
+    assert not check.passed
+    assert {(f["column"], f["group"]) for f in check.flagged} == {("language", "A")}
+    acc = next(f for f in check.flagged if f["metric"] == "accuracy")
+    assert acc["drop"] == pytest.approx(N_DEGRADED / N_PER_GROUP)
+    assert check.flagged_groups == {"language": {"A"}}
+    json.dumps(check.to_dict())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_quiet_on_the_same_amount_of_degradation_spread_over_everyone(seed: int) -> None:
+    labels, pred, groups = _before(seed)
+    rng = np.random.default_rng(200 + seed)
+    right = np.flatnonzero(pred == labels)
+    after = pred.copy()
+    hit = rng.choice(right, size=N_DEGRADED, replace=False)
+    after[hit] = 1 - after[hit]
+    check = fairness_check(pred, after, labels, groups)
+    assert check.passed, check.flagged
+    assert check.flagged == []
+
+
+def test_small_groups_and_insignificant_drops_are_not_flagged() -> None:
+    labels = np.array([1] * 10 + [0] * 10)
+    before = labels.copy()
+    after = before.copy()
+    after[:8] = 0  # a 40-point drop, but only 20 rows
+    groups = {"g": np.array(["x"] * 20, dtype=object)}
+    assert fairness_check(before, after, labels, groups).passed
+    flagged = fairness_check(before, after, labels, groups, min_group_size=10).flagged
+    assert {f["metric"] for f in flagged} == {"accuracy", "tpr"}
+    # Drops past the threshold that are mostly churn (rows lost and gained): not significant.
+    before2 = labels.copy()
+    before2[10:14] = 1  # four false positives before
+    after2 = labels.copy()
+    after2[:6] = 0  # six positives lost, the four false positives fixed
+    check = fairness_check(before2, after2, labels, groups, min_group_size=10)
+    assert check.passed, check.flagged
+    assert check.comparisons == 2 and check.z_required > 2.0
+
+
+def test_group_metrics_binary_and_multiclass() -> None:
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    pred = np.array([1, 0, 0, 1, 1, 0])
+    groups = {"g": np.array(["a", "a", "a", "a", "b", "b"], dtype=object)}
+    a, b = group_metrics(pred, labels, groups)
+    assert (a.group, a.column, a.n, a.accuracy, a.tpr, a.fpr) == ("a", "g", 4, 0.5, 0.5, 0.5)
+    assert (b.n, b.accuracy, b.tpr, b.fpr) == (2, 1.0, 1.0, 0.0)
+    (m,) = group_metrics(np.array([2, 1]), np.array([2, 0]), {"g": np.array(["a", "a"])})
+    assert m.tpr is None and m.fpr is None and m.accuracy == 0.5
+    (only_neg,) = group_metrics(np.array([0, 1]), np.array([0, 0]), {"g": np.array(["a", "a"])})
+    assert only_neg.tpr is None and only_neg.fpr == 0.5
+
+
+def test_group_weights_upweight_flagged_groups_with_mean_one() -> None:
+    groups = np.array(["a"] * 80 + ["b"] * 15 + ["c"] * 5, dtype=object)
+    w = group_weights(groups, {"b"})
+    assert w.mean() == pytest.approx(1.0)
+    # r_b = 100 / (3 * 15); a and c keep raw weight 1.
+    assert w[80] / w[0] == pytest.approx(100 / 45)
+    assert w[95] == pytest.approx(w[0])
+    capped = group_weights(groups, {"c"}, max_ratio=3.0)
+    assert capped[99] / capped[0] == pytest.approx(3.0)
+    assert np.allclose(group_weights(groups, set()), 1.0)
+    assert np.allclose(group_weights(groups, {"a"}), 1.0)  # a majority is never downweighted
