@@ -41,6 +41,13 @@ def ids_digest(record_ids: np.ndarray) -> str:
     return hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()
 
 
+def weights_digest(record_ids: np.ndarray, sample_weight: np.ndarray) -> str:
+    """SHA-256 of the weights in record-id order (float64 little-endian)."""
+    order = np.argsort(np.asarray(record_ids, dtype=np.int64), kind="stable")
+    w = np.asarray(sample_weight, dtype=np.float64)[order]
+    return hashlib.sha256(w.astype("<f8").tobytes()).hexdigest()
+
+
 def checkpoint_keys(
     record_ids: np.ndarray,
     slice_of: np.ndarray,
@@ -52,12 +59,15 @@ def checkpoint_keys(
     training: TrainingConfig,
     n_classes: int,
     model_key: str,
+    sample_weight: np.ndarray | None = None,
 ) -> list[str]:
     """Content address of the checkpoint after each slice stage of one shard.
 
     The keys form a chain (key_i hashes key_{i-1} and slice i's ids) rather than hashing
     the cumulative id set alone, because a stage's weights depend on the whole sequence
-    of slices, not only on their union.
+    of slices, not only on their union. With `sample_weight` (aligned with `record_ids`)
+    each link also hashes slice i's weights, so a weighted checkpoint never shares a key
+    with an unweighted one (or one with other weights); without, keys are as before.
     """
     base = canonical_json(
         {
@@ -74,6 +84,10 @@ def checkpoint_keys(
     keys: list[str] = []
     for i in range(slices):
         part = ids_digest(record_ids[slice_of == i])
+        if sample_weight is not None:
+            part += "\x1fw" + weights_digest(
+                record_ids[slice_of == i], sample_weight[slice_of == i]
+            )
         chain = hashlib.sha256(f"{chain}\x1f{i}\x1f{part}".encode()).hexdigest()
         keys.append(f"sisa-s{shard}-i{i}-{chain[:40]}")
     return keys
@@ -128,12 +142,14 @@ def train_shard(
     device: torch.device,
     reuse: bool = True,
     progress: ProgressFn | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> ShardResult:
     """Train one shard on exactly `data` (its retained records), slice stage by stage.
 
     `slice_of` gives each row's slice (aligned with `data`). With `reuse`, the latest stage
     whose checkpoint already exists is the starting point, which is how unlearning reuses
-    everything before the earliest affected slice.
+    everything before the earliest affected slice. `sample_weight` (aligned with `data`)
+    weights each record's loss in every stage (see `fit`); it enters the checkpoint keys.
     """
     t0 = time.perf_counter()
     slice_of = np.asarray(slice_of, dtype=np.int64)
@@ -145,6 +161,12 @@ def train_shard(
     order = np.argsort(data.record_ids, kind="stable")
     data = data.take(order)
     slice_of = slice_of[order]
+    weights: np.ndarray | None = None
+    if sample_weight is not None:
+        weights = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+        if len(weights) != len(order):
+            raise ValueError("sample_weight must have one entry per record")
+        weights = weights[order]
     ids = np.asarray(data.record_ids, dtype=np.int64)
     if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
         raise ValueError("record ids must be unique")
@@ -161,6 +183,7 @@ def train_shard(
         training=training,
         n_classes=n_classes,
         model_key=model_key,
+        sample_weight=weights,
     )
     start = 0
     if reuse:
@@ -203,6 +226,7 @@ def train_shard(
                 training,
                 _stage_seed(training, model_key, shard, i),
                 progress=stage_progress,
+                sample_weight=None if weights is None else torch.from_numpy(weights[rows]),
             )
             meta = {
                 **base_meta,
@@ -210,6 +234,8 @@ def train_shard(
                 "n_records": len(rows),
                 "record_ids_sha256": ids_digest(ids[rows]),
             }
+            if weights is not None:
+                meta["sample_weight_sha256"] = weights_digest(ids[rows], weights[rows])
             store.save(keys[i], _state_tensors(model), meta)
             done_work += counts[i]
             if progress is not None:
@@ -343,11 +369,14 @@ def _train_shards(
     device: torch.device,
     reuse: bool,
     progress: ProgressFn | None,
+    sample_weight: np.ndarray | None = None,
 ) -> dict[int, ShardResult]:
     shard_of = np.asarray(shard_of, dtype=np.int64)
     slice_of = np.asarray(slice_of, dtype=np.int64)
     if len(shard_of) != len(data) or len(slice_of) != len(data):
         raise ValueError("shard_of and slice_of must have one entry per record")
+    if sample_weight is not None and len(sample_weight) != len(data):
+        raise ValueError("sample_weight must have one entry per record")
     if len(shard_of) and (shard_of.min() < 0 or shard_of.max() >= sisa.shards):
         raise ValueError(f"shard indices must lie in [0, {sisa.shards})")
     rows = {s: np.flatnonzero(shard_of == s) for s in shards}
@@ -372,6 +401,7 @@ def _train_shards(
             device=device,
             reuse=reuse,
             progress=sub,
+            sample_weight=None if sample_weight is None else np.asarray(sample_weight)[rows[s]],
         )
         done += weights[s]
     if progress is not None:
@@ -396,10 +426,12 @@ def train_sisa(
     previous: SisaManifest | None = None,
     reuse: bool = True,
     progress: ProgressFn | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> SisaManifest:
     """Train every shard (or only `shards_to_train`, taking the others from `previous`).
 
-    `shard_of` and `slice_of` are the persisted layout, aligned with `data`.
+    `shard_of` and `slice_of` are the persisted layout, aligned with `data`, and so is
+    `sample_weight` (per-record loss weights, e.g. a group-reweighted mitigation).
     """
     all_shards = list(range(sisa.shards))
     if shards_to_train is None:
@@ -423,6 +455,7 @@ def train_sisa(
         device=device,
         reuse=reuse,
         progress=progress,
+        sample_weight=sample_weight,
     )
     entries: list[ShardEntry] = []
     for s in all_shards:

@@ -43,11 +43,18 @@ def fit(
     epochs: int | None = None,
     progress: ProgressFn | None = None,
     frozen_input_columns: list[int] | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> nn.Module:
     """Train `model` in place on (x (N, d), y (N,)) with Adam and return it.
 
     `frozen_input_columns` keeps those input-weight columns at their current values
     (used after zeroing a removed feature's weights).
+
+    `sample_weight` (N,), non-negative, turns each batch loss into the weighted mean
+    mean_b(w_i * loss_i) with w rescaled to mean 1 over the whole of x: an unbiased
+    estimate of the full weighted objective sum(w loss) / sum(w), so a batch that happens
+    to hold many upweighted rows pushes harder, as it should. Batch order is unchanged,
+    and without weights the computation is exactly the unweighted one.
     """
     n = x.shape[0]
     epochs = cfg.epochs if epochs is None else epochs
@@ -56,6 +63,9 @@ def fit(
     device = next(model.parameters()).device
     x = x.to(device)
     y = y.to(device)
+    w: torch.Tensor | None = None
+    if sample_weight is not None:
+        w = _normalised_weights(sample_weight, n).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(derive_seed(seed, "order"))
     mask: torch.Tensor | None = None
@@ -77,7 +87,10 @@ def fit(
         for start in range(0, n, bs):
             idx = order[start : start + bs]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
+            if w is None:
+                loss = loss_fn(model(x[idx]), y[idx])
+            else:
+                loss = _weighted_loss(model(x[idx]), y[idx], w[idx])
             loss.backward()  # type: ignore[no-untyped-call]
             if mask is not None and first is not None and first.weight.grad is not None:
                 first.weight.grad.mul_(mask)
@@ -90,6 +103,29 @@ def fit(
                 progress(done / total)
     model.eval()
     return model
+
+
+def _normalised_weights(sample_weight: torch.Tensor, n: int) -> torch.Tensor:
+    w = sample_weight.detach().to(torch.float32).reshape(-1)
+    if w.shape[0] != n:
+        raise ValueError(f"sample_weight has {w.shape[0]} entries, expected {n}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("sample weights must be finite and non-negative")
+    total = float(w.sum())
+    if total <= 0.0:
+        raise ValueError("sample weights must not all be zero")
+    return w * (n / total)
+
+
+def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mean(w_i * cross-entropy_i), the same loss as `loss_fn` when every w_i is 1."""
+    if logits.shape[1] == 1:
+        per = nn.functional.binary_cross_entropy_with_logits(
+            logits[:, 0], labels.to(logits.dtype), reduction="none"
+        )
+    else:
+        per = nn.functional.cross_entropy(logits, labels, reduction="none")
+    return (per * w.to(per.dtype)).mean()
 
 
 @torch.no_grad()

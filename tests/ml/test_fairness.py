@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
+from app.ml.architectures import build_model
+from app.ml.checkpoints import FsspecCheckpointStore
+from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingConfig
+from app.ml.data import TabularData
+from app.ml.sisa import SisaEnsemble, train_sisa
+from app.ml.training import fit, init_model_, predict_proba
 from app.ml.verify.fairness import fairness_check, group_metrics, group_weights
 
 N_PER_GROUP = 200
@@ -97,3 +106,87 @@ def test_group_weights_upweight_flagged_groups_with_mean_one() -> None:
     assert capped[99] / capped[0] == pytest.approx(3.0)
     assert np.allclose(group_weights(groups, set()), 1.0)
     assert np.allclose(group_weights(groups, {"a"}), 1.0)  # a majority is never downweighted
+
+
+# --- the mitigation: sample weights in training ------------------------------------------
+
+
+def _two_rule_task() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A majority labelled by x0 > 0 and a 10% minority labelled by x1 > 0: a linear
+    model without the group column cannot serve both, so the loss weights decide."""
+    gen = torch.Generator().manual_seed(0)
+    n, n_min = 600, 60
+    x = torch.randn(n, 2, generator=gen)
+    group = np.array(["major"] * (n - n_min) + ["minor"] * n_min, dtype=object)
+    minor = torch.from_numpy(group == "minor")
+    y = torch.where(minor, x[:, 1] > 0, x[:, 0] > 0).long()
+    return x, y, group
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.nn.Module:
+    model = init_model_(build_model(ArchitectureConfig(kind="logreg"), 2, 2), 3)
+    return fit(model, x, y, TrainingConfig(epochs=40, batch_size=64, lr=0.05), 4, sample_weight=w)
+
+
+def test_unit_weights_train_like_no_weights() -> None:
+    x, y, _ = _two_rule_task()
+    plain = predict_proba(_fit(x, y, None), x)
+    ones = predict_proba(_fit(x, y, torch.ones(len(y))), x)
+    assert torch.allclose(plain, ones, atol=1e-5)
+    # Only the weights' proportions matter.
+    assert torch.allclose(
+        predict_proba(_fit(x, y, torch.full((len(y),), 7.0)), x), plain, atol=1e-5
+    )
+    with pytest.raises(ValueError):
+        _fit(x, y, torch.ones(3))
+    with pytest.raises(ValueError):
+        _fit(x, y, -torch.ones(len(y)))
+
+
+def test_upweighting_a_group_raises_its_accuracy() -> None:
+    x, y, group = _two_rule_task()
+    minor = group == "minor"
+
+    def minority_accuracy(w: torch.Tensor | None) -> float:
+        pred = predict_proba(_fit(x, y, w), x).argmax(1).numpy()
+        return float(np.mean(pred[minor] == y.numpy()[minor]))
+
+    w = group_weights(group, {"minor"})
+    assert w[minor][0] / w[~minor][0] == pytest.approx(600 / (2 * 60))
+    plain, weighted = minority_accuracy(None), minority_accuracy(torch.from_numpy(w))
+    assert weighted > plain + 0.1, (plain, weighted)
+
+
+def test_weighted_sisa_checkpoints_never_share_keys(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 120
+    data = TabularData(
+        record_ids=rng.permutation(n).astype(np.int64) + 1000,
+        columns={"x0": rng.normal(size=n), "x1": rng.normal(size=n)},
+        labels=rng.integers(0, 2, size=n).astype(np.int64),
+    )
+    shard_of = (np.arange(n) % 2).astype(np.int64)
+    slice_of = (np.arange(n) // 2 % 2).astype(np.int64)
+    kw: dict[str, Any] = {
+        "feature_spec": FeatureSpec(numeric=("x0", "x1")),
+        "arch": ArchitectureConfig(kind="logreg"),
+        "training": TrainingConfig(epochs=2, batch_size=16),
+        "sisa": SisaConfig(shards=2, slices=2),
+        "n_classes": 2,
+        "model_key": "m",
+        "store": FsspecCheckpointStore.local(str(tmp_path)),
+        "device": torch.device("cpu"),
+    }
+    plain = train_sisa(data, shard_of, slice_of, **kw)
+    ones = train_sisa(data, shard_of, slice_of, sample_weight=np.ones(n), **kw)
+    heavy = np.where(data.labels == 1, 3.0, 1.0)
+    weighted = train_sisa(data, shard_of, slice_of, sample_weight=heavy, **kw)
+    keys = [set(k for e in m.entries for k in e.checkpoint_keys) for m in (plain, ones, weighted)]
+    assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]
+    again = train_sisa(data, shard_of, slice_of, sample_weight=heavy, **kw)
+    assert [e.final_key for e in again.entries] == [e.final_key for e in weighted.entries]
+    ens_plain = SisaEnsemble.load(plain, kw["store"], kw["device"])
+    ens_ones = SisaEnsemble.load(ones, kw["store"], kw["device"])
+    assert torch.allclose(
+        ens_plain.predict_proba(data.columns), ens_ones.predict_proba(data.columns), atol=1e-5
+    )
