@@ -93,8 +93,10 @@ def test_attack_finds_members_of_an_overfit_model(world: dict[str, Any]) -> None
 
 
 def test_exact_unlearning_passes_the_check(world: dict[str, Any]) -> None:
+    cand_forget, cand_test = world["retrained"]
     check = forgetting_check(
-        *world["retrained"],
+        cand_forget,
+        cand_test,
         world["refs_forget"],
         world["refs_test"],
         out_refs_forget=world["refs_forget"],
@@ -109,12 +111,14 @@ def test_exact_unlearning_passes_the_check(world: dict[str, Any]) -> None:
 
 
 def test_model_that_still_holds_the_forget_set_fails(world: dict[str, Any]) -> None:
-    check = forgetting_check(*world["original"], world["refs_forget"], world["refs_test"])
+    orig_forget, orig_test = world["original"]
+    check = forgetting_check(orig_forget, orig_test, world["refs_forget"], world["refs_test"])
     assert check.candidate.auc > check.reference.auc + 0.15
     assert not check.passed
     assert check.lira_auc is None  # no per-example references given
     with_lira = forgetting_check(
-        *world["original"],
+        orig_forget,
+        orig_test,
         world["refs_forget"],
         world["refs_test"],
         out_refs_forget=world["refs_forget"],
