@@ -141,6 +141,43 @@ def audit_verify() -> None:
     raise typer.Exit(1)
 
 
+@cli.command("verify-certificate")
+def verify_certificate(
+    file: Annotated[Path, typer.Argument(help="the certificate (JSON) to check")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key", help="PEM public key (default: the configured signing key file)"
+        ),
+    ] = None,
+) -> None:
+    """Verify a certificate offline; exit 0 only if it is valid (1: invalid, 2: unreadable)."""
+    import json
+
+    from app.core import signing
+    from app.core.settings import get_settings
+
+    try:
+        signed = json.loads(file.read_bytes())
+    except OSError as exc:
+        typer.echo(f"error: cannot read {file}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        typer.echo(f"error: {file} is not a JSON document: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    key_file = public_key or Path(get_settings().signing_key_file)
+    try:
+        key = signing.load_public_key(key_file)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"invalid: cannot load a public key from {key_file}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    reason = signing.check(signed, key)
+    if reason is not None:
+        typer.echo(f"invalid: {reason}", err=True)
+        raise typer.Exit(1)
+    typer.echo("valid")
+
+
 @cli.command("demo")
 def demo(
     folder: Annotated[

@@ -31,6 +31,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app() -> FastAPI:
     from app.audit.router import router as audit_router
+    from app.certificates.router import router as certificates_router
     from app.datasets.router import router as datasets_router
     from app.jobs.router import router as jobs_router
     from app.lineage.router import router as lineage_router
@@ -61,6 +62,7 @@ def create_app() -> FastAPI:
         reports_router,
         lineage_router,
         audit_router,
+        certificates_router,
     ):
         app.include_router(r)
 

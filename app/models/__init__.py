@@ -2,6 +2,7 @@
 
 from app.models.base import Base
 from app.models.catalog import Dataset, Record, Source, Subject
+from app.models.certificates import Certificate
 from app.models.ops import ApiKey, AuditEvent, Job, Report
 from app.models.registry import Lineage, MLModel, ModelVersion
 from app.models.requests import DeletionRequest, RequestModel
@@ -10,6 +11,7 @@ __all__ = [
     "ApiKey",
     "AuditEvent",
     "Base",
+    "Certificate",
     "Dataset",
     "DeletionRequest",
     "Job",

@@ -8,6 +8,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.certificates import service as certificates
 from app.core.db import enqueue
 from app.core.storage import ArtifactStore
 from app.datasets import service as datasets
@@ -221,16 +222,20 @@ def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
         session.execute(delete(Subject).where(Subject.subject_key == req.subject_key))
     if req.kind == "source" and req.source:
         session.execute(update(Source).where(Source.name == req.source).values(status="withdrawn"))
+    erasure = {
+        "records": len(ids),
+        "parquet_rows": erased,
+        "versions_purged": {k: sorted(v) for k, v in reached.items()},
+    }
     audit.record(
         session,
         actor=WORKER,
         action="request.erased",
         entity_type="deletion_request",
         entity_id=req.id,
-        data={
-            "records": len(ids),
-            "parquet_rows": erased,
-            "versions_purged": {k: sorted(v) for k, v in reached.items()},
-        },
+        data=erasure,
     )
     transition(session, req, "completed", WORKER)
+    # Same transaction as the completion: no completed request without its certificate.
+    # Issued after the transition so the certificate carries the exact `completed_at`.
+    certificates.issue(session, store, req, erasure)

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from app.api.deps import AdminDep, AnyRoleDep, PortalDep, SessionDep, SettingsDep
-from app.core.errors import NotFound
+from app.certificates import service as certificates
+from app.certificates.schemas import SignedCertificate
 from app.requests import service
 from app.requests.schemas import (
     DeletionRequestIn,
@@ -94,10 +95,7 @@ def review_request(
 
 
 @router.get("/{request_id}/certificate", responses={404: {}})
-def get_certificate(request_id: str, caller: AnyRoleDep, session: SessionDep) -> dict[str, str]:
+def get_certificate(request_id: str, caller: AnyRoleDep, session: SessionDep) -> SignedCertificate:
+    """The signed certificate; 404 `certificate_not_available` until the request completes."""
     req = service.get(session, request_id, caller)
-    raise NotFound(
-        f"request {req.id} has no certificate (status {req.status!r}): "
-        "certificates are not issued yet",
-        code="certificate_not_available",
-    )
+    return SignedCertificate.model_validate(certificates.get_signed(session, req))

@@ -3,7 +3,11 @@ real Celery worker process, on both deployment shapes."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pyarrow.parquet as pq
@@ -23,6 +27,57 @@ def _parquet_rows(root: Path) -> tuple[list[str], list[str]]:
         keys += t.column("__subject_key").to_pylist()
         sources += t.column("__source").to_pylist()
     return keys, sources
+
+
+def _verify_cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "verify-certificate", *args],
+        env=stack.env,
+        cwd=stack.folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _check_certificate(stack: LocalStack, portal: httpx.Client, rid: str, key: str) -> None:
+    """The completed request's certificate, fetched over HTTP, verifies offline with the
+    published key; one flipped byte makes the command refuse it."""
+    resp = portal.get(f"/v1/deletion-requests/{rid}/certificate")
+    assert resp.status_code == 200, resp.text
+    signed: dict[str, Any] = resp.json()
+    cert = signed["certificate"]
+    assert cert["request"]["id"] == rid and cert["subject"] == {"subject_key": key}
+    assert "p0007" not in resp.text
+    (m,) = cert["models"]
+    assert (m["from_version"], m["to_version"], m["method"], m["exactness"]) == (
+        1,
+        2,
+        "sisa",
+        "exact",
+    )
+    assert m["report"]["passed"] and m["report"]["checks"]["lineage"] is True
+    assert m["artifacts"]["manifest"]["sha256"] and all(
+        d for sh in m["artifacts"]["shards"] for d in sh["checkpoints"].values()
+    )
+    assert cert["erasure"]["records_erased"] == 5
+    published = httpx.get(f"{stack.base_url}/v1/signing-key", timeout=30).json()  # no key
+    assert published["key_id"] == signed["signature"]["key_id"]
+    pem = stack.folder / "published-key.pem"
+    pem.write_text(published["public_key_pem"])
+    cert_file = stack.folder / "certificate.json"
+    cert_file.write_text(resp.text)
+    ok = _verify_cli(stack, str(cert_file), "--public-key", str(pem))
+    assert ok.returncode == 0 and ok.stdout.strip() == "valid", ok.stderr
+    assert _verify_cli(stack, str(cert_file)).returncode == 0  # the configured key file
+    # Flip one byte inside the signed content (a digit of the subject key).
+    blob = bytearray(resp.content)
+    at = blob.index(key.encode()) + 10
+    blob[at] = ord("0") if blob[at] != ord("0") else ord("1")
+    cert_file.write_bytes(bytes(blob))
+    json.loads(cert_file.read_bytes())  # still JSON: it is the signature that refuses it
+    bad = _verify_cli(stack, str(cert_file), "--public-key", str(pem))
+    assert bad.returncode == 1 and bad.stdout.strip() != "valid", (bad.stdout, bad.stderr)
 
 
 def test_erase_subject_and_source_end_to_end(stack: LocalStack) -> None:
@@ -111,6 +166,7 @@ def test_erase_subject_and_source_end_to_end(stack: LocalStack) -> None:
     keys, sources = _parquet_rows(Path(stack.env["PALIMPSEST_ARTIFACT_ROOT"]))
     assert key not in keys and "north" not in sources and len(keys) == n_left
     assert portal.get(f"/v1/deletion-requests/{done['id']}").json()["completed_at"]
+    _check_certificate(stack, portal, done["id"], key)
     assert admin.get("/v1/audit/verify").json()["intact"] is True
     # The erased subject is unknown now: a clear 404, not a silent success.
     again = portal.post("/v1/deletion-requests", json={"kind": "subject", "subject_id": "p0007"})

@@ -1,0 +1,1 @@
+"""Signed certificates of completed deletion requests, and the key that signs them."""
