@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.demo_district import district_story
 from app.stack import LocalStack
 
 # A fixed width keeps the report table readable when stdout is not a terminal.
@@ -95,6 +97,7 @@ def run_demo(folder: Path | None, n_subjects: int = 3000, port: int = 0) -> int:
         )
         rows = _erasure_story(admin, portal, n_subjects)
         cv = _feature_story(admin)
+        district = district_story(admin, portal, console, [sys.executable, "-m", "app.cli"])
     except Exception as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         console.print(stack.tail(3000))
@@ -103,6 +106,7 @@ def run_demo(folder: Path | None, n_subjects: int = 3000, port: int = 0) -> int:
         stack.stop()
     console.print(rows)
     console.print(cv)
+    console.print(district)
     console.print(
         f"demo finished in {time.perf_counter() - t_start:.0f} s; everything is in {work}"
     )

@@ -127,9 +127,19 @@ def load_context(session: Session, job: Job, stage: str) -> JobContext:
     )
 
 
-def enqueue_retrain(session: Session, model_id: str, actor: str, reason: str) -> Job:
-    """A fallback retraining job of its own (kind and method `retrain`)."""
-    job = Job(kind="retrain", model_id=model_id, method="retrain", result={"reason": reason})
+def enqueue_retrain(
+    session: Session,
+    model_id: str,
+    actor: str,
+    reason: str,
+    mitigation: dict[str, Any] | None = None,
+) -> Job:
+    """A fallback retraining job of its own (kind and method `retrain`); with
+    `mitigation` ({"flagged": [{column, group, ...}]}) the retrain upweights those groups."""
+    result: dict[str, Any] = {"reason": reason}
+    if mitigation is not None:
+        result["mitigation"] = mitigation
+    job = Job(kind="retrain", model_id=model_id, method="retrain", result=result)
     session.add(job)
     session.flush()
     enqueue(session, "palimpsest.run_retrain", job.id, queue="gpu")
@@ -227,7 +237,7 @@ def conclude(ctx: JobContext, cand: Candidate) -> None:
             if retrain_job is not None:
                 rm.status, rm.job_id = "retraining", retrain_job.id
             else:
-                rm.status = "promoted" if report.passed else "needs_review"
+                rm.status = "promoted" if report.decision == "promote" else "needs_review"
         job.report_id = report.id
         job.result = {
             **job.result,

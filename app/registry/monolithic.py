@@ -431,9 +431,12 @@ def retrain(
     store: CheckpointStore,
     device: torch.device,
     progress: ProgressFn | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[SisaManifest, dict[str, Any]]:
     """From scratch on the retained records. SISA: only shards whose records changed
-    (all of them when the feature spec changed or nothing changed: a retrain on demand)."""
+    (all of them when the feature spec changed or nothing changed: a retrain on demand).
+    `sample_weight` (aligned with `retained`) reweights the loss: the fairness
+    mitigation. Certified models ignore it (their guarantee is for the plain objective)."""
     common: dict[str, Any] = {
         "feature_spec": spec,
         "arch": manifest.arch,
@@ -467,6 +470,7 @@ def retrain(
         previous=manifest if shards is not None else None,
         reuse=False,
         progress=progress,
+        sample_weight=sample_weight,
         **common,
     )
     trained = sorted(shards) if shards is not None else list(range(manifest.sisa.shards))

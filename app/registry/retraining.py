@@ -15,7 +15,9 @@ from app.core.db import session_scope
 from app.core.storage import get_store
 from app.datasets import service as datasets
 from app.jobs import service as jobs
+from app.ml.data import TabularData
 from app.ml.sisa import SisaEnsemble, SisaManifest
+from app.ml.verify.fairness import group_weights
 from app.models import Job
 from app.registry import artifacts, fanout, monolithic
 from app.registry.candidate import (
@@ -25,7 +27,13 @@ from app.registry.candidate import (
     conclude,
     load_context,
 )
-from app.registry.runner import _begin, _device, _max_drop, _metrics, _removed_features
+from app.registry.runner import (
+    _begin,
+    _device,
+    _metrics,
+    _removed_features,
+    quality_checks,
+)
 from app.verification import service as verification
 
 
@@ -129,10 +137,8 @@ def _verify_feature(
     test = datasets.to_tabular(ctx.ds, datasets.read_partitions(store, ctx.ds), ctx.test_ids)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
-    checks = {
-        "utility": verification.utility_check(candidate, baseline, test, _max_drop(ctx.config)),
-        "feature": verification.feature_check(candidate, baseline, test, feature),
-    }
+    checks = quality_checks(ctx, candidate, baseline, test, None, device)
+    checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
     conclude(
         ctx,
         Candidate(
@@ -160,6 +166,7 @@ def run_retrain(job_id: str) -> None:
         if job is None:
             return
         ctx = load_context(s, job, "retraining")
+        mitigation = job.result.get("mitigation")
     store = get_store()
     device = _device()
     ckpt = artifacts.checkpoint_store(store, ctx.model_id)
@@ -167,6 +174,7 @@ def run_retrain(job_id: str) -> None:
     table = datasets.read_partitions(store, ctx.ds)
     mask = ctx.retained_mask
     retained = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])
+    weights = _mitigation_weights(retained, mitigation) if mitigation else None
     test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
     removed = _removed_features(ctx.config, ctx.features)
     spec = monolithic.spec_without(manifest.feature_spec, [d["feature"] for d in removed])
@@ -180,8 +188,15 @@ def run_retrain(job_id: str) -> None:
         store=ckpt,
         device=device,
         progress=jobs.ProgressReporter(job_id).sub(0.0, 0.8),
+        sample_weight=weights,
     )
     result["approximate"] = False
+    if mitigation:
+        result["mitigation"] = {
+            "flagged": mitigation.get("flagged", []),
+            "reweighted": weights is not None,
+            "max_weight": float(weights.max()) if weights is not None else None,
+        }
     compute = time.perf_counter() - t0
     # Everything the production version saw that the retrained one does not.
     seen = np.unique(
@@ -195,10 +210,9 @@ def run_retrain(job_id: str) -> None:
     begin_verification(ctx)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
-    checks = {
-        "lineage": verification.lineage_check(new_manifest, forgotten),
-        "utility": verification.utility_check(candidate, baseline, test, _max_drop(ctx.config)),
-    }
+    checks = {"lineage": verification.lineage_check(new_manifest, forgotten)}
+    forget = datasets.to_tabular(ctx.ds, table, forgotten)
+    checks |= quality_checks(ctx, candidate, baseline, test, forget, device)
     for feature, _ in ctx.features:
         checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
     conclude(
@@ -217,3 +231,21 @@ def run_retrain(job_id: str) -> None:
             wall_seconds=time.perf_counter() - t0,
         ),
     )
+
+
+def _mitigation_weights(data: TabularData, mitigation: dict[str, Any]) -> np.ndarray | None:
+    """Per-record weights upweighting the groups the fairness check flagged (a product
+    over the flagged columns, renormalised to mean 1); None when nothing was flagged."""
+    by_column: dict[str, set[str]] = {}
+    for f in mitigation.get("flagged", []):
+        by_column.setdefault(str(f["column"]), set()).add(str(f["group"]))
+    weights = np.ones(len(data), dtype=np.float64)
+    used = False
+    for column, flagged in by_column.items():
+        if column in data.columns:
+            values = np.asarray([str(v) for v in data.columns[column]], dtype=object)
+            weights *= group_weights(values, flagged)
+            used = True
+    if not used or len(data) == 0:
+        return None
+    return np.asarray(weights / weights.mean(), dtype=np.float64)

@@ -29,7 +29,7 @@ from app.ml.metrics import accuracy
 from app.ml.sharding import assign_shards, assign_slices
 from app.ml.sisa import SisaEnsemble, SisaManifest, train_sisa, unlearn_sisa
 from app.models import DeletionRequest, Job, Lineage, MLModel, ModelVersion, Record, RequestModel
-from app.registry import artifacts, fanout, monolithic
+from app.registry import artifacts, fanout, monolithic, references
 from app.registry import service as registry
 from app.registry.candidate import (
     Candidate,
@@ -41,6 +41,8 @@ from app.registry.candidate import (
 from app.requests.lifecycle import advance
 from app.requests.service import transition
 from app.verification import service as verification
+from app.verification.fairness import fairness
+from app.verification.forgetting import forgetting
 
 log = logging.getLogger(__name__)
 WORKER = "worker"
@@ -154,6 +156,19 @@ def run_training(job_id: str) -> None:
             store=artifacts.checkpoint_store(store, model_id),
             device=device,
             progress=report.sub(0.0, 0.95),
+        )
+    if config["unlearning"]["mode"] == "monolithic":
+        # Shadow models with known membership calibrate the forgetting check later.
+        references.train_references(
+            store,
+            model_id,
+            train,
+            k=int(config.get("verification", {}).get("reference_models", 2)),
+            feature_spec=spec,
+            arch=arch,
+            training=training,
+            n_classes=n_classes,
+            device=device,
         )
     rel = artifacts.save_manifest(store, model_id, 1, manifest)
     ensemble = SisaEnsemble.load(manifest, artifacts.checkpoint_store(store, model_id), device)
@@ -339,7 +354,10 @@ def verify_unlearning(
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
     jobs.ProgressReporter(ctx.job_id)(0.85)
     begin_verification(ctx)
-    test = datasets.to_tabular(ctx.ds, datasets.read_partitions(store, ctx.ds), ctx.test_ids)
+    table = datasets.read_partitions(store, ctx.ds)
+    test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
+    # Quarantined rows stay readable until erasure: the attack needs them.
+    forget = datasets.to_tabular(ctx.ds, table, forgotten)
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
     checks: dict[str, verification.Check] = {}
@@ -347,7 +365,9 @@ def verify_unlearning(
         # Manifests prove exclusion only for exact methods; approximate ones rely on
         # the other checks.
         checks["lineage"] = verification.lineage_check(new_manifest, forgotten)
-    checks["utility"] = verification.utility_check(candidate, baseline, test, _max_drop(ctx.config))
+    checks |= quality_checks(
+        ctx, candidate, baseline, test, forget, device, exact=not result["approximate"]
+    )
     conclude(
         ctx,
         Candidate(
@@ -364,6 +384,48 @@ def verify_unlearning(
             wall_seconds=max(0.0, time.time() - started),
         ),
     )
+
+
+def quality_checks(
+    ctx: JobContext,
+    candidate: SisaEnsemble,
+    baseline: SisaEnsemble,
+    test: TabularData,
+    forget: TabularData | None,
+    device: torch.device,
+    *,
+    exact: bool = True,
+) -> dict[str, verification.Check]:
+    """Utility and fairness always; forgetting when records were forgotten, calibrated by
+    out-references (a SISA model's own shards; a monolithic model's half-data models)."""
+    v = ctx.config.get("verification", {})
+    checks = {
+        "utility": verification.utility_check(candidate, baseline, test, _max_drop(ctx.config)),
+        "fairness": fairness(
+            candidate,
+            baseline,
+            test,
+            list(ctx.config.get("group_columns") or []),
+            threshold=float(v.get("fairness_max_drop", 0.05)),
+            min_group_size=int(v.get("min_group_size", 30)),
+        ),
+    }
+    if forget is not None and len(forget):
+        if ctx.config["unlearning"]["mode"] == "monolithic":
+            refs = references.load(get_store(), ctx.model_id, device)
+        else:
+            refs = baseline
+        checks["forgetting"] = forgetting(
+            candidate,
+            baseline,
+            refs,
+            forget,
+            test,
+            margin=float(v.get("forgetting_margin", 0.05)),
+            exact=exact,
+            seed=derive_seed(ctx.job_id, "forgetting") % (2**31),
+        )
+    return checks
 
 
 def _nothing_to_forget(

@@ -57,6 +57,17 @@ class VerificationIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     utility_max_drop: float | None = Field(default=None, ge=0, le=1)
+    # Membership inference: the candidate's attack AUC on the forget set may exceed the
+    # out-references' by at most this margin.
+    forgetting_margin: float = Field(default=0.05, ge=0, le=0.5)
+    # Fairness: a group whose accuracy or TPR drops by more than this (and significantly)
+    # fails the check; groups smaller than min_group_size are not judged.
+    fairness_max_drop: float = Field(default=0.05, ge=0, le=1)
+    min_group_size: int = Field(default=30, ge=1, le=1_000_000)
+    # Monolithic models: reference models trained on random halves for the forgetting check.
+    reference_models: int = Field(default=2, ge=0, le=16)
+    # Promote only after an admin approves, even when every check passes.
+    require_approval: bool = False
 
 
 class ModelCreate(BaseModel):

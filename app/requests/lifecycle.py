@@ -23,6 +23,7 @@ from app.models import (
     Source,
     Subject,
 )
+from app.registry import references
 from app.registry import service as registry
 from app.registry.monolithic import method_of
 from app.requests.service import transition
@@ -209,6 +210,8 @@ def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
             reached.setdefault(model_id, set()).update(range(lo, top + 1))
     for model_id, versions in reached.items():
         registry.purge_versions(session, store, model_id, versions, WORKER)
+        # Reference models (forgetting-check shadows) trained on these records go too.
+        references.drop_trained_on(store, model_id, ids)
     erased = 0
     for ds_id, parts in by_dataset.items():
         ds = session.get(Dataset, ds_id, with_for_update=True)  # serialise rewrites of a dataset

@@ -15,7 +15,7 @@ from app.core.db import enqueue
 from app.core.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from app.core.security import subject_key
 from app.core.settings import Settings
-from app.models import DeletionRequest, MLModel, Record, RequestModel, Source, Subject
+from app.models import DeletionRequest, MLModel, Record, Report, RequestModel, Source, Subject
 from app.models.base import utcnow
 from app.requests.schemas import (
     DeletionRequestIn,
@@ -349,7 +349,7 @@ def review(
             "note": note,
             "models": [rm.model_id for rm in rms],
             **(
-                {"mitigation": "retrain (group reweighting not available yet)"}
+                {"mitigation": "retrain upweighting the groups the fairness check flagged"}
                 if action == "mitigate"
                 else {}
             ),
@@ -374,7 +374,14 @@ def review(
                 mv = registry.get_version(session, model, rm.to_version)
                 if mv.status == "candidate":
                     mv.status = "rejected"
-            job = enqueue_retrain(session, model.id, caller.actor, f"review {action} of {req.id}")
+            mitigation = None
+            if action == "mitigate":
+                report = session.get(Report, rm.report_id) if rm.report_id else None
+                fair = (report.checks.get("fairness", {}) if report else {}).get("metrics", {})
+                mitigation = {"flagged": list(fair.get("flagged", []))}
+            job = enqueue_retrain(
+                session, model.id, caller.actor, f"review {action} of {req.id}", mitigation
+            )
             rm.status, rm.job_id = "retraining", job.id
     if action == "approve":
         advance(session, [req.id])

@@ -134,8 +134,13 @@ def decide(checks: dict[str, Check], approximate: bool = False) -> tuple[bool, s
     passed = all(c.passed for c in checks.values())
     if passed:
         return True, "promote"
-    if any(not checks.get(k, Check(True, {})).passed for k in ("lineage", "forgetting", "feature")):
+    if any(not checks.get(k, Check(True, {})).passed for k in ("lineage", "feature")):
         return False, "retrain"
+    if not checks.get("forgetting", Check(True, {})).passed:
+        # After an approximate method, exact retraining is the remedy. After an exact one
+        # (its lineage check passed) a retrain would rebuild the very same model: the
+        # attack is seeing something else (the forget set's population), a person decides.
+        return False, "retrain" if approximate else "needs_review"
     if approximate and not checks.get("utility", Check(True, {})).passed:
         return False, "retrain"
     return False, "needs_review"
@@ -155,6 +160,8 @@ def save_report(
     passed, decision = decide(checks, approximate)
     if decision == "retrain" and not allow_retrain:
         decision = "needs_review"  # a retrain's own report: no loop, a person decides
+    if decision == "promote" and model.config.get("verification", {}).get("require_approval"):
+        decision = "approval_required"  # every check passed; the model wants a person too
     report = Report(
         model_id=model.id,
         job_id=job_id,

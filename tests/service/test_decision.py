@@ -22,6 +22,14 @@ OK, BAD = Check(True, {}), Check(False, {})
         # A feature the model still uses: retrain without the column.
         ({"utility": OK, "feature": BAD}, True, (False, "retrain")),
         ({"utility": OK, "feature": BAD}, False, (False, "retrain")),
+        # The attack still finds the forget set: an approximate method falls back to exact
+        # retraining; after an exact method (lineage passed) a retrain would rebuild the
+        # same model, so a person decides.
+        ({"utility": OK, "forgetting": BAD}, True, (False, "retrain")),
+        ({"lineage": OK, "utility": OK, "forgetting": BAD}, False, (False, "needs_review")),
+        # A group regressed: never silently promoted, never silently retrained.
+        ({"lineage": OK, "utility": OK, "fairness": BAD}, False, (False, "needs_review")),
+        ({"utility": OK, "fairness": BAD, "forgetting": OK}, True, (False, "needs_review")),
     ],
 )
 def test_decide(checks: dict[str, Check], approximate: bool, expected: tuple[bool, str]) -> None:

@@ -164,8 +164,8 @@ def auc_null_se(n_pos: int, n_neg: int) -> float:
 class ForgettingCheck:
     """Membership inference on the forget set, candidate vs references.
 
-    `passed` is candidate.auc <= reference.auc + margin and, when a LiRA AUC was computed
-    (K >= 4 references), lira_auc <= lira_threshold as well.
+    `passed` is candidate.auc <= reference.auc + max(margin, 3 * SE0) and, when a LiRA
+    AUC was computed (K >= 4 references), lira_auc <= lira_threshold as well.
     """
 
     passed: bool
@@ -175,6 +175,7 @@ class ForgettingCheck:
     lira_auc: float | None
     lira_threshold: float | None = None
     n_refs: int = 0
+    allowed_margin: float | None = None
     forget_scores: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +184,7 @@ class ForgettingCheck:
             "candidate": self.candidate.to_dict(),
             "reference": self.reference.to_dict(),
             "margin": self.margin,
+            "allowed_margin": _finite_or_none(self.allowed_margin),
             "lira_auc": _finite_or_none(self.lira_auc),
             "lira_threshold": _finite_or_none(self.lira_threshold),
             "n_refs": self.n_refs,
@@ -222,7 +224,13 @@ def forgetting_check(
     cn = np.asarray(cand_nonmember, dtype=np.float64).reshape(-1)
     candidate = attack(cf, cn)
     reference = attack(ref_forget, ref_nonmember)
-    passed = bool(candidate.auc <= reference.auc + margin)
+    # The attack's resolution: with a handful of forget rows an AUC moves by chance far
+    # more than any useful margin, and here two noisy AUCs are compared. The allowance is
+    # never below three null standard errors for these sample sizes, so a small forget
+    # set cannot fail on noise alone (with 300 forget rows it is about 0.075; with 3 it
+    # is so wide that only per-example LiRA with K >= 4 references can say anything).
+    allowed = max(margin, 3.0 * auc_null_se(len(cf), len(cn)))
+    passed = bool(candidate.auc <= reference.auc + allowed)
 
     lira: float | None = None
     threshold: float | None = None
@@ -253,5 +261,6 @@ def forgetting_check(
         lira_auc=lira,
         lira_threshold=threshold,
         n_refs=n_refs,
+        allowed_margin=allowed,
         forget_scores=[float(v) for v in cf[:_MAX_SCORES_REPORTED]],
     )

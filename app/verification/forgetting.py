@@ -1,0 +1,128 @@
+"""The forgetting check: a membership-inference attack on the forget set, calibrated by
+reference models that never saw it.
+
+References are shard-like models with known training sets (a `SisaManifest`): for a SISA
+model, the production version's own shards (a record is in exactly one shard, so the
+others are free out-references); for a monolithic model, K reference models trained on
+random halves when the model is trained (`app.registry.references`). For each forget
+record the reference score averages the references that did not train on it; the
+non-members are the held-out test rows, which no model trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from app.ml.data import TabularData
+from app.ml.device import derive_seed
+from app.ml.sisa import SisaEnsemble
+from app.ml.verify.membership import attack, forgetting_check, member_scores
+from app.registry.artifacts import Predictor
+from app.verification.service import Check
+
+MAX_ROWS = 5000  # enough for a stable AUC; bounds the cost of verification
+
+
+def _cap(data: TabularData, seed: int) -> TabularData:
+    if len(data) <= MAX_ROWS:
+        return data
+    rng = np.random.default_rng(seed)
+    return data.take(np.sort(rng.choice(len(data), MAX_ROWS, replace=False)))
+
+
+def _out_masks(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
+    """(K, N): which references did NOT train on each row."""
+    out = np.ones((len(refs.shards), len(data)), dtype=bool)
+    for j, s in enumerate(refs.shards):
+        out[j] = ~np.isin(data.record_ids, np.asarray(refs.manifest.entry(s).record_ids))
+    return out
+
+
+def _out_reference(
+    refs: SisaEnsemble, data: TabularData, out: np.ndarray, k_use: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of each row under `k_use` of the references that did not train on it (the
+    same number for every row, picked by a hash of the record id so both sides of the
+    attack average alike): the score of their mean probability (N,), and the
+    per-reference scores (k_use, N) for the likelihood-ratio test."""
+    shards = refs.shards
+    probas = refs.shard_probas(data.columns)
+    stacked = np.stack([probas[s].numpy() for s in shards])  # (K, N, C)
+    n = len(data)
+    chosen = np.zeros((k_use, n), dtype=np.int64)
+    for i in range(n):
+        candidates = np.flatnonzero(out[:, i])
+        rng = np.random.default_rng(derive_seed("out-reference", int(data.record_ids[i])))
+        chosen[:, i] = rng.permutation(candidates)[:k_use]
+    cols = np.arange(n)
+    picked = stacked[chosen, cols[None, :]]  # (k_use, N, C)
+    per_ref = np.stack([member_scores(picked[j], data.labels) for j in range(k_use)])
+    return member_scores(picked.mean(axis=0), data.labels), per_ref
+
+
+def forgetting(
+    candidate: Predictor,
+    baseline: Predictor,
+    refs: SisaEnsemble | None,
+    forget: TabularData,
+    test: TabularData,
+    *,
+    margin: float,
+    exact: bool,
+    seed: int = 0,
+) -> Check:
+    """Attack the candidate on the forget set against test non-members, and compare with
+    the out-references. Also reports the attack on the baseline (before unlearning).
+
+    Without out-references the attack cannot be calibrated: an exact method still passes
+    (its lineage check is the proof), an approximate one does not (forgetting is then
+    unshown, and the decision falls back to exact retraining)."""
+    forget = _cap(forget, seed)
+    test = _cap(test, seed + 1)
+    threshold = {"margin": margin, "rule": "candidate AUC <= reference AUC + margin"}
+    if len(forget) == 0 or len(test) == 0:
+        return Check(True, {"note": "no forget or test rows"}, threshold)
+    cand_f = member_scores(candidate.predict_proba(forget.columns), forget.labels)
+    cand_n = member_scores(candidate.predict_proba(test.columns), test.labels)
+    before = attack(member_scores(baseline.predict_proba(forget.columns), forget.labels), cand_n)
+    metrics: dict[str, Any] = {"forget_rows": len(forget), "nonmember_rows": len(test)}
+    if refs is None or len(refs.shards) < 2:
+        # No model that provably never saw these rows: the attack is reported but the
+        # check cannot calibrate it; exact methods still have the lineage proof.
+        cand = attack(cand_f, cand_n)
+        metrics |= {
+            "candidate": cand.to_dict(),
+            "baseline": before.to_dict(),
+            "note": "no out-reference models available",
+        }
+        return Check(exact, metrics, threshold)
+    out_f, out_n = _out_masks(refs, forget), _out_masks(refs, test)
+    usable = out_f.any(axis=0)  # rows every reference trained on cannot be calibrated
+    if not usable.any():
+        cand = attack(cand_f, cand_n)
+        metrics |= {
+            "candidate": cand.to_dict(),
+            "baseline": before.to_dict(),
+            "note": "every reference trained on the forget rows",
+        }
+        return Check(exact, metrics, threshold)
+    usable = np.asarray(usable, dtype=bool)
+    forget, cand_f, out_f = forget.take(usable), cand_f[usable], out_f[:, usable]
+    k_use = int(min(out_f.sum(axis=0).min(), out_n.sum(axis=0).min()))
+    ref_f, per_ref_f = _out_reference(refs, forget, out_f, k_use)
+    ref_n, per_ref_n = _out_reference(refs, test, out_n, k_use)
+    result = forgetting_check(
+        cand_f,
+        cand_n,
+        ref_f,
+        ref_n,
+        margin=margin,
+        out_refs_forget=per_ref_f,
+        out_refs_nonmember=per_ref_n,
+    )
+    metrics |= result.to_dict()
+    metrics["baseline"] = before.to_dict()
+    metrics["references"] = len(refs.shards)
+    return Check(result.passed, metrics, threshold)
