@@ -25,23 +25,27 @@ LANGUAGE = "tl"  # most of its speakers study in district A
 
 def district_dataset(n_students: int = 6000, seed: int = 21) -> bytes:
     """ESL assessments from 100 districts. District A holds most students whose home
-    language is `tl`; for them the written score under-states ability (the assessment
-    grades speaking too), so a model must learn a language-specific correction, and
-    it learns it mostly from district A."""
+    language is `tl`. Both `tl` and `pl` speakers carry an accent, but the written score
+    under-states `tl` speakers' ability (they pass more often than it suggests) and
+    over-states `pl` speakers'. The model sees the accent, not the language. Elsewhere
+    the two effects cancel out (twice as many `pl` as `tl` speakers), so what the model
+    knows about accented `tl` speakers it learns from district A; without A they are
+    judged by the written score alone and marked harshly."""
     rng = np.random.default_rng(seed)
     lines = ["student,district,prior_score,hours_study,home_language,accent,passed"]
+    offset = {LANGUAGE: 2.0, "pl": -1.0}
     for s in range(n_students):
-        if s < n_students // 8:
+        if s < n_students * 2 // 5:  # a large district
             district = DISTRICT_A
-            lang = LANGUAGE if rng.random() < 0.8 else str(rng.choice(["en", "es"]))
+            lang = LANGUAGE if rng.random() < 0.85 else str(rng.choice(["en", "es"]))
         else:
             district = f"district-{1 + s % 99:03d}"
-            lang = str(rng.choice(["en", "es", "pl", LANGUAGE], p=[0.55, 0.3, 0.12, 0.03]))
+            lang = str(rng.choice(["en", "es", "pl", LANGUAGE], p=[0.45, 0.25, 0.2, 0.1]))
         for _ in range(int(rng.integers(1, 4))):
             score = float(rng.normal())
             hours = max(0.0, float(rng.normal(5, 2)))
-            accent = float(rng.normal(1.0 if lang == LANGUAGE else 0.0, 0.3))
-            logit = 1.4 * score + 0.2 * (hours - 5) + (1.8 if lang == LANGUAGE else 0.0)
+            accent = float(rng.normal(1.0 if lang in offset else 0.0, 0.25))
+            logit = 1.4 * score + 0.2 * (hours - 5) + offset.get(lang, 0.0)
             passed = int(logit + rng.normal(scale=0.5) > 0.4)
             lines.append(
                 f"s{s:05d},{district},{score:.3f},{hours:.2f},{lang},{accent:.3f},{passed}"
@@ -99,8 +103,10 @@ def district_story(
             "dataset_id": ds["id"],
             "architecture": {"kind": "mlp", "hidden": [16]},
             "training": {"epochs": 6, "batch_size": 64, "lr": 0.01, "seed": 7},
-            "unlearning": {"mode": "sisa", "shards": 8, "slices": 2, "sharding": "source"},
+            "unlearning": {"mode": "sisa", "shards": 5, "slices": 2, "sharding": "source"},
             "group_columns": ["home_language"],
+            # The language is a group to judge fairness by, not an input of the model.
+            "feature_columns": ["prior_score", "hours_study", "accent"],
         },
     )
     r.raise_for_status()
@@ -182,8 +188,11 @@ def district_story(
     table.add_row(
         f"accuracy of {LANGUAGE} speakers before -> after unlearning", f"{_f(b)} -> {_f(a)}"
     )
+    named: dict[str, list[str]] = {}
+    for f in flagged:
+        named.setdefault(f"{f['column']}={f['group']}", []).append(str(f["metric"]))
     table.add_row(
-        "flagged groups", ", ".join(f"{f['column']}={f['group']}" for f in flagged) or "none"
+        "flagged groups", "; ".join(f"{g} ({', '.join(m)})" for g, m in named.items()) or "none"
     )
     if mitigated:
         _, am = _group_rows(mitigated["checks"].get("fairness", {}), LANGUAGE)

@@ -87,7 +87,9 @@ def load_context(session: Session, job: Job, stage: str) -> JobContext:
     base = registry.get_version(session, model, model.production_version)
     for rm in rms:
         rm.status = stage
-        rm.from_version = rm.from_version or model.production_version
+        # "Before" is the version this job starts from (an earlier job may have moved
+        # production on since the request was planned).
+        rm.from_version = model.production_version
     features: list[tuple[str, str]] = []
     for req in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(request_ids))):
         if req.kind == "feature" and req.feature:
