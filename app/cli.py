@@ -94,23 +94,29 @@ def worker(
     concurrency: Annotated[int | None, typer.Option()] = None,
     pool: Annotated[str | None, typer.Option(help="solo | threads | prefork")] = None,
     loglevel: str = "INFO",
+    beat: Annotated[
+        bool, typer.Option("--beat", help="also run the scheduler in this process (embedded)")
+    ] = False,
 ) -> None:
     """Run a Celery worker for the configured broker."""
     from app.core.settings import get_settings
     from workers.celery_app import get_celery
 
     settings = get_settings()
-    get_celery().worker_main(
-        [
-            "worker",
-            f"--queues={queues}",
-            f"--pool={pool or settings.worker_pool}",
-            f"--concurrency={concurrency or settings.worker_concurrency}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    settings.ensure_local_dirs()
+    argv = [
+        "worker",
+        f"--queues={queues}",
+        f"--pool={pool or settings.worker_pool}",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if beat:
+        # The embedded shape runs one process: the resume sweep lives in it.
+        argv += ["--beat", f"--schedule={settings.beat_schedule_file}"]
+    get_celery().worker_main(argv)
 
 
 @cli.command("beat")

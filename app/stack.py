@@ -37,6 +37,7 @@ class LocalStack:
             "PALIMPSEST_RESULT_BACKEND": f"db+sqlite:///{folder / 'results.sqlite'}",
             "PALIMPSEST_ARTIFACT_ROOT": str(folder / "artifacts"),
             "PALIMPSEST_SIGNING_KEY_FILE": str(folder / "signing-key.pem"),
+            "PALIMPSEST_BEAT_SCHEDULE_FILE": str(folder / "celerybeat-schedule"),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
@@ -78,7 +79,7 @@ class LocalStack:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cli("db", "upgrade")
         self._spawn("api", "api", "--host", "127.0.0.1", "--port", str(self.port))
-        self._spawn("worker", "worker", "--loglevel", "WARNING", *worker_args)
+        self._spawn("worker", "worker", "--loglevel", "WARNING", "--beat", *worker_args)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -110,12 +110,28 @@ def _send_outbox(session: Session) -> None:
 
     app = get_celery()
     for task in pending:
+        _send(app, task)
+
+
+def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
+    """Publish on a connection of its own: the API sends from a thread pool, and kombu's
+    pooled producers are not safe to share between threads on every transport (the
+    SQLAlchemy one loses its channel). A transient failure is retried; a task that still
+    cannot be sent is re-sent by the beat's resume sweep (tasks are idempotent)."""
+    for attempt in range(1, attempts + 1):
         try:
-            app.send_task(
-                task.name, args=list(task.args), queue=task.queue, countdown=task.countdown
-            )
-        except Exception:  # the beat's resume sweep re-sends work whose task was lost
-            log.exception("could not send task %s%s; it will be resumed", task.name, task.args)
+            with app.connection_for_write() as conn:
+                app.send_task(
+                    task.name,
+                    args=list(task.args),
+                    queue=task.queue,
+                    countdown=task.countdown,
+                    connection=conn,
+                )
+            return
+        except Exception:
+            if attempt == attempts:
+                log.exception("could not send task %s%s; it will be resumed", task.name, task.args)
 
 
 @event.listens_for(Session, "after_rollback")
