@@ -26,6 +26,7 @@ from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingC
 from app.ml.data import TabularData
 from app.ml.device import derive_seed, enable_determinism, resolve_device
 from app.ml.metrics import accuracy
+from app.ml.preprocess import PreprocessorState
 from app.ml.sharding import assign_shards, assign_slices
 from app.ml.sisa import SisaEnsemble, SisaManifest, train_sisa, unlearn_sisa
 from app.models import DeletionRequest, Job, Lineage, MLModel, ModelVersion, Record, RequestModel
@@ -43,6 +44,7 @@ from app.requests.service import transition
 from app.verification import service as verification
 from app.verification.fairness import fairness
 from app.verification.forgetting import forgetting
+from app.verification.injection import injection
 
 log = logging.getLogger(__name__)
 WORKER = "worker"
@@ -368,6 +370,19 @@ def verify_unlearning(
     checks |= quality_checks(
         ctx, candidate, baseline, test, forget, device, exact=not result["approximate"]
     )
+    if result["approximate"] and not monolithic.is_certified(ctx.config):
+        # Izzo et al.'s injection test of the strategy itself, on a sample of this job.
+        v = ctx.config.get("verification", {})
+        checks["injection"] = injection(
+            ctx.config,
+            PreprocessorState.from_dict(new_manifest.entries[0].preprocessor),
+            datasets.to_tabular(ctx.ds, table, ctx.ids[ctx.retained_mask]),
+            forget,
+            strategy=monolithic.strategy_name(ctx.config),
+            device=device,
+            seed=derive_seed(ctx.job_id, "injection") % (2**31),
+            max_residual=v.get("injection_max_residual"),
+        )
     conclude(
         ctx,
         Candidate(

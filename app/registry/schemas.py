@@ -66,6 +66,9 @@ class VerificationIn(BaseModel):
     min_group_size: int = Field(default=30, ge=1, le=1_000_000)
     # Monolithic models: reference models trained on random halves for the forgetting check.
     reference_models: int = Field(default=2, ge=0, le=16)
+    # Izzo et al.'s injection test for approximate strategies: reported always; gating
+    # only when a maximum residual share (0..1) is set.
+    injection_max_residual: float | None = Field(default=None, ge=0, le=10)
     # Promote only after an admin approves, even when every check passes.
     require_approval: bool = False
 

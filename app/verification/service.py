@@ -136,7 +136,7 @@ def decide(checks: dict[str, Check], approximate: bool = False) -> tuple[bool, s
         return True, "promote"
     if any(not checks.get(k, Check(True, {})).passed for k in ("lineage", "feature")):
         return False, "retrain"
-    if not checks.get("forgetting", Check(True, {})).passed:
+    if any(not checks.get(k, Check(True, {})).passed for k in ("forgetting", "injection")):
         # After an approximate method, exact retraining is the remedy. After an exact one
         # (its lineage check passed) a retrain would rebuild the very same model: the
         # attack is seeing something else (the forget set's population), a person decides.

@@ -74,6 +74,10 @@ def test_forgetting_failure_falls_back_to_retraining(stack: LocalStack) -> None:
     f = first["checks"]["forgetting"]
     assert first["decision"] == "retrain" and not f["passed"], f
     assert f["metrics"]["candidate"]["auc"] > f["metrics"]["reference"]["auc"] + 0.1
+    # Izzo et al.'s injection test of the same strategy: a no-op keeps all of the
+    # injected feature's weight (reported; gating only when a maximum is configured).
+    inj = first["checks"]["injection"]
+    assert inj["metrics"]["residual"] == 1.0 and inj["metrics"]["strategy"] == "finetune"
     final = admin.get(f"/v1/reports/{m['report_id']}").json()
     assert final["checks"]["forgetting"]["passed"] and final["checks"]["lineage"]["passed"]
     cert = portal.get(f"/v1/deletion-requests/{done['id']}/certificate")

@@ -26,6 +26,7 @@ OK, BAD = Check(True, {}), Check(False, {})
         # retraining; after an exact method (lineage passed) a retrain would rebuild the
         # same model, so a person decides.
         ({"utility": OK, "forgetting": BAD}, True, (False, "retrain")),
+        ({"utility": OK, "forgetting": OK, "injection": BAD}, True, (False, "retrain")),
         ({"lineage": OK, "utility": OK, "forgetting": BAD}, False, (False, "needs_review")),
         # A group regressed: never silently promoted, never silently retrained.
         ({"lineage": OK, "utility": OK, "fairness": BAD}, False, (False, "needs_review")),
