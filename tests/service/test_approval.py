@@ -1,0 +1,63 @@
+"""A model that asks for approval is never promoted by the worker alone, however good the
+candidate: the request waits in `needs_review` until an admin approves. The task bodies
+run in-process, as the worker calls them; the API is real."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.core.db import session_scope
+from app.core.storage import get_store
+from app.registry import runner
+from app.requests import lifecycle
+from tests.support.app_env import AppEnv, app_env
+from tests.support.factories import auth, create_key, make_csv, upload_dataset
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[AppEnv]:
+    with app_env(tmp_path) as e:
+        yield e
+
+
+def test_require_approval_holds_a_passing_candidate(env: AppEnv) -> None:
+    admin = create_key("admin")
+    h = auth(admin)
+    ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=40, rows_per_subject=3))
+    r = env.client.post(
+        "/v1/models",
+        headers=h,
+        json={
+            "name": "m",
+            "dataset_id": ds["id"],
+            "training": {"epochs": 2, "batch_size": 32},
+            "unlearning": {"mode": "sisa", "shards": 2, "slices": 2},
+            "verification": {"utility_max_drop": 1.0, "require_approval": True},
+        },
+    )
+    runner.run_training(r.json()["job_id"])
+    rid = env.client.post(
+        "/v1/deletion-requests", headers=h, json={"kind": "subject", "subject_id": "subj-0001"}
+    ).json()["id"]
+    with session_scope() as s:
+        lifecycle.plan(s, rid)
+    req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
+    runner.run_unlearning(req["models"][0]["job_id"])
+    req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
+    report = env.client.get(f"/v1/reports/{req['models'][0]['report_id']}", headers=h).json()
+    assert report["passed"] and report["decision"] == "approval_required"
+    assert req["status"] == "needs_review"
+    assert env.client.get("/v1/models/m", headers=h).json()["production_version"] == 1
+    r = env.client.post(
+        f"/v1/deletion-requests/{rid}/review", headers=h, json={"action": "approve"}
+    )
+    assert r.status_code == 200, r.text
+    assert env.client.get("/v1/models/m", headers=h).json()["production_version"] == 2
+    with session_scope() as s:
+        lifecycle.erase(s, get_store(), rid)
+    assert env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()["status"] == "completed"
+    cert = env.client.get(f"/v1/deletion-requests/{rid}/certificate", headers=h)
+    assert cert.status_code == 200 and cert.json()["certificate"]["models"][0]["to_version"] == 2
