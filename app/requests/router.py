@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 from app.api.deps import AdminDep, AnyRoleDep, PortalDep, SessionDep, SettingsDep
 from app.certificates import service as certificates
 from app.certificates.schemas import SignedCertificate
-from app.requests import service
+from app.requests import service, states
 from app.requests.schemas import (
     DeletionRequestIn,
     DeletionRequestOut,
@@ -20,21 +20,7 @@ from app.requests.schemas import (
 )
 
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
-STATUSES = "|".join(
-    (
-        "received",
-        "planned",
-        "unlearning",
-        "verifying",
-        "retraining",
-        "needs_review",
-        "erasing",
-        "completed",
-        "failed",
-        "cancelled",
-        "rejected",
-    )
-)
+STATUSES = "|".join(states.STATUSES)
 
 
 @router.post("", status_code=202, responses={200: {}, 403: {}, 404: {}, 409: {}, 422: {}})

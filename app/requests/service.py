@@ -17,6 +17,7 @@ from app.core.security import subject_key
 from app.core.settings import Settings
 from app.models import DeletionRequest, MLModel, Record, Report, RequestModel, Source, Subject
 from app.models.base import utcnow
+from app.requests import states
 from app.requests.schemas import (
     DeletionRequestIn,
     DeletionRequestOut,
@@ -25,16 +26,17 @@ from app.requests.schemas import (
     RequestPage,
 )
 
-TERMINAL = {"completed", "failed", "cancelled", "rejected"}
+TERMINAL = states.TERMINAL
 CANCELLABLE = {"received", "planned"}
 
 
 def transition(
     session: Session, req: DeletionRequest, status: str, actor: str, **data: object
 ) -> None:
-    """Every status change is an audit event."""
+    """Every status change is checked against the lifecycle and is an audit event."""
     if req.status == status:
         return
+    states.check(req.status, status)
     previous = req.status
     req.status = status
     if status == "completed":
@@ -46,6 +48,36 @@ def transition(
         entity_type="deletion_request",
         entity_id=req.id,
         data={"from": previous, "to": status, **data},
+    )
+
+
+def _fingerprint(req: DeletionRequest) -> tuple[object, ...]:
+    """What a stored request asked, in the form `_body_fingerprint` gives a new body."""
+    return (
+        req.kind,
+        req.subject_key,
+        tuple(req.record_ids or ()),
+        req.source,
+        req.feature,
+        req.model_name,
+        req.dataset_id,
+        req.reason,
+        req.external_ref,
+    )
+
+
+def _body_fingerprint(body: DeletionRequestIn, settings: Settings) -> tuple[object, ...]:
+    key = subject_key(body.subject_id, settings.subject_pepper) if body.subject_id else None
+    return (
+        body.kind,
+        key,
+        tuple(sorted(set(body.record_ids))) if body.record_ids else (),
+        body.source,
+        body.feature,
+        body.model,
+        body.dataset_id,
+        body.reason,
+        body.external_ref,
     )
 
 
@@ -149,6 +181,11 @@ def create(
             )
         ).first()
         if prior is not None:
+            if _fingerprint(prior) != _body_fingerprint(body, settings):
+                raise Conflict(
+                    "this Idempotency-Key was already used with a different request body",
+                    code="idempotency_key_reused",
+                )
             return RequestAccepted(
                 id=prior.id, status=prior.status, received_at=prior.received_at, due_at=prior.due_at
             ), False

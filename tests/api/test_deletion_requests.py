@@ -84,6 +84,13 @@ def test_idempotency_key_replays_the_same_request(
     assert other.json()["id"] != first.json()["id"]
     theirs = create(env, keys["portal_b"], body, **{"Idempotency-Key": "retry-1"})
     assert theirs.json()["id"] != first.json()["id"]
+    # The same key with a different body is a client bug, not a retry: 409, nothing new.
+    changed = create(
+        env, keys["portal"], body | {"reason": "changed"}, **{"Idempotency-Key": "retry-1"}
+    )
+    assert_error(changed, 409, "idempotency_key_reused")
+    again = create(env, keys["portal"], body, **{"Idempotency-Key": "retry-1"})
+    assert again.json()["id"] == first.json()["id"]
 
 
 @pytest.mark.parametrize("value", ["", "x" * 201])
