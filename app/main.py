@@ -38,6 +38,7 @@ def create_app() -> FastAPI:
     from app.registry.router import router as registry_router
     from app.requests.router import router as requests_router
     from app.verification.router import router as reports_router
+    from app.webhooks.router import router as webhooks_router
 
     app = FastAPI(title="Palimpsest", version="0.1.0", description=__doc__)
 
@@ -63,6 +64,7 @@ def create_app() -> FastAPI:
         lineage_router,
         audit_router,
         certificates_router,
+        webhooks_router,
     ):
         app.include_router(r)
 

@@ -42,6 +42,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options=_transport_options(settings.broker_url),
         beat_schedule={
             "resume-stalled-work": {"task": "palimpsest.resume_stalled", "schedule": 60.0},
+            # Re-sends webhook deliveries whose countdown task was lost.
+            "webhook-sweep": {"task": "palimpsest.sweep_webhooks", "schedule": 30.0},
         },
         timezone="UTC",
     )

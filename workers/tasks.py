@@ -118,3 +118,20 @@ def resume_stalled(older_than_seconds: float = 120.0) -> dict[str, int]:
             enqueue(s, name, req.id)
             counts["requests"] += 1
     return counts
+
+
+@shared_task(name="palimpsest.deliver_webhook", acks_late=True)
+def deliver_webhook(delivery_id: str) -> str:
+    """One attempt of one webhook delivery; retries are scheduled by the delivery itself
+    (countdown plus `next_attempt_at`), so a failing receiver never fails the task."""
+    from app.webhooks import delivery
+
+    return delivery.deliver(delivery_id)
+
+
+@shared_task(name="palimpsest.sweep_webhooks")
+def sweep_webhooks() -> int:
+    """Beat: re-send webhook deliveries whose attempt is overdue (a lost task)."""
+    from app.webhooks import delivery
+
+    return delivery.sweep()

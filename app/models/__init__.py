@@ -6,6 +6,7 @@ from app.models.certificates import Certificate
 from app.models.ops import ApiKey, AuditEvent, Job, Report
 from app.models.registry import Lineage, MLModel, ModelVersion
 from app.models.requests import DeletionRequest, RequestModel
+from app.webhooks.models import WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiKey",
@@ -23,4 +24,6 @@ __all__ = [
     "RequestModel",
     "Source",
     "Subject",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -45,6 +45,7 @@ from app.verification import service as verification
 from app.verification.fairness import fairness
 from app.verification.forgetting import forgetting
 from app.verification.injection import injection
+from app.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
 WORKER = "worker"
@@ -486,3 +487,4 @@ def fail_job(job_id: str, error: str) -> None:
             entity_id=job_id,
             data={"kind": job.kind, "error": error[:500]},
         )
+        webhooks.job_failed(s, job, [rm.request_id for rm in rms])

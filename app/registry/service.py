@@ -28,6 +28,7 @@ from app.registry.schemas import (
     PredictOut,
     VersionOut,
 )
+from app.webhooks import service as webhooks
 
 
 def get_by_name(session: Session, name: str) -> MLModel:
@@ -223,6 +224,7 @@ def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reas
             "reason": reason,
         },
     )
+    webhooks.model_promoted(session, model, previous, mv.version, reason)
 
 
 # -- serving ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from app.requests.schemas import (
     RequestModelOut,
     RequestPage,
 )
+from app.webhooks import service as webhooks
 
 TERMINAL = states.TERMINAL
 CANCELLABLE = {"received", "planned"}
@@ -49,6 +50,7 @@ def transition(
         entity_id=req.id,
         data={"from": previous, "to": status, **data},
     )
+    webhooks.request_status_changed(session, req, previous, data)
 
 
 def _fingerprint(req: DeletionRequest) -> tuple[object, ...]:
@@ -227,6 +229,7 @@ def create(
         entity_id=req.id,
         data={"kind": req.kind, "records": n, "due_at": req.due_at.isoformat()},
     )
+    webhooks.request_received(session, req)
     enqueue(session, "palimpsest.plan_request", req.id)
     return RequestAccepted(
         id=req.id, status=req.status, received_at=req.received_at, due_at=req.due_at

@@ -51,6 +51,11 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     # Public: whoever holds a certificate must be able to fetch the key that checks it.
     ("GET", "/v1/signing-key"): PUBLIC,
     ("POST", "/v1/webhooks"): ADMIN,
+    ("GET", "/v1/webhooks"): ADMIN,
+    ("DELETE", "/v1/webhooks/{webhook_id}"): ADMIN,
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): ADMIN,
+    ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): ADMIN,
+    ("POST", "/v1/webhooks/{webhook_id}/rotate-secret"): ADMIN,
 }
 
 

@@ -1,0 +1,1 @@
+"""Webhooks: endpoints, an outbox of signed deliveries, retries (Standard Webhooks)."""

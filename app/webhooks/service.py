@@ -1,0 +1,278 @@
+"""Endpoints and the outbox. `emit` only adds rows to the caller's transaction and asks
+for their delivery after commit: a rolled-back change announces nothing.
+
+Payloads never carry raw personal data: requests are described by ids, statuses and at
+most the pseudonymous subject key.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.core.db import enqueue
+from app.core.errors import Conflict, NotFound
+from app.models import DeletionRequest, Job, MLModel
+from app.models.base import utcnow
+from app.webhooks.models import WebhookDelivery, WebhookEndpoint
+from app.webhooks.schemas import DeliveryOut, WebhookIn, WebhookOut
+
+DELIVER_TASK = "palimpsest.deliver_webhook"
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+# -- endpoints ------------------------------------------------------------------------
+
+
+def create_endpoint(session: Session, body: WebhookIn, actor: str) -> WebhookEndpoint:
+    ep = WebhookEndpoint(
+        url=body.url, events=list(body.events), secret=new_secret(), created_by=actor
+    )
+    session.add(ep)
+    session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="webhook.created",
+        entity_type="webhook",
+        entity_id=ep.id,
+        data={"url": ep.url, "events": ep.events},
+    )
+    return ep
+
+
+def get_endpoint(session: Session, webhook_id: str) -> WebhookEndpoint:
+    ep = session.get(WebhookEndpoint, webhook_id)
+    if ep is None:
+        raise NotFound(f"no webhook {webhook_id!r}", code="webhook_not_found")
+    return ep
+
+
+def list_endpoints(session: Session) -> list[WebhookOut]:
+    rows = session.scalars(select(WebhookEndpoint).order_by(WebhookEndpoint.created_at))
+    return [endpoint_out(ep) for ep in rows]
+
+
+def endpoint_out(ep: WebhookEndpoint) -> WebhookOut:
+    return WebhookOut(
+        id=ep.id,
+        url=ep.url,
+        events=list(ep.events),
+        enabled=ep.disabled_at is None,
+        disabled_at=ep.disabled_at,
+        disabled_reason=ep.disabled_reason,
+        created_at=ep.created_at,
+        secret_rotated_at=ep.secret_rotated_at,
+    )
+
+
+def rotate_secret(session: Session, webhook_id: str, actor: str) -> WebhookEndpoint:
+    """Replace the secret. Messages are signed when sent, so from the commit on every
+    attempt, retries of older messages included, is signed with the new secret only."""
+    ep = get_endpoint(session, webhook_id)
+    ep.secret = new_secret()
+    ep.secret_rotated_at = utcnow()
+    audit.record(
+        session,
+        actor=actor,
+        action="webhook.secret_rotated",
+        entity_type="webhook",
+        entity_id=ep.id,
+        data={},
+    )
+    return ep
+
+
+def delete_endpoint(session: Session, webhook_id: str, actor: str) -> None:
+    ep = get_endpoint(session, webhook_id)
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_id == ep.id))
+    session.delete(ep)
+    audit.record(
+        session,
+        actor=actor,
+        action="webhook.deleted",
+        entity_type="webhook",
+        entity_id=webhook_id,
+        data={"url": ep.url},
+    )
+
+
+def list_deliveries(
+    session: Session, webhook_id: str, status: str | None, limit: int
+) -> list[DeliveryOut]:
+    get_endpoint(session, webhook_id)
+    q = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == webhook_id)
+    if status:
+        q = q.where(WebhookDelivery.status == status)
+    q = q.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id).limit(limit)
+    return [delivery_out(d) for d in session.scalars(q)]
+
+
+def delivery_out(d: WebhookDelivery) -> DeliveryOut:
+    return DeliveryOut.model_validate(
+        {
+            "id": d.id,
+            "msg_id": d.msg_id,
+            "event_type": d.event_type,
+            "status": d.status,
+            "attempts": d.attempts,
+            "last_status_code": d.last_status_code,
+            "last_error": d.last_error,
+            "last_attempt_at": d.last_attempt_at,
+            "next_attempt_at": d.next_attempt_at,
+            "delivered_at": d.delivered_at,
+            "created_at": d.created_at,
+            "history": d.history,
+        }
+    )
+
+
+def redeliver(session: Session, webhook_id: str, delivery_id: str, actor: str) -> DeliveryOut:
+    """Queue the same message (same webhook-id, so receivers can deduplicate) again, now,
+    with a fresh retry schedule, whatever its state: a receiver may have lost it."""
+    ep = get_endpoint(session, webhook_id)
+    d = session.get(WebhookDelivery, delivery_id)
+    if d is None or d.endpoint_id != ep.id:
+        raise NotFound(f"no delivery {delivery_id!r} for this webhook", code="delivery_not_found")
+    if ep.disabled_at is not None:
+        raise Conflict(
+            "the webhook is disabled (its receiver answered 410)", code="webhook_disabled"
+        )
+    d.status = "pending"
+    d.failures = 0
+    d.next_attempt_at = utcnow()
+    audit.record(
+        session,
+        actor=actor,
+        action="webhook.redelivered",
+        entity_type="webhook",
+        entity_id=ep.id,
+        data={"delivery_id": d.id, "msg_id": d.msg_id},
+    )
+    enqueue(session, DELIVER_TASK, d.id)
+    return delivery_out(d)
+
+
+def disable_endpoint(session: Session, ep: WebhookEndpoint, reason: str) -> None:
+    """The receiver is gone for good: stop, and cancel what was still waiting for it."""
+    ep.disabled_at = utcnow()
+    ep.disabled_reason = reason[:200]
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.endpoint_id == ep.id, WebhookDelivery.status == "pending")
+        .values(status="cancelled", next_attempt_at=None)
+    )
+
+
+# -- the outbox -----------------------------------------------------------------------
+
+
+def emit(session: Session, event_type: str, data: dict[str, Any]) -> int:
+    """One delivery per enabled endpoint subscribed to `event_type`, in this transaction;
+    each is sent after commit. Returns how many were written."""
+    endpoints = session.scalars(
+        select(WebhookEndpoint).where(WebhookEndpoint.disabled_at.is_(None))
+    ).all()
+    now = utcnow()
+    payload = {"type": event_type, "timestamp": now.isoformat(), "data": data}
+    n = 0
+    for ep in endpoints:
+        if event_type not in ep.events:
+            continue
+        d = WebhookDelivery(
+            endpoint_id=ep.id,
+            msg_id=f"msg_{uuid.uuid4().hex}",
+            event_type=event_type,
+            payload=payload,
+            status="pending",
+            next_attempt_at=now,
+            history=[],
+        )
+        session.add(d)
+        session.flush()
+        enqueue(session, DELIVER_TASK, d.id)
+        n += 1
+    return n
+
+
+def _request_data(req: DeletionRequest) -> dict[str, Any]:
+    return {"request_id": req.id, "kind": req.kind, "subject_key": req.subject_key}
+
+
+def request_received(session: Session, req: DeletionRequest) -> None:
+    emit(
+        session,
+        "request.received",
+        {
+            **_request_data(req),
+            "status": req.status,
+            "records": req.n_records,
+            "received_at": req.received_at.isoformat(),
+            "due_at": req.due_at.isoformat(),
+        },
+    )
+
+
+def request_status_changed(
+    session: Session, req: DeletionRequest, previous: str, data: dict[str, object]
+) -> None:
+    """`request.status_changed` on every transition, plus `request.completed` and
+    `request.needs_review` when it reaches those. Only ids pass from `data` (free-text
+    reasons and notes could hold personal data)."""
+    extra = {k: v for k, v in data.items() if k in ("job_id", "report_id", "model")}
+    base = _request_data(req)
+    emit(session, "request.status_changed", {**base, "from": previous, "to": req.status, **extra})
+    if req.status == "completed":
+        done = req.completed_at.isoformat() if req.completed_at else None
+        emit(session, "request.completed", {**base, "completed_at": done})
+    elif req.status == "needs_review":
+        emit(session, "request.needs_review", {**base, **extra})
+
+
+def request_overdue(session: Session, req: DeletionRequest) -> None:
+    """For the deadline watchdog."""
+    emit(
+        session,
+        "request.overdue",
+        {**_request_data(req), "status": req.status, "due_at": req.due_at.isoformat()},
+    )
+
+
+def model_promoted(
+    session: Session, model: MLModel, previous: int | None, version: int, reason: str
+) -> None:
+    emit(
+        session,
+        "model.promoted",
+        {
+            "model": model.name,
+            "model_id": model.id,
+            "from_version": previous,
+            "to_version": version,
+            "reason": reason,
+        },
+    )
+
+
+def job_failed(session: Session, job: Job, request_ids: list[str]) -> None:
+    # The error text stays in the job (GET /v1/jobs): exception messages may quote data.
+    emit(
+        session,
+        "job.failed",
+        {
+            "job_id": job.id,
+            "kind": job.kind,
+            "model_id": job.model_id,
+            "request_ids": sorted(request_ids),
+        },
+    )
