@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.db import get_engine
 from app.core.errors import AppError
+from app.ops.metrics import registry as metrics_registry
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def create_app() -> FastAPI:
 
     @app.get("/metrics", tags=["ops"])
     def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # The process's own metrics plus the service's, read from the database.
+        body = generate_latest() + generate_latest(metrics_registry())
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

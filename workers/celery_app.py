@@ -44,6 +44,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
             "resume-stalled-work": {"task": "palimpsest.resume_stalled", "schedule": 60.0},
             # Re-sends webhook deliveries whose countdown task was lost.
             "webhook-sweep": {"task": "palimpsest.sweep_webhooks", "schedule": 30.0},
+            "deadline-watchdog": {"task": "palimpsest.deadline_watchdog", "schedule": 300.0},
         },
         timezone="UTC",
     )

@@ -10,11 +10,12 @@ from celery import Task, shared_task
 from sqlalchemy import select
 
 from app.core.db import enqueue, session_scope
+from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
 from app.registry import fanout, retraining, runner
-from app.requests import lifecycle
+from app.requests import deadlines, lifecycle
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 2
@@ -88,6 +89,13 @@ def erase_request(self: Task, request_id: str) -> None:
             lifecycle.erase(s, get_store(), request_id)
     except Exception as exc:
         raise self.retry(countdown=2, exc=exc) from exc
+
+
+@shared_task(name="palimpsest.deadline_watchdog")
+def deadline_watchdog() -> dict[str, int]:
+    """Beat: announce requests near or past their legal deadline (once each)."""
+    with session_scope() as s:
+        return deadlines.sweep(s, get_settings().deadline_warning_days)
 
 
 @shared_task(name="palimpsest.resume_stalled")

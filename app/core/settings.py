@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     # Legal deadline (GDPR Art. 12(3)): one month, extendable once by up to two.
     deadline_days: int = Field(default=30, ge=1)
     max_extension_days: int = Field(default=61, ge=1)
+    # The watchdog announces open requests this close to their deadline.
+    deadline_warning_days: float = Field(default=3.0, ge=0)
     # Verification defaults (per-model overrides live in the model config).
     utility_max_drop: float = Field(default=0.02, ge=0.0, le=1.0)
     # How long a job waits before retrying when another job holds the model's lock.

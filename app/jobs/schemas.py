@@ -11,6 +11,7 @@ class JobCost(BaseModel):
     device: str | None = None
     device_seconds: float | None = None
     retrain_estimate_seconds: float | None = None
+    energy_joules: float | None = None  # where NVML reports it
 
 
 class JobOut(BaseModel):

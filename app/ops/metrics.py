@@ -16,6 +16,7 @@ from app.core.settings import get_settings
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
 from app.requests.states import STATUSES, TERMINAL
+from app.webhooks.models import WebhookDelivery
 
 log = logging.getLogger(__name__)
 QUEUES = ("gpu", "default")
@@ -54,6 +55,7 @@ class PalimpsestCollector(Collector):
         try:
             yield from self._requests(session)
             yield from self._jobs(session)
+            yield from self._webhooks(session)
         finally:
             session.close()
         yield from self._queues()
@@ -97,6 +99,21 @@ class PalimpsestCollector(Collector):
             seconds.add_metric([kind], total)
         yield jobs
         yield seconds
+
+    def _webhooks(self, session: Any) -> Iterator[Any]:
+        deliveries = GaugeMetricFamily(
+            "palimpsest_webhook_deliveries",
+            "Webhook deliveries by status (failed: retries exhausted)",
+            labels=["status"],
+        )
+        counts = dict(
+            session.execute(
+                select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+            ).all()
+        )
+        for status in ("pending", "delivered", "failed", "cancelled"):
+            deliveries.add_metric([status], float(counts.get(status, 0)))
+        yield deliveries
 
     def _queues(self) -> Iterator[Any]:
         depth = GaugeMetricFamily(

@@ -259,6 +259,7 @@ def conclude(ctx: JobContext, cand: Candidate) -> None:
             device=cand.device,
             device_seconds=cand.compute_seconds,
             retrain_estimate_seconds=ctx.retrain_estimate,
+            energy_joules=cand.result.get("energy_joules"),
         )
         jobs.unlock(s, ctx.model_id, ctx.job_id)
         if retrain_job is not None:

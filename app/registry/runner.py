@@ -22,6 +22,7 @@ from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.datasets import service as datasets
 from app.jobs import service as jobs
+from app.jobs.energy import EnergyMeter
 from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingConfig
 from app.ml.data import TabularData
 from app.ml.device import derive_seed, enable_determinism, resolve_device
@@ -131,6 +132,7 @@ def run_training(job_id: str) -> None:
     shard_of = assign_shards(train, sisa, training.seed)
     slice_of = assign_slices(train.record_ids, sisa.slices, training.seed)
     report = jobs.ProgressReporter(job_id)
+    meter = EnergyMeter(device)
     extra: dict[str, Any] = {}
     if monolithic.is_certified(config):
         manifest, extra = monolithic.train_certified_manifest(
@@ -236,6 +238,7 @@ def run_training(job_id: str) -> None:
             device=str(device),
             device_seconds=wall,
             retrain_estimate_seconds=wall,
+            energy_joules=meter.joules(),
         )
         jobs.unlock(s, model_id, job_id)
 
@@ -309,6 +312,7 @@ def run_unlearning(job_id: str) -> None:
     retained_mask = ctx.retained_mask
     retained = datasets.to_tabular(ctx.ds, table, ctx.ids[retained_mask])
     progress = jobs.ProgressReporter(job_id).sub(0.0, 0.8)
+    meter = EnergyMeter(device)
     # to_tabular sorts by id, as `ids` is; the layout arrays line up with it.
     if not sisa:
         # Quarantined rows are still readable: approximate methods need their gradients.
@@ -335,6 +339,7 @@ def run_unlearning(job_id: str) -> None:
             progress=progress,
         )
         result = {"method": "sisa", "approximate": False, **stats.to_dict()}
+    result["energy_joules"] = meter.joules()
     verify_unlearning(
         ctx, manifest, new_manifest, result, len(retained), time.perf_counter() - t0, started
     )

@@ -18,6 +18,7 @@ from app.audit import service as audit
 from app.models import AuditEvent, DeletionRequest
 from app.models.base import utcnow
 from app.requests.states import TERMINAL
+from app.webhooks import service as webhooks
 
 WATCHDOG = "watchdog"
 
@@ -61,5 +62,7 @@ def sweep(session: Session, warn_days: float, now: datetime | None = None) -> di
             entity_id=req.id,
             data=data,
         )
+        if overdue:
+            webhooks.request_overdue(session, req)
         counts["overdue" if overdue else "due_soon"] += 1
     return counts

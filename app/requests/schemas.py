@@ -74,6 +74,10 @@ class DeletionRequestOut(BaseModel):
     model: str | None = None
     external_ref: str | None = None
     extended: bool = False
+    # Open and past its deadline (the watchdog also announces it once).
+    overdue: bool = False
+    # The request's jobs summed, and the compute saved against full retraining.
+    cost: dict[str, float | None] = {}
     error: str | None = None
 
 

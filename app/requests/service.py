@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +17,16 @@ from app.core.db import enqueue
 from app.core.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from app.core.security import subject_key
 from app.core.settings import Settings
-from app.models import DeletionRequest, MLModel, Record, Report, RequestModel, Source, Subject
+from app.models import (
+    DeletionRequest,
+    Job,
+    MLModel,
+    Record,
+    Report,
+    RequestModel,
+    Source,
+    Subject,
+)
 from app.models.base import utcnow
 from app.requests import states
 from app.requests.schemas import (
@@ -51,6 +62,24 @@ def transition(
         data={"from": previous, "to": status, **data},
     )
     webhooks.request_status_changed(session, req, previous, data)
+
+
+def request_cost(costs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """A request's jobs summed (batch-mates share a job, so they share its cost), and
+    the compute saved against retraining every model from scratch."""
+
+    def total(key: str) -> float | None:
+        values = [float(c[key]) for c in costs if c.get(key) is not None]
+        return round(sum(values), 3) if values else None
+
+    device, retrain = total("device_seconds"), total("retrain_estimate_seconds")
+    return {
+        "wall_seconds": total("wall_seconds"),
+        "device_seconds": device,
+        "energy_joules": total("energy_joules"),
+        "retrain_estimate_seconds": retrain,
+        "saved_seconds": round(retrain - device, 3) if device is not None and retrain else None,
+    }
 
 
 def _fingerprint(req: DeletionRequest) -> tuple[object, ...]:
@@ -251,6 +280,8 @@ def to_out(session: Session, req: DeletionRequest) -> DeletionRequestOut:
         .where(RequestModel.request_id == req.id)
         .order_by(RequestModel.id)
     ).all()
+    job_ids = {rm.job_id for rm, _ in rows if rm.job_id}
+    costs = session.scalars(select(Job.cost).where(Job.id.in_(job_ids))).all() if job_ids else []
     return DeletionRequestOut(
         id=req.id,
         kind=req.kind,
@@ -276,6 +307,8 @@ def to_out(session: Session, req: DeletionRequest) -> DeletionRequestOut:
         model=req.model_name,
         external_ref=req.external_ref,
         extended=req.extended_at is not None,
+        overdue=req.status not in TERMINAL and req.due_at <= utcnow(),
+        cost=request_cost(costs),
         error=req.error,
     )
 

@@ -50,6 +50,10 @@ def test_require_approval_holds_a_passing_candidate(env: AppEnv) -> None:
     report = env.client.get(f"/v1/reports/{req['models'][0]['report_id']}", headers=h).json()
     assert report["passed"] and report["decision"] == "approval_required"
     assert req["status"] == "needs_review"
+    # The request's cost: its jobs summed, and what retraining everything would have cost.
+    cost = req["cost"]
+    assert cost["device_seconds"] > 0 and cost["retrain_estimate_seconds"] > 0
+    assert cost["energy_joules"] is None  # no NVML on a CPU
     assert env.client.get("/v1/models/m", headers=h).json()["production_version"] == 1
     r = env.client.post(
         f"/v1/deletion-requests/{rid}/review", headers=h, json={"action": "approve"}

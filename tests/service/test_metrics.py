@@ -52,6 +52,7 @@ def test_requests_by_status_and_overdue(env: AppEnv) -> None:
     assert m[("palimpsest_requests", (("status", "received"),))] == 2
     assert m[("palimpsest_requests", (("status", "completed"),))] == 0
     assert m[("palimpsest_requests_overdue", ())] == 1
+    assert m[("palimpsest_webhook_deliveries", (("status", "failed"),))] == 0
 
 
 def test_queue_depth_of_the_sqlite_broker(tmp_path: Path) -> None:
