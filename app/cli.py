@@ -82,10 +82,20 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the HTTP API (uvicorn)."""
     import uvicorn
 
+    from app.core.logging import configure_logging
     from app.core.settings import get_settings
 
-    get_settings().ensure_local_dirs()
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    settings = get_settings()
+    settings.ensure_local_dirs()
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        log_config=None,  # keep our JSON handler: uvicorn's records flow through root
+    )
 
 
 @cli.command("worker")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.db import get_engine
 from app.core.errors import AppError
+from app.core.logging import new_request_id, request_id_var
 from app.ops.metrics import registry as metrics_registry
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,17 @@ def create_app() -> FastAPI:
     from app.webhooks.router import router as webhooks_router
 
     app = FastAPI(title="Palimpsest", version="0.1.0", description=__doc__)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Response:
+        rid = new_request_id(request.headers.get("x-request-id"))
+        token = request_id_var.set(rid)
+        try:
+            response: Response = await call_next(request)
+        finally:
+            request_id_var.reset(token)
+        response.headers["X-Request-ID"] = rid
+        return response
 
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:

@@ -6,7 +6,13 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+)
 from kombu import Queue
 
 from app.core.settings import Settings, get_settings
@@ -67,3 +73,34 @@ def _warm_up(**_: Any) -> None:
 
 worker_init.connect(_warm_up, weak=False)
 worker_process_init.connect(_warm_up, weak=False)
+
+
+def _logging(**_: Any) -> None:
+    """Our JSON logs instead of Celery's own setup."""
+    from app.core.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def _restore_request_id(task: Any = None, **_: Any) -> None:
+    """The HTTP request's id, carried in the message header, for this task's logs (and
+    for the tasks it enqueues in turn)."""
+    from app.core.logging import HEADER, request_id_var
+
+    if task is None:
+        return
+    task.request._palimpsest_token = request_id_var.set(getattr(task.request, HEADER, None))
+
+
+def _clear_request_id(task: Any = None, **_: Any) -> None:
+    from app.core.logging import request_id_var
+
+    token = getattr(task.request, "_palimpsest_token", None) if task is not None else None
+    if token is not None:
+        request_id_var.reset(token)
+
+
+setup_logging.connect(_logging, weak=False)
+task_prerun.connect(_restore_request_id, weak=False)
+task_postrun.connect(_clear_request_id, weak=False)

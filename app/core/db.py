@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.logging import HEADER as REQUEST_ID_HEADER
+from app.core.logging import request_id_var
 from app.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class PendingTask:
     queue: str = "default"
     countdown: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = field(default_factory=lambda: request_id_var.get())
 
 
 def enqueue(
@@ -127,6 +130,7 @@ def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
                     queue=task.queue,
                     countdown=task.countdown,
                     connection=conn,
+                    headers={REQUEST_ID_HEADER: task.request_id} if task.request_id else None,
                 )
             return
         except Exception:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # How long a job waits before retrying when another job holds the model's lock.
     lock_retry_seconds: float = Field(default=2.0, gt=0)
     torch_threads: int = Field(default=0, ge=0)  # 0 = torch's default
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
