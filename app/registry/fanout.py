@@ -11,7 +11,6 @@ quarantine more records while the shards run.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +210,3 @@ def assemble(
             "seconds": sum(shard_seconds),
         }
     return snap, base, new, result
-
-
-def elapsed_since(started: float) -> float:
-    return max(0.0, time.time() - started)

@@ -16,25 +16,21 @@ from app.core.storage import get_store
 from app.datasets import service as datasets
 from app.jobs import service as jobs
 from app.ml.data import TabularData
-from app.ml.sisa import SisaEnsemble, SisaManifest
+from app.ml.sisa import SisaManifest
 from app.ml.verify.fairness import group_weights
 from app.models import Job
 from app.registry import artifacts, fanout, monolithic
 from app.registry.candidate import (
-    Candidate,
     JobContext,
-    begin_verification,
-    conclude,
     load_context,
 )
 from app.registry.runner import (
     _begin,
     _device,
-    _metrics,
     _removed_features,
-    quality_checks,
+    verify_candidate,
+    verify_unlearning,
 )
-from app.verification import service as verification
 
 
 def run_feature(job_id: str) -> None:
@@ -103,8 +99,6 @@ def run_feature(job_id: str) -> None:
 
 def finish_chord(job_id: str, results: list[dict[str, Any]]) -> None:
     """The chord's callback: its shards are trained; verify and conclude the job."""
-    from app.registry.runner import verify_unlearning
-
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running":
@@ -128,32 +122,19 @@ def _verify_feature(
     compute: float,
     started: float,
 ) -> None:
-    store = get_store()
-    device = _device()
-    ckpt = artifacts.checkpoint_store(store, ctx.model_id)
-    feature = str(result["feature"])
-    rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
-    begin_verification(ctx)
-    test = datasets.to_tabular(ctx.ds, datasets.read_partitions(store, ctx.ds), ctx.test_ids)
-    candidate = SisaEnsemble.load(new_manifest, ckpt, device)
-    baseline = SisaEnsemble.load(manifest, ckpt, device)
-    checks = quality_checks(ctx, candidate, baseline, test, None, device)
-    checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
-    conclude(
+    """A feature job's candidate: no record forgotten, the feature must be gone."""
+    verify_candidate(
         ctx,
-        Candidate(
-            manifest=new_manifest,
-            rel=rel,
-            checks=checks,
-            metrics=_metrics(candidate, test, n_retained, checks),
-            result=result,
-            forgotten=np.zeros(0, dtype=np.int64),
-            removed_features=_removed_features(ctx.config, ctx.features),
-            allow_retrain=True,
-            device=str(device),
-            compute_seconds=compute,
-            wall_seconds=fanout.elapsed_since(started),
-        ),
+        manifest,
+        new_manifest,
+        result,
+        forgotten=np.zeros(0, dtype=np.int64),
+        features=[str(result["feature"])],
+        removed_features=_removed_features(ctx.config, ctx.features),
+        allow_retrain=True,
+        n_retained=n_retained,
+        compute=compute,
+        started=started,
     )
 
 
@@ -161,6 +142,7 @@ def run_retrain(job_id: str) -> None:
     """From scratch on the retained records, without every removed feature (those of the
     production version and of feature requests attached to this job)."""
     t0 = time.perf_counter()
+    started = time.time()
     with session_scope() as s:
         job = _begin(s, job_id, "retrain")
         if job is None:
@@ -175,7 +157,6 @@ def run_retrain(job_id: str) -> None:
     mask = ctx.retained_mask
     retained = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])
     weights = _mitigation_weights(retained, mitigation) if mitigation else None
-    test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
     removed = _removed_features(ctx.config, ctx.features)
     spec = monolithic.spec_without(manifest.feature_spec, [d["feature"] for d in removed])
     new_manifest, result = monolithic.retrain(
@@ -206,30 +187,19 @@ def run_retrain(job_id: str) -> None:
         )
     )
     forgotten = np.setdiff1d(seen, np.asarray(retained.record_ids, dtype=np.int64))
-    rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
-    begin_verification(ctx)
-    candidate = SisaEnsemble.load(new_manifest, ckpt, device)
-    baseline = SisaEnsemble.load(manifest, ckpt, device)
-    checks = {"lineage": verification.lineage_check(new_manifest, forgotten)}
-    forget = datasets.to_tabular(ctx.ds, table, forgotten)
-    checks |= quality_checks(ctx, candidate, baseline, test, forget, device)
-    for feature, _ in ctx.features:
-        checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
-    conclude(
+    # A retrain's own failed report goes to a person (allow_retrain=False): no loops.
+    verify_candidate(
         ctx,
-        Candidate(
-            manifest=new_manifest,
-            rel=rel,
-            checks=checks,
-            metrics=_metrics(candidate, test, len(retained), checks),
-            result=result,
-            forgotten=forgotten,
-            removed_features=removed,
-            allow_retrain=False,
-            device=str(device),
-            compute_seconds=compute,
-            wall_seconds=time.perf_counter() - t0,
-        ),
+        manifest,
+        new_manifest,
+        result,
+        forgotten=forgotten,
+        features=[f for f, _ in ctx.features],
+        removed_features=removed,
+        allow_retrain=False,
+        n_retained=len(retained),
+        compute=compute,
+        started=started,
     )
 
 

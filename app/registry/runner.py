@@ -345,38 +345,45 @@ def run_unlearning(job_id: str) -> None:
     )
 
 
-def verify_unlearning(
+def verify_candidate(
     ctx: JobContext,
     manifest: SisaManifest,
     new_manifest: SisaManifest,
     result: dict[str, Any],
+    *,
+    forgotten: np.ndarray,
+    features: list[str],
+    removed_features: list[dict[str, str]],
+    allow_retrain: bool,
     n_retained: int,
     compute: float,
     started: float,
 ) -> None:
-    """Save the candidate, check it against the production version, and conclude."""
+    """Save the candidate, run every check that applies to it, and conclude the job.
+
+    Lineage for exact methods that dropped records; utility, fairness and (with records
+    forgotten) forgetting always; the injection test for approximate strategies; the
+    flip test for each feature removed by this job."""
     store = get_store()
     device = _device()
     ckpt = artifacts.checkpoint_store(store, ctx.model_id)
-    forgotten = ctx.forgotten
+    exact = not result["approximate"]
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
     jobs.ProgressReporter(ctx.job_id)(0.85)
     begin_verification(ctx)
     table = datasets.read_partitions(store, ctx.ds)
     test = datasets.to_tabular(ctx.ds, table, ctx.test_ids)
     # Quarantined rows stay readable until erasure: the attack needs them.
-    forget = datasets.to_tabular(ctx.ds, table, forgotten)
+    forget = datasets.to_tabular(ctx.ds, table, forgotten) if len(forgotten) else None
     candidate = SisaEnsemble.load(new_manifest, ckpt, device)
     baseline = SisaEnsemble.load(manifest, ckpt, device)
     checks: dict[str, verification.Check] = {}
-    if not result["approximate"]:
+    if exact and len(forgotten):
         # Manifests prove exclusion only for exact methods; approximate ones rely on
         # the other checks.
         checks["lineage"] = verification.lineage_check(new_manifest, forgotten)
-    checks |= quality_checks(
-        ctx, candidate, baseline, test, forget, device, exact=not result["approximate"]
-    )
-    if result["approximate"] and not monolithic.is_certified(ctx.config):
+    checks |= quality_checks(ctx, candidate, baseline, test, forget, device, exact=exact)
+    if not exact and forget is not None and not monolithic.is_certified(ctx.config):
         # Izzo et al.'s injection test of the strategy itself, on a sample of this job.
         v = ctx.config.get("verification", {})
         checks["injection"] = injection(
@@ -389,6 +396,8 @@ def verify_unlearning(
             seed=derive_seed(ctx.job_id, "injection") % (2**31),
             max_residual=v.get("injection_max_residual"),
         )
+    for feature in features:
+        checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
     conclude(
         ctx,
         Candidate(
@@ -398,12 +407,37 @@ def verify_unlearning(
             metrics=_metrics(candidate, test, n_retained, checks),
             result=result,
             forgotten=forgotten,
-            removed_features=_removed_features(ctx.config, []),
-            allow_retrain=True,
+            removed_features=removed_features,
+            allow_retrain=allow_retrain,
             device=str(device),
             compute_seconds=compute,
             wall_seconds=max(0.0, time.time() - started),
         ),
+    )
+
+
+def verify_unlearning(
+    ctx: JobContext,
+    manifest: SisaManifest,
+    new_manifest: SisaManifest,
+    result: dict[str, Any],
+    n_retained: int,
+    compute: float,
+    started: float,
+) -> None:
+    """An unlearning job's candidate: it forgot the job's quarantined records."""
+    verify_candidate(
+        ctx,
+        manifest,
+        new_manifest,
+        result,
+        forgotten=ctx.forgotten,
+        features=[],
+        removed_features=_removed_features(ctx.config, []),
+        allow_retrain=True,
+        n_retained=n_retained,
+        compute=compute,
+        started=started,
     )
 
 
