@@ -29,6 +29,13 @@ class Job(Base):
     report_id: Mapped[str | None] = mapped_column(String(32), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Crash safety: the worker running the job refreshes `heartbeat_at`; a running job
+    # whose heartbeat is stale belonged to a dead worker and is handed out again.
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Batching: a pending unlearning job waits for more requests until this time
+    # (the model's window, minimum batch and maximum wait; brought forward by deadlines).
+    not_before: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Report(Base):
