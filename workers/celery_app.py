@@ -51,6 +51,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
             # Re-sends webhook deliveries whose countdown task was lost.
             "webhook-sweep": {"task": "palimpsest.sweep_webhooks", "schedule": 30.0},
             "deadline-watchdog": {"task": "palimpsest.deadline_watchdog", "schedule": 300.0},
+            # Batching: send held jobs when their window, maximum wait or a deadline comes.
+            "release-batches": {
+                "task": "palimpsest.release_batches",
+                "schedule": settings.batch_release_interval,
+            },
         },
         timezone="UTC",
     )

@@ -143,3 +143,13 @@ def sweep_webhooks() -> int:
     from app.webhooks import delivery
 
     return delivery.sweep()
+
+
+@shared_task(name="palimpsest.release_batches")
+def release_batches() -> dict[str, int]:
+    """Beat: send held unlearning jobs whose batching window, maximum wait or a
+    request's deadline has come."""
+    from app.requests import batching
+
+    with session_scope() as s:
+        return batching.release_due(s)

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_extension_days: int = Field(default=61, ge=1)
     # The watchdog announces open requests this close to their deadline.
     deadline_warning_days: float = Field(default=3.0, ge=0)
+    # How often the beat sends held unlearning jobs whose batching time has come.
+    batch_release_interval: float = Field(default=10.0, gt=0, le=3600)
     # Verification defaults (per-model overrides live in the model config).
     utility_max_drop: float = Field(default=0.02, ge=0.0, le=1.0)
     # How long a job waits before retrying when another job holds the model's lock.

@@ -28,3 +28,5 @@ class JobOut(BaseModel):
     report_id: str | None
     result: dict[str, Any] = {}
     error: str | None = None
+    # Held by the model's batching policy until this time (null once sent to workers).
+    not_before: datetime | None = None

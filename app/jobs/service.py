@@ -44,6 +44,7 @@ def to_out(session: Session, job: Job) -> JobOut:
         report_id=job.report_id,
         result=job.result,
         error=job.error,
+        not_before=job.not_before,
     )
 
 

@@ -7,7 +7,14 @@ from fastapi import APIRouter
 from app.api.deps import AdminDep, ReaderDep, SessionDep, SettingsDep
 from app.core.storage import get_store
 from app.registry import service
-from app.registry.schemas import ModelCreate, ModelCreated, ModelOut, PredictIn, PredictOut
+from app.registry.schemas import (
+    ModelCreate,
+    ModelCreated,
+    ModelOut,
+    ModelPatch,
+    PredictIn,
+    PredictOut,
+)
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -20,6 +27,14 @@ def create_model(body: ModelCreate, caller: AdminDep, session: SessionDep) -> Mo
 @router.get("/{name}", responses={404: {}})
 def get_model(name: str, _: ReaderDep, session: SessionDep) -> ModelOut:
     return service.to_out(session, service.get_by_name(session, name))
+
+
+@router.patch("/{name}", responses={404: {}, 422: {}})
+def update_model(name: str, body: ModelPatch, caller: AdminDep, session: SessionDep) -> ModelOut:
+    """Beyond API.md: change settings that may change after creation (batching)."""
+    model = service.get_by_name(session, name)
+    service.update_settings(session, model, body, caller.actor)
+    return service.to_out(session, model)
 
 
 @router.post("/{name}/predict", responses={400: {}, 404: {}, 422: {}})

@@ -88,7 +88,9 @@ def _is_test(record_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
 
 
 def _begin(session: Session, job_id: str, kind: str) -> Job | None:
-    job = session.get(Job, job_id)
+    # Row lock: a request joining this job (batching) either lands before the job reads
+    # its requests or sees it running and opens the next job.
+    job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.kind != kind or job.status in ("succeeded", "failed"):
         return None  # idempotent: a redelivered task finds its work done
     if not jobs.try_lock(session, job.model_id, job.id):
@@ -278,6 +280,8 @@ def run_unlearning(job_id: str) -> None:
     with session_scope() as s:
         peek = s.get(Job, job_id)
         method = peek.method if peek is not None else None
+        if peek is not None and peek.status == "pending" and peek.not_before is not None:
+            return  # held by its model's batching policy: the beat sends it when due
     if method == "feature":
         from app.registry import retraining  # it builds on this module's helpers
 

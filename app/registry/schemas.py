@@ -73,6 +73,39 @@ class VerificationIn(BaseModel):
     require_approval: bool = False
 
 
+class BatchingIn(BaseModel):
+    """When planned requests on this model start their unlearning job.
+
+    Requests coalesce into one pending job. The job starts `window_seconds` after its
+    first request once it holds `min_batch` requests, or `max_wait_seconds` after it in
+    any case; a request due within `deadline_margin_hours` starts it at once. Several
+    requests in one job blur which record changed the model, and each job retrains the
+    shards of all of them once."""
+
+    model_config = ConfigDict(extra="forbid")
+    window_seconds: float = Field(default=0.0, ge=0, le=30 * 86400)
+    min_batch: int = Field(default=1, ge=1, le=100_000)
+    # Upper bound on the requests one job takes (None: no bound); 1 = one job each.
+    max_batch: int | None = Field(default=None, ge=1, le=100_000)
+    max_wait_seconds: float = Field(default=86400.0, ge=0, le=30 * 86400)
+    deadline_margin_hours: float = Field(default=72.0, ge=0, le=60 * 24)
+
+    @model_validator(mode="after")
+    def _order(self) -> BatchingIn:
+        if self.max_wait_seconds < self.window_seconds:
+            raise ValueError("max_wait_seconds must be at least window_seconds")
+        if self.max_batch is not None and self.max_batch < self.min_batch:
+            raise ValueError("max_batch must be at least min_batch")
+        return self
+
+
+class ModelPatch(BaseModel):
+    """`PATCH /v1/models/{name}`: settings that may change after creation."""
+
+    model_config = ConfigDict(extra="forbid")
+    batching: BatchingIn
+
+
 class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -84,6 +117,7 @@ class ModelCreate(BaseModel):
     group_columns: list[str] | None = None
     test_fraction: float = Field(default=0.2, gt=0, lt=0.9)
     verification: VerificationIn = Field(default_factory=VerificationIn)
+    batching: BatchingIn = Field(default_factory=BatchingIn)
 
 
 class ModelCreated(BaseModel):

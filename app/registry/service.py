@@ -24,6 +24,7 @@ from app.registry.schemas import (
     ModelCreate,
     ModelCreated,
     ModelOut,
+    ModelPatch,
     Prediction,
     PredictOut,
     VersionOut,
@@ -181,6 +182,24 @@ def to_out(session: Session, model: MLModel) -> ModelOut:
             for v in versions
         ],
     )
+
+
+def update_settings(session: Session, model: MLModel, body: ModelPatch, actor: str) -> None:
+    """Replace the model's batching policy; held jobs are rescheduled under the new one."""
+    from app.requests import batching  # requests build on the registry, not the reverse
+
+    before = model.config.get("batching")
+    model.config = {**model.config, "batching": body.batching.model_dump()}
+    audit.record(
+        session,
+        actor=actor,
+        action="model.settings_changed",
+        entity_type="model",
+        entity_id=model.id,
+        data={"batching": {"before": before, "after": model.config["batching"]}},
+    )
+    session.flush()
+    batching.reschedule_model(session, model)
 
 
 def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reason: str) -> None:

@@ -26,6 +26,7 @@ from app.models import (
 from app.registry import references
 from app.registry import service as registry
 from app.registry.monolithic import method_of
+from app.requests import batching
 from app.requests.service import transition
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def _in_chunks(ids: list[int], size: int = 900) -> list[list[int]]:
 
 def plan(session: Session, request_id: str) -> None:
     """received -> planned: quarantine the records, find every model they reach, attach
-    each model to an unlearning job (joining a pending one: that is batching)."""
+    each model to an unlearning job (joining a pending one: that is batching, and the
+    model's batching policy decides when the job is sent)."""
     req = session.get(DeletionRequest, request_id, with_for_update=True)
     if req is None or req.status != "received":
         return  # idempotent: already planned, cancelled or gone
@@ -110,19 +112,13 @@ def plan(session: Session, request_id: str) -> None:
     for model_id in sorted(models):
         model = session.get(MLModel, model_id)
         assert model is not None
-        job = session.scalars(
-            select(Job).where(
-                Job.model_id == model_id,
-                Job.kind == "unlearn",
-                Job.status == "pending",
-                Job.method != "feature",
-            )
-        ).first()
+        # Join the model's pending job (batching) or open the next one.
+        job = batching.open_job(session, model)
+        new = job is None
         if job is None:
             job = Job(kind="unlearn", model_id=model_id, method=method_of(model.config))
             session.add(job)
             session.flush()
-            enqueue(session, "palimpsest.run_unlearning", job.id, queue="gpu")
         session.add(
             RequestModel(
                 request_id=req.id,
@@ -132,6 +128,8 @@ def plan(session: Session, request_id: str) -> None:
                 from_version=model.production_version,
             )
         )
+        session.flush()
+        batching.schedule(session, job, model, new=new)
     req.n_records = len(ids)
     transition(session, req, "planned", WORKER, records=len(ids), models=len(models))
     if not models:

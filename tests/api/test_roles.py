@@ -32,6 +32,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/v1/datasets/{dataset_id}"): READERS,
     ("POST", "/v1/models"): ADMIN,
     ("GET", "/v1/models/{name}"): READERS,
+    # Beyond API.md: change a model's batching policy.
+    ("PATCH", "/v1/models/{name}"): ADMIN,
     ("POST", "/v1/models/{name}/predict"): ADMIN,
     ("POST", "/v1/models/{name}/versions/{version}/promote"): ADMIN,
     # Beyond API.md: on-demand fallback retraining changes models, so admin only.
