@@ -201,11 +201,26 @@ def demo(
     ] = None,
     subjects: Annotated[int, typer.Option(help="students in the synthetic dataset")] = 3000,
     port: int = 0,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="afterwards keep the API and worker running for the dashboard until Ctrl-C",
+        ),
+    ] = False,
+    stories: Annotated[
+        str, typer.Option(hidden=True, help="comma-separated subset of the stories")
+    ] = "erasure,feature,district",
 ) -> None:
     """Run the seed stories end to end on the embedded default and print a report."""
-    from app.demo import run_demo
+    from app.demo import STORIES, run_demo
 
-    sys.exit(run_demo(folder, n_subjects=subjects, port=port))
+    chosen = tuple(s.strip() for s in stories.split(",") if s.strip())
+    unknown = sorted(set(chosen) - set(STORIES))
+    if unknown:
+        typer.echo(f"error: unknown stories {unknown}; known: {list(STORIES)}", err=True)
+        raise typer.Exit(2)
+    sys.exit(run_demo(folder, n_subjects=subjects, port=port, serve=serve, stories=chosen))
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -75,42 +76,88 @@ def _request_fraction(d: dict[str, Any]) -> float:
     return REQUEST_STEPS.index(s) / (len(REQUEST_STEPS) - 1) if s in REQUEST_STEPS else 1.0
 
 
-def run_demo(folder: Path | None, n_subjects: int = 3000, port: int = 0) -> int:
+STORIES = ("erasure", "feature", "district")
+
+
+def run_demo(
+    folder: Path | None,
+    n_subjects: int = 3000,
+    port: int = 0,
+    serve: bool = False,
+    stories: tuple[str, ...] = STORIES,
+) -> int:
     work = folder or Path(tempfile.mkdtemp(prefix="palimpsest-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     console.rule("[bold]Palimpsest demo[/bold]")
     console.print(f"work folder: {work} (SQLite database, SQLite broker, local artifacts)")
     stack = LocalStack(work, env={"PALIMPSEST_DEVICE": "auto"}, port=port)
     t_start = time.perf_counter()
+    tables: list[Table] = []
     try:
         stack.start()
         console.print(f"API at {stack.base_url}, one Celery worker process")
+        admin_key = stack.create_key("admin", "demo-admin")
         admin = httpx.Client(
             base_url=stack.base_url,
             timeout=60,
-            headers={"Authorization": f"Bearer {stack.create_key('admin', 'demo-admin')}"},
+            headers={"Authorization": f"Bearer {admin_key}"},
         )
         portal = httpx.Client(
             base_url=stack.base_url,
             timeout=60,
             headers={"Authorization": f"Bearer {stack.create_key('portal', 'privacy-portal')}"},
         )
-        rows = _erasure_story(admin, portal, n_subjects)
-        cv = _feature_story(admin)
-        district = district_story(admin, portal, console, [sys.executable, "-m", "app.cli"])
+        if "erasure" in stories:
+            tables.append(_erasure_story(admin, portal, n_subjects))
+        if "feature" in stories:
+            tables.append(_feature_story(admin))
+        if "district" in stories:
+            tables.append(district_story(admin, portal, console, [sys.executable, "-m", "app.cli"]))
     except Exception as exc:
+        stack.stop()
         console.print(f"[red]demo failed:[/red] {exc}")
         console.print(stack.tail(3000))
         return 1
-    finally:
+    except KeyboardInterrupt:
         stack.stop()
-    console.print(rows)
-    console.print(cv)
-    console.print(district)
+        console.print("interrupted")
+        return 130
+    if not serve:
+        stack.stop()
+    for table in tables:
+        console.print(table)
     console.print(
         f"demo finished in {time.perf_counter() - t_start:.0f} s; everything is in {work}"
     )
+    if serve:
+        return _serve(stack, admin_key)
     return 0
+
+
+def _serve(stack: LocalStack, admin_key: str) -> int:
+    """Keep the API and the worker running for the dashboard until Ctrl-C (or SIGTERM)."""
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        console.rule("[bold]Dashboard[/bold]")
+        # Plain lines, so that scripts (and the tests) can read them.
+        print(f"dashboard: {stack.base_url}/admin", flush=True)
+        print(f"admin key: {admin_key}", flush=True)
+        print("serving until Ctrl-C", flush=True)
+        while all(p.poll() is None for p in stack.procs):
+            time.sleep(0.5)
+        console.print("[red]the service stopped on its own[/red]")
+        console.print(stack.tail(3000))
+        return 1
+    except KeyboardInterrupt:
+        print("stopping the API and the worker", flush=True)
+        return 0
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _erasure_story(admin: httpx.Client, portal: httpx.Client, n_subjects: int) -> Table:
