@@ -332,6 +332,24 @@ def test_gone_disables_the_endpoint(
         f"/v1/webhooks/{hook['id']}/deliveries/{first}/redeliver", headers=auth(keys["admin"])
     )
     assert_error(resp, 409, "webhook_disabled")
+    # The receiver is back: an admin re-enables the endpoint; new events reach it and the
+    # lost message can be redelivered by hand (same webhook-id).
+    receiver.codes = [204]
+    admin = auth(keys["admin"])
+    resp = env.client.post(f"/v1/webhooks/{hook['id']}/enable", headers=admin)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["enabled"] is True and resp.json()["disabled_reason"] is None
+    assert_error(env.client.post(f"/v1/webhooks/{hook['id']}/enable", headers=admin), 409)
+    assert_error(env.client.post("/v1/webhooks/nope/enable", headers=admin), 404)
+    emit("job.failed", {"job_id": "d"})
+    (fresh,) = deliver_ids(sent)
+    assert run(fresh) == "delivered"
+    resp = env.client.post(f"/v1/webhooks/{hook['id']}/deliveries/{first}/redeliver", headers=admin)
+    assert resp.status_code == 202, resp.text
+    assert run(first) == "delivered"
+    # The first message (answered 410) arrives again under its own webhook-id.
+    assert receiver.received[-1][0]["webhook-id"] == receiver.received[0][0]["webhook-id"]
+    assert len(receiver.received) == 3
 
 
 def test_redeliver_and_rotate_secret(

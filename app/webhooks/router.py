@@ -14,6 +14,7 @@ from app.webhooks.schemas import (
     WebhookCreated,
     WebhookIn,
     WebhookList,
+    WebhookOut,
     WebhookSecret,
 )
 
@@ -61,6 +62,12 @@ def rotate_secret(webhook_id: str, caller: AdminDep, session: SessionDep) -> Web
     of older messages included, is signed with the new one."""
     ep = service.rotate_secret(session, webhook_id, caller.actor)
     return WebhookSecret(id=ep.id, secret=ep.secret)
+
+
+@router.post("/{webhook_id}/enable", responses={404: {}, 409: {}})
+def enable_webhook(webhook_id: str, caller: AdminDep, session: SessionDep) -> WebhookOut:
+    """Beyond API.md: turn an endpoint disabled by a 410 back on."""
+    return service.endpoint_out(service.enable_endpoint(session, webhook_id, caller.actor))
 
 
 @router.delete("/{webhook_id}", status_code=204, responses={404: {}})

@@ -163,6 +163,25 @@ def redeliver(session: Session, webhook_id: str, delivery_id: str, actor: str) -
     return delivery_out(d)
 
 
+def enable_endpoint(session: Session, webhook_id: str, actor: str) -> WebhookEndpoint:
+    """Re-enable an endpoint disabled by a 410 (the receiver is back). Deliveries cancelled
+    while it was off stay cancelled; an admin can redeliver them one by one."""
+    ep = get_endpoint(session, webhook_id)
+    if ep.disabled_at is None:
+        raise Conflict("the webhook is already enabled", code="webhook_enabled")
+    audit.record(
+        session,
+        actor=actor,
+        action="webhook.enabled",
+        entity_type="webhook",
+        entity_id=ep.id,
+        data={"was_disabled_at": ep.disabled_at.isoformat(), "reason": ep.disabled_reason},
+    )
+    ep.disabled_at = None
+    ep.disabled_reason = None
+    return ep
+
+
 def disable_endpoint(session: Session, ep: WebhookEndpoint, reason: str) -> None:
     """The receiver is gone for good: stop, and cancel what was still waiting for it."""
     ep.disabled_at = utcnow()

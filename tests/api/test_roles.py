@@ -58,6 +58,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/v1/webhooks/{webhook_id}/deliveries"): ADMIN,
     ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): ADMIN,
     ("POST", "/v1/webhooks/{webhook_id}/rotate-secret"): ADMIN,
+    ("POST", "/v1/webhooks/{webhook_id}/enable"): ADMIN,
 }
 
 
