@@ -1,7 +1,8 @@
 """`make bench`: every benchmark, each measuring its naive alternative in the same run.
 
 B1 SISA subject unlearning vs a monolithic retrain; B2 certified removal vs retraining a
-logistic model; B3 approximate strategies vs retraining an MLP. Each prints its table and
+logistic model; B3 approximate strategies vs retraining an MLP; B4 1,000 subject requests
+through the whole service, batched into jobs vs one job each. Each prints its table and
 writes JSON under bench/results/. Pass --quick for a small smoke run.
 """
 
@@ -10,15 +11,20 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench import b1_sisa, b2_certified, b3_strategies
+from bench import b1_sisa, b2_certified, b3_strategies, b4_batching
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", choices=["b1", "b2", "b3"], action="append")
+    parser.add_argument("--only", choices=["b1", "b2", "b3", "b4"], action="append")
     args = parser.parse_args()
-    runs = {"b1": b1_sisa.main, "b2": b2_certified.main, "b3": b3_strategies.main}
+    runs = {
+        "b1": b1_sisa.main,
+        "b2": b2_certified.main,
+        "b3": b3_strategies.main,
+        "b4": b4_batching.main,
+    }
     for name, fn in runs.items():
         if args.only and name not in args.only:
             continue
