@@ -95,6 +95,7 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
         port=port,
         log_level="info",
         log_config=None,  # keep our JSON handler: uvicorn's records flow through root
+        access_log=False,  # app.main logs each request, with its id and redacted paths
     )
 
 

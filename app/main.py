@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +20,13 @@ from app.core.logging import new_request_id, request_id_var
 from app.ops.metrics import registry as metrics_registry
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("palimpsest.access")
+_SUBJECT_PATH = re.compile(r"^(/v1/subjects/)[^/]+")
+
+
+def redact_path(path: str) -> str:
+    """The path as logged: a raw subject id never reaches a log line."""
+    return _SUBJECT_PATH.sub(r"\1[redacted]", path)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -49,9 +58,21 @@ def create_app() -> FastAPI:
     async def request_id(request: Request, call_next: Any) -> Response:
         rid = new_request_id(request.headers.get("x-request-id"))
         token = request_id_var.set(rid)
+        started = time.perf_counter()
+        status = 500
         try:
             response: Response = await call_next(request)
+            status = response.status_code
         finally:
+            # Our access log (uvicorn's is off): it carries the request id, and paths that
+            # name a subject are redacted, because logs never hold personal data.
+            access_log.info(
+                "%s %s %s",
+                request.method,
+                redact_path(request.url.path),
+                status,
+                extra={"duration_ms": round((time.perf_counter() - started) * 1000, 1)},
+            )
             request_id_var.reset(token)
         response.headers["X-Request-ID"] = rid
         return response

@@ -33,6 +33,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": request_id_var.get(),
         }
+        duration = getattr(record, "duration_ms", None)
+        if duration is not None:
+            doc["duration_ms"] = duration
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)

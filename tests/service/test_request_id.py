@@ -59,3 +59,28 @@ def test_json_log_lines() -> None:
         request_id_var.reset(token)
     assert doc["message"] == "hello you" and doc["request_id"] == "req-7"
     assert doc["level"] == "INFO" and doc["logger"] == "app.x"
+
+
+def test_access_log_lines_carry_the_id_and_no_subject_id(env: AppEnv) -> None:
+    import io
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("palimpsest.access")
+    access.addHandler(handler)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        env.client.get("/healthz", headers={"X-Request-ID": "portal-9"})
+        env.client.get("/v1/subjects/alice@example.org/lineage", headers={"X-Request-ID": "r-2"})
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(d["request_id"], d["message"]) for d in lines] == [
+        ("portal-9", "GET /healthz 200"),
+        ("r-2", "GET /v1/subjects/[redacted]/lineage 401"),
+    ]
+    assert all(d["duration_ms"] >= 0 for d in lines)
+    assert "alice" not in out.getvalue()
