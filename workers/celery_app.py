@@ -18,12 +18,23 @@ from kombu import Queue
 from app.core.settings import Settings, get_settings
 
 
-def _transport_options(url: str) -> dict[str, object]:
+def _transport_options(settings: Settings) -> dict[str, object]:
+    url = settings.broker_url
     if url.startswith("sqla+"):
         # kombu hands these to create_engine: let SQLite writers wait for each other.
+        # (This transport never redelivers a message a dead worker took: the resume
+        # sweep's heartbeat check is the only recovery there.)
         return {"connect_args": {"timeout": 30}} if "sqlite" in url else {}
-    # Long unlearning jobs with acks_late must not be redelivered while still running.
-    return {"visibility_timeout": 6 * 3600}
+    # Recovery from a dead worker does not wait for Redis to redeliver: a running job
+    # carries a heartbeat, and the beat's resume sweep takes over one whose heartbeat is
+    # older than PALIMPSEST_JOB_LEASE_SECONDS (a minute), on every broker, also after a
+    # broker restart that lost the messages. Redelivery after the visibility timeout is
+    # a backstop only, so the timeout is long (6 h by default): longer than any shard
+    # or job step, as a message redelivered while its task still runs is work done twice
+    # (a duplicate job delivery is a no-op, but a chord shard would train again); it also
+    # bounds how often Redis redelivers a waiting countdown (webhook retries, which check
+    # their own state).
+    return {"visibility_timeout": settings.broker_visibility_timeout}
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -45,9 +56,13 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options=_transport_options(settings.broker_url),
+        broker_transport_options=_transport_options(settings),
         beat_schedule={
-            "resume-stalled-work": {"task": "palimpsest.resume_stalled", "schedule": 60.0},
+            # Takes over jobs whose worker died (stale heartbeat), re-sends lost work.
+            "resume-stalled-work": {
+                "task": "palimpsest.resume_stalled",
+                "schedule": settings.resume_interval_seconds,
+            },
             # Re-sends webhook deliveries whose countdown task was lost.
             "webhook-sweep": {"task": "palimpsest.sweep_webhooks", "schedule": 30.0},
             "deadline-watchdog": {"task": "palimpsest.deadline_watchdog", "schedule": 300.0},
@@ -66,6 +81,18 @@ def create_celery(settings: Settings | None = None) -> Celery:
 @lru_cache
 def get_celery() -> Celery:
     return create_celery()
+
+
+def _name_connections(**_: Any) -> None:
+    """Worker processes name their database connections (PostgreSQL's application_name),
+    so operators, and the crash tests, can tell them from the API's."""
+    from app.core.db import set_application_name
+
+    set_application_name("palimpsest-worker")
+
+
+worker_init.connect(_name_connections, weak=False)
+worker_process_init.connect(_name_connections, weak=False)
 
 
 def _warm_up(**_: Any) -> None:

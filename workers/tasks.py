@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
 
 from celery import Task, shared_task
-from sqlalchemy import select
 
-from app.core.db import enqueue, session_scope
+from app.core.db import session_scope
 from app.core.settings import get_settings
 from app.core.storage import get_store
-from app.models import DeletionRequest, Job
-from app.models.base import utcnow
+from app.jobs import lease, recovery
+from app.jobs import service as jobs
 from app.registry import fanout, retraining, runner
 from app.requests import deadlines, lifecycle
 
@@ -22,16 +20,40 @@ MAX_RETRIES = 2
 
 
 def _run_job(task: Task, fn: Any, job_id: str, lock_retry: float = 2.0) -> None:
+    """Run a whole job under its lease (a heartbeat thread while it runs).
+
+    Crash safety: the task is acknowledged only when it returns (acks_late), and every
+    step is idempotent, so any delivery may run it again. A job running on a live worker
+    makes a duplicate delivery a no-op; one whose worker died (its heartbeat stale) is
+    taken over by the next delivery or by the resume sweep; an execution that was taken
+    over stops at its next progress report and concludes nothing (LeaseLost)."""
     try:
-        fn(job_id)
-    except runner.ModelBusy as exc:
-        # Serialised per model: wait for the other job without burning a retry.
-        raise task.retry(countdown=lock_retry, max_retries=None) from exc
-    except Exception as exc:
-        log.exception("job %s failed (attempt %s)", job_id, task.request.retries + 1)
-        if task.request.retries < MAX_RETRIES:
-            raise task.retry(countdown=2**task.request.retries, exc=exc) from exc
-        runner.fail_job(job_id, f"{type(exc).__name__}: {exc}")
+        with lease.held(job_id) as held:
+            try:
+                fn(job_id)
+            except runner.ModelBusy as exc:
+                # Serialised per model: wait for the other job without burning a retry.
+                raise task.retry(countdown=lock_retry, max_retries=None) from exc
+            except lease.LeaseLost:
+                raise
+            except Exception as exc:
+                log.exception("job %s failed (attempt %s)", job_id, task.request.retries + 1)
+                error = f"{type(exc).__name__}: {exc}"
+                if task.request.retries < MAX_RETRIES:
+                    # Back to pending (lock kept), so the retry starts it on any worker.
+                    _quietly(jobs.release, job_id, held.token, error)
+                    raise task.retry(countdown=2**task.request.retries, exc=exc) from exc
+                runner.fail_job(job_id, error, token=held.token)
+    except lease.LeaseLost as exc:
+        log.warning("job %s: this execution stops, another one owns the job (%s)", job_id, exc)
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        # The database may be what failed; a stale lease is then recovered by the sweep.
+        log.warning("could not record %s%s", getattr(fn, "__name__", fn), args, exc_info=True)
 
 
 @shared_task(name="palimpsest.train_model", bind=True, acks_late=True)
@@ -50,27 +72,37 @@ def run_retrain(self: Task, job_id: str) -> None:
 
 
 @shared_task(name="palimpsest.sisa_shard", bind=True, acks_late=True, ignore_result=False)
-def sisa_shard(self: Task, job_id: str, shard: int) -> dict[str, Any]:
-    """One shard of a fanned-out SISA job (a chord header task)."""
+def sisa_shard(self: Task, job_id: str, shard: int, attempt: int | None = None) -> dict[str, Any]:
+    """One shard of a fanned-out SISA job (a chord header task), heartbeating the job
+    for the attempt that sent it."""
     try:
-        return fanout.train_one_shard(job_id, shard)
+        with lease.held(job_id, attempt, exclusive=False):
+            return fanout.train_one_shard(job_id, shard, attempt)
+    except lease.LeaseLost:
+        # The chord of a taken-over attempt: its callback will do nothing either.
+        return {"stale": True}
     except Exception as exc:
         if self.request.retries < MAX_RETRIES:
             raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
         # The chord's callback will never run: fail the job here, releasing its lock.
-        runner.fail_job(job_id, f"shard {shard}: {type(exc).__name__}: {exc}")
+        runner.fail_job(job_id, f"shard {shard}: {type(exc).__name__}: {exc}", token=attempt)
         raise
 
 
 @shared_task(name="palimpsest.sisa_finish", bind=True, acks_late=True)
-def sisa_finish(self: Task, results: list[dict[str, Any]], job_id: str) -> None:
+def sisa_finish(
+    self: Task, results: list[dict[str, Any]], job_id: str, attempt: int | None = None
+) -> None:
     """The chord's callback: verify and conclude the job."""
     try:
-        retraining.finish_chord(job_id, results)
+        with lease.held(job_id, attempt, exclusive=False):
+            retraining.finish_chord(job_id, results, attempt)
+    except lease.LeaseLost:
+        log.warning("job %s: the chord of attempt %s was taken over", job_id, attempt)
     except Exception as exc:
         if self.request.retries < MAX_RETRIES:
             raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
-        runner.fail_job(job_id, f"{type(exc).__name__}: {exc}")
+        runner.fail_job(job_id, f"{type(exc).__name__}: {exc}", token=attempt)
 
 
 @shared_task(name="palimpsest.plan_request", bind=True, acks_late=True, max_retries=5)
@@ -99,33 +131,12 @@ def deadline_watchdog() -> dict[str, int]:
 
 
 @shared_task(name="palimpsest.resume_stalled")
-def resume_stalled(older_than_seconds: float = 120.0) -> dict[str, int]:
-    """Beat: re-send work whose task was lost (broker down at commit time, a crash).
-    Safe because every task is idempotent."""
-    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
-    counts = {"jobs": 0, "requests": 0}
+def resume_stalled(older_than_seconds: float | None = None) -> dict[str, int]:
+    """Beat: take over jobs whose worker died (stale heartbeat) and re-send work whose
+    task was lost (broker down at commit time, a crash). Safe because every task is
+    idempotent; see app.jobs.recovery."""
     with session_scope() as s:
-        for job in s.scalars(select(Job).where(Job.status == "pending", Job.created_at < cutoff)):
-            name = {
-                "train": "palimpsest.train_model",
-                "retrain": "palimpsest.run_retrain",
-            }.get(job.kind, "palimpsest.run_unlearning")
-            enqueue(s, name, job.id, queue="gpu")
-            counts["jobs"] += 1
-        for req in s.scalars(
-            select(DeletionRequest).where(
-                DeletionRequest.status.in_(("received", "erasing")),
-                DeletionRequest.received_at < cutoff,
-            )
-        ):
-            name = (
-                "palimpsest.plan_request"
-                if req.status == "received"
-                else "palimpsest.erase_request"
-            )
-            enqueue(s, name, req.id)
-            counts["requests"] += 1
-    return counts
+        return recovery.resume(s, older_than_seconds)
 
 
 @shared_task(name="palimpsest.deliver_webhook", acks_late=True)

@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
+_application_name = "palimpsest"
+
+
+def set_application_name(name: str) -> None:
+    """How this process's PostgreSQL connections are named (pg_stat_activity); engines
+    made before are disposed so that new connections carry the name."""
+    global _application_name
+    if name != _application_name:
+        _application_name = name
+        dispose_engines()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -45,7 +55,12 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", lambda c, _r: setattr(c, "isolation_level", None))
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # pool_pre_ping: a connection the server dropped (restart, pg_terminate_backend,
+    # a failover) is replaced on checkout instead of failing the next statement.
+    connect_args = {"application_name": _application_name} if url.startswith("postgres") else {}
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args
+    )
 
 
 def get_engine(settings: Settings | None = None) -> Engine:

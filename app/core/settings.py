@@ -40,6 +40,23 @@ class Settings(BaseSettings):
     utility_max_drop: float = Field(default=0.02, ge=0.0, le=1.0)
     # How long a job waits before retrying when another job holds the model's lock.
     lock_retry_seconds: float = Field(default=2.0, gt=0)
+    # Crash safety. A running job's worker refreshes its heartbeat this often; a job whose
+    # heartbeat is older than the lease belonged to a dead worker and is handed out again
+    # by the resume sweep. A job waiting for its fanned-out shards is only refreshed while
+    # a shard runs (they may queue behind other work), so it gets the longer shard lease.
+    job_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    job_lease_seconds: float = Field(default=60.0, gt=0)
+    job_shard_lease_seconds: float = Field(default=3600.0, gt=0)
+    # The beat's resume sweep: how often it runs, and how old pending work must be before
+    # it is re-sent (younger work still has its own message on the way).
+    resume_interval_seconds: float = Field(default=60.0, gt=0)
+    resume_after_seconds: float = Field(default=120.0, ge=0)
+    # Redis only: an unacknowledged message is delivered again after this long. Recovery
+    # does not rely on it (see workers/celery_app.py), so it is long.
+    broker_visibility_timeout: int = Field(default=6 * 3600, gt=0)
+    # Test hook, never set in production: an unlearning job sleeps this long after each
+    # progress write, so that tests can crash a worker in the middle of one.
+    test_slow_unlearning_seconds: float = Field(default=0.0, ge=0)
     torch_threads: int = Field(default=0, ge=0)  # 0 = torch's default
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"

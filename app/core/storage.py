@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import uuid
 from typing import Any
 
 import fsspec
@@ -29,12 +30,19 @@ class ArtifactStore:
         return bool(self.fs.exists(self.path(rel)))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Readers see the old bytes or the new ones, never a part: the bytes go to a
+        temporary name of this writer's own (two workers may write the same path after
+        a takeover) and are then moved into place."""
         full = self.path(rel)
         self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
-        tmp = full + ".tmp"
-        with self.fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        self.fs.mv(tmp, full)
+        tmp = f"{full}.tmp-{uuid.uuid4().hex}"
+        try:
+            with self.fs.open(tmp, "wb") as fh:
+                fh.write(data)
+            self.fs.mv(tmp, full)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self.path(rel), "rb") as fh:

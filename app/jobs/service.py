@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
 from app.core.errors import NotFound
+from app.core.settings import get_settings
+from app.jobs import lease
 from app.jobs.schemas import JobCost, JobOut
 from app.models import Job, MLModel, RequestModel
 from app.models.base import utcnow
@@ -68,10 +70,60 @@ def unlock(session: Session, model_id: str, job_id: str) -> None:
 
 
 def start(session: Session, job: Job) -> None:
+    """A new execution of the job, in this process: it holds the lease from here on."""
     job.status = "running"
     job.started_at = job.started_at or utcnow()
     job.attempts += 1
     job.error = None
+    job.progress = 0.0
+    job.worker = lease.worker_id()
+    job.heartbeat_at = utcnow()
+    lease.bind(job.id, job.attempts)
+
+
+def take_over(session: Session, job: Job, actor: str, reason: str) -> None:
+    """A running job whose worker is gone goes back to pending (its attempts kept), the
+    model lock it held is released, and the takeover is recorded on the job and in the
+    audit log. The caller hands it out again."""
+    from app.audit import service as audit
+
+    record = {"at": utcnow().isoformat(), "reason": reason, "by": actor, **lease.describe(job)}
+    job.result = {**job.result, "takeovers": [*job.result.get("takeovers", []), record]}
+    job.status = "pending"
+    job.worker = None
+    job.heartbeat_at = None
+    unlock(session, job.model_id, job.id)
+    audit.record(
+        session,
+        actor=actor,
+        action="job.taken_over",
+        entity_type="job",
+        entity_id=job.id,
+        data={"kind": job.kind, **record},
+    )
+
+
+def claim(session: Session, job_id: str, token: int | None) -> Job:
+    """The job, locked for this transaction, if this execution (attempt `token`) still
+    owns it; LeaseLost otherwise. Every transaction that concludes a job begins here, so
+    a job taken over by another worker is concluded once, by its current owner."""
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None or (token is not None and not lease.owned(job, token)):
+        raise lease.LeaseLost(f"job {job_id}: attempt {token} no longer owns it")
+    return job
+
+
+def release(job_id: str, token: int | None, error: str) -> None:
+    """A failed attempt that will be retried: the job goes back to pending (its model
+    lock kept), so that the retry, on whichever worker, starts it afresh."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or token is None or not lease.owned(job, token):
+            return
+        job.status = "pending"
+        job.error = error[:2000]
+        job.worker = None
+        job.heartbeat_at = None
 
 
 def finish(session: Session, job: Job, *, ok: bool, error: str | None = None, **cost: Any) -> None:
@@ -93,6 +145,7 @@ class ProgressReporter:
         self.lo, self.hi = lo, hi
         self.interval = interval
         self._last = 0.0
+        self._kind: str | None = None
 
     def sub(self, lo: float, hi: float) -> ProgressReporter:
         span = self.hi - self.lo
@@ -101,17 +154,36 @@ class ProgressReporter:
         )
 
     def __call__(self, fraction: float) -> None:
+        # Stop here if the job was handed to another worker meanwhile (lease lost).
+        lease.check(self.job_id)
         now = time.monotonic()
         if now - self._last < self.interval and fraction < 1.0:
             return
         self._last = now
         value = self.lo + (self.hi - self.lo) * min(max(fraction, 0.0), 1.0)
+        stmt = (
+            update(Job)
+            .where(Job.id == self.job_id, Job.progress < value, Job.status == "running")
+            .values(progress=value)
+        )
+        token = lease.token(self.job_id)
+        if token is not None:
+            stmt = stmt.where(Job.attempts == token)
         with session_scope() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.progress < value)
-                .values(progress=value)
-            )
+            s.execute(stmt)
+        self._test_delay()
+
+    def _test_delay(self) -> None:
+        """The test hook PALIMPSEST_TEST_SLOW_UNLEARNING_SECONDS (never set in
+        production): slow an unlearning job down so a test can crash its worker."""
+        delay = get_settings().test_slow_unlearning_seconds
+        if delay <= 0:
+            return
+        if self._kind is None:
+            with session_scope() as s:
+                self._kind = s.scalar(select(Job.kind).where(Job.id == self.job_id)) or ""
+        if self._kind == "unlearn":
+            time.sleep(delay)
 
 
 ProgressFn = Callable[[float], None]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,14 +25,28 @@ def checkpoint_store(store: ArtifactStore, model_id: str) -> FsspecCheckpointSto
     return FsspecCheckpointStore(store.fs, store.path(f"models/{model_id}/checkpoints"))
 
 
-def manifest_path(model_id: str, version: int) -> str:
-    return f"models/{model_id}/versions/{version}/manifest.json"
+def manifest_path(model_id: str, version: int, digest: str | None = None) -> str:
+    name = f"manifest-{digest[:16]}.json" if digest else "manifest.json"
+    return f"models/{model_id}/versions/{version}/{name}"
 
 
 def save_manifest(store: ArtifactStore, model_id: str, version: int, manifest: SisaManifest) -> str:
-    rel = manifest_path(model_id, version)
-    store.write_bytes(rel, json.dumps(manifest.to_dict(), sort_keys=True).encode())
+    """Write the manifest under a name derived from its bytes, before any row points to
+    it: two executions of one job (a worker taken over while still alive) each write
+    their own file, and a version's manifest never changes once its row commits."""
+    blob = json.dumps(manifest.to_dict(), sort_keys=True).encode()
+    rel = manifest_path(model_id, version, hashlib.sha256(blob).hexdigest())
+    store.write_bytes(rel, blob)
     return rel
+
+
+def drop_other_manifests(store: ArtifactStore, model_id: str, version: int, keep: str) -> None:
+    """After a version's row commits: remove manifests of the same version number left
+    by executions that crashed or were taken over (they never served)."""
+    folder = f"models/{model_id}/versions/{version}"
+    for rel in store.list(folder):
+        if rel != keep and posixpath.basename(rel).startswith("manifest"):
+            store.delete(rel)
 
 
 def load_manifest(store: ArtifactStore, rel: str) -> SisaManifest:

@@ -4,6 +4,7 @@ fallback retrain job of its own)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import enqueue, session_scope
+from app.core.storage import get_store
 from app.datasets import service as datasets
 from app.jobs import service as jobs
 from app.ml.sisa import SisaManifest
@@ -33,6 +35,7 @@ from app.verification import service as verification
 from app.verification.service import Check
 
 WORKER = "worker"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class JobContext:
     is_train: np.ndarray
     is_active: np.ndarray
     retrain_estimate: float | None
+    attempt: int | None = None  # the execution's fencing token (Job.attempts)
 
     @property
     def retained_mask(self) -> np.ndarray:
@@ -126,6 +130,7 @@ def load_context(session: Session, job: Job, stage: str) -> JobContext:
         is_train=np.asarray([r[3] == "train" for r in lineage], dtype=bool),
         is_active=np.asarray([r[4] == "active" for r in lineage], dtype=bool),
         retrain_estimate=float(train_job.cost.get("wall_seconds", 0.0)) if train_job else None,
+        attempt=job.attempts,
     )
 
 
@@ -166,6 +171,7 @@ class Candidate:
 def begin_verification(ctx: JobContext) -> None:
     """The candidate exists: its requests are `verifying` while the checks run."""
     with session_scope() as s:
+        jobs.claim(s, ctx.job_id, ctx.attempt)
         for rm in s.scalars(select(RequestModel).where(RequestModel.job_id == ctx.job_id)):
             rm.status = "verifying"
         for req in s.scalars(
@@ -180,9 +186,11 @@ def conclude(ctx: JobContext, cand: Candidate) -> None:
     method = str(cand.result.get("method", "sisa"))
     approximate = bool(cand.result.get("approximate", False))
     with session_scope() as s:
-        job = s.get(Job, ctx.job_id)
+        # Fenced: if this execution was taken over, it concludes nothing (LeaseLost), so
+        # a job promotes at most one version however often it ran.
+        job = jobs.claim(s, ctx.job_id, ctx.attempt)
         model = s.get(MLModel, ctx.model_id)
-        assert job is not None and model is not None
+        assert model is not None
         mv = ModelVersion(
             model_id=ctx.model_id,
             version=ctx.new_version,
@@ -270,3 +278,7 @@ def conclude(ctx: JobContext, cand: Candidate) -> None:
                     transition(s, req, "retraining", WORKER, job_id=retrain_job.id)
         else:
             advance(s, ctx.request_ids)
+    try:
+        artifacts.drop_other_manifests(get_store(), ctx.model_id, ctx.new_version, cand.rel)
+    except Exception:  # tidying only: the version is committed
+        log.warning("could not remove stale manifests of %s", ctx.model_id, exc_info=True)

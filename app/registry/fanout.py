@@ -21,16 +21,23 @@ from sqlalchemy import update
 from app.core.db import session_scope
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
+from app.jobs import service as jobs
 from app.ml.config import FeatureSpec
 from app.ml.device import runtime_fingerprint
 from app.ml.sisa import ShardEntry, SisaManifest, train_shard
 from app.models import Job
+from app.models.base import utcnow
 from app.registry import artifacts
 from app.registry.candidate import JobContext
 
 
-def _snapshot_path(job_id: str) -> str:
-    return f"jobs/{job_id}/context.json"
+def _snapshot_path(job_id: str, attempt: int | None) -> str:
+    # One per attempt: a chord left over from a taken-over attempt reads its own.
+    return (
+        f"jobs/{job_id}/context.json"
+        if attempt is None
+        else f"jobs/{job_id}/context-{attempt}.json"
+    )
 
 
 def save_snapshot(
@@ -56,6 +63,7 @@ def save_snapshot(
         "request_ids": ctx.request_ids,
         "features": [list(f) for f in ctx.features],
         "retrain_estimate": ctx.retrain_estimate,
+        "attempt": ctx.attempt,
         "started": started,
         "ids": ctx.ids.tolist(),
         "shard": ctx.shard.tolist(),
@@ -63,7 +71,7 @@ def save_snapshot(
         "is_train": ctx.is_train.tolist(),
         "is_active": ctx.is_active.tolist(),
     }
-    store.write_bytes(_snapshot_path(ctx.job_id), json.dumps(body).encode())
+    store.write_bytes(_snapshot_path(ctx.job_id, ctx.attempt), json.dumps(body).encode())
 
 
 @dataclass
@@ -75,8 +83,8 @@ class Snapshot:
     shards: list[int]  # the shards the chord trains
 
 
-def load_snapshot(store: ArtifactStore, job_id: str) -> Snapshot:
-    body = json.loads(store.read_bytes(_snapshot_path(job_id)))
+def load_snapshot(store: ArtifactStore, job_id: str, attempt: int | None = None) -> Snapshot:
+    body = json.loads(store.read_bytes(_snapshot_path(job_id, attempt)))
     with session_scope() as s:
         ds = datasets.get(s, body["dataset_id"])
         s.expunge(ds)
@@ -96,6 +104,7 @@ def load_snapshot(store: ArtifactStore, job_id: str) -> Snapshot:
         is_train=np.asarray(body["is_train"], dtype=bool),
         is_active=np.asarray(body["is_active"], dtype=bool),
         retrain_estimate=body["retrain_estimate"],
+        attempt=body.get("attempt"),
     )
     return Snapshot(
         ctx,
@@ -110,26 +119,42 @@ def dispatch(
     ctx: JobContext, started: float, *, purpose: str, spec: FeatureSpec, shards: list[int]
 ) -> None:
     """Send the chord: one task per shard, then `sisa_finish` with their results. The
-    job keeps its model lock; the callback concludes it and releases the lock."""
+    job keeps its model lock; the callback concludes it and releases the lock.
+
+    Every task carries the attempt that sent it: shards heartbeat the job under it, and
+    once the job is taken over (attempts moved on) a left-over chord does nothing. The
+    job is marked as waiting for its shards first, so the sweep gives it the shard lease
+    (the shards may queue behind other work)."""
     from workers.celery_app import get_celery
 
     save_snapshot(get_store(), ctx, started, purpose=purpose, spec=spec, shards=shards)
+    with session_scope() as s:
+        job = jobs.claim(s, ctx.job_id, ctx.attempt)
+        job.result = {
+            **job.result,
+            "fanout": {"attempt": ctx.attempt, "shards": shards, "at": utcnow().isoformat()},
+        }
+        job.heartbeat_at = utcnow()
     app = get_celery()
     header = [
-        app.signature("palimpsest.sisa_shard", args=(ctx.job_id, s), queue="gpu") for s in shards
+        app.signature("palimpsest.sisa_shard", args=(ctx.job_id, s, ctx.attempt), queue="gpu")
+        for s in shards
     ]
-    body = app.signature("palimpsest.sisa_finish", args=(ctx.job_id,), queue="gpu")
+    body = app.signature("palimpsest.sisa_finish", args=(ctx.job_id, ctx.attempt), queue="gpu")
     chord(header, app=app)(body)
 
 
-def train_one_shard(job_id: str, shard: int) -> dict[str, Any]:
+def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict[str, Any]:
     """One shard on its retained rows under the snapshot's feature spec. Idempotent:
     checkpoints are content-addressed, so a redelivered task reuses what the first
-    attempt wrote, and an unlearning shard reuses the slices before its first change."""
+    attempt wrote, and an unlearning shard reuses the slices before its first change.
+    LeaseLost when the job's attempt `attempt` no longer owns it."""
     from app.registry.runner import _device
 
+    with session_scope() as s:
+        jobs.claim(s, job_id, attempt)
     store = get_store()
-    snap = load_snapshot(store, job_id)
+    snap = load_snapshot(store, job_id, attempt)
     ctx = snap.ctx
     manifest = artifacts.load_manifest(store, ctx.manifest_rel)
     mask = ctx.retained_mask & (ctx.shard == shard)
@@ -149,12 +174,11 @@ def train_one_shard(job_id: str, shard: int) -> dict[str, Any]:
         device=_device(),
     )
     step = 0.8 / max(1, len(snap.shards))
+    stmt = update(Job).where(Job.id == job_id, Job.status == "running")
+    if attempt is not None:
+        stmt = stmt.where(Job.attempts == attempt)
     with session_scope() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running")
-            .values(progress=Job.progress + step)
-        )
+        s.execute(stmt.values(progress=Job.progress + step))
     return {
         "entry": ShardEntry.from_result(res).to_dict(),
         "seconds": res.seconds,
@@ -163,16 +187,19 @@ def train_one_shard(job_id: str, shard: int) -> dict[str, Any]:
 
 
 def assemble(
-    job_id: str, results: list[dict[str, Any]]
+    job_id: str, results: list[dict[str, Any]], attempt: int | None = None
 ) -> tuple[Snapshot, SisaManifest, SisaManifest, dict[str, Any]]:
     """The candidate manifest: the chord's shards from their results, every other shard
     as it was."""
     from app.registry.runner import _device
 
     store = get_store()
-    snap = load_snapshot(store, job_id)
+    snap = load_snapshot(store, job_id, attempt)
     base = artifacts.load_manifest(store, snap.ctx.manifest_rel)
     trained = {e.shard: e for e in (ShardEntry.from_dict(r["entry"]) for r in results)}
+    if sorted(trained) != sorted(snap.shards):
+        # A chord counted a duplicate delivery, or lost one: never a partial candidate.
+        raise RuntimeError(f"job {job_id}: shards {sorted(trained)} of {sorted(snap.shards)}")
     new = SisaManifest(
         model_key=base.model_key,
         arch=base.arch,

@@ -97,13 +97,15 @@ def run_feature(job_id: str) -> None:
     )
 
 
-def finish_chord(job_id: str, results: list[dict[str, Any]]) -> None:
+def finish_chord(job_id: str, results: list[dict[str, Any]], attempt: int | None = None) -> None:
     """The chord's callback: its shards are trained; verify and conclude the job."""
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running":
             return  # idempotent: concluded (or failed) already
-    snap, manifest, new_manifest, result = fanout.assemble(job_id, results)
+        if attempt is not None and job.attempts != attempt:
+            return  # the chord of an attempt that was taken over
+    snap, manifest, new_manifest, result = fanout.assemble(job_id, results, attempt)
     ctx, compute = snap.ctx, float(result["device_seconds"])
     n_retained = sum(e.n_records for e in new_manifest.entries)
     if snap.purpose == "feature":

@@ -21,6 +21,7 @@ from app.core.db import session_scope
 from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.datasets import service as datasets
+from app.jobs import lease
 from app.jobs import service as jobs
 from app.jobs.energy import EnergyMeter
 from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingConfig
@@ -93,6 +94,16 @@ def _begin(session: Session, job_id: str, kind: str) -> Job | None:
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.kind != kind or job.status in ("succeeded", "failed"):
         return None  # idempotent: a redelivered task finds its work done
+    if job.status == "running":
+        # A redelivered or re-sent message. The job runs on a live worker: leave it. Its
+        # lease expired, or this very process ran it before (that execution is over, as a
+        # process holds a job once): take it over without waiting for the sweep.
+        ended = lease.ended_here(job)
+        if not ended and not lease.is_stale(job):
+            log.info("job %s runs on %s; this delivery is a duplicate", job_id, job.worker)
+            return None
+        why = "its execution in this process ended" if ended else "its lease expired"
+        jobs.take_over(session, job, WORKER, f"a new delivery found {why}")
     if not jobs.try_lock(session, job.model_id, job.id):
         raise ModelBusy(job.model_id)
     jobs.start(session, job)
@@ -108,6 +119,7 @@ def run_training(job_id: str) -> None:
         job = _begin(s, job_id, "train")
         if job is None:
             return
+        token = job.attempts
         model = s.get(MLModel, job.model_id)
         assert model is not None
         ds = datasets.get(s, model.dataset_id)
@@ -177,14 +189,15 @@ def run_training(job_id: str) -> None:
             n_classes=n_classes,
             device=device,
         )
+    lease.check(job_id)  # a taken-over execution writes no version
     rel = artifacts.save_manifest(store, model_id, 1, manifest)
     ensemble = SisaEnsemble.load(manifest, artifacts.checkpoint_store(store, model_id), device)
     metrics = _metrics(ensemble, test, len(train))
     wall = time.perf_counter() - t0
     with session_scope() as s:
-        job = s.get(Job, job_id)
+        job = jobs.claim(s, job_id, token)
         model = s.get(MLModel, model_id)
-        assert job is not None and model is not None
+        assert model is not None
         rows: list[dict[str, Any]] = [
             {
                 "record_id": int(r),
@@ -226,6 +239,7 @@ def run_training(job_id: str) -> None:
         registry.promote(s, model, mv, WORKER, reason="first version")
         model.status = "ready"
         job.result = {
+            **job.result,
             "version": 1,
             "metrics": metrics,
             "shards": sisa.shards,
@@ -372,6 +386,7 @@ def verify_candidate(
     device = _device()
     ckpt = artifacts.checkpoint_store(store, ctx.model_id)
     exact = not result["approximate"]
+    lease.check(ctx.job_id)  # a taken-over execution writes no candidate
     rel = artifacts.save_manifest(store, ctx.model_id, ctx.new_version, new_manifest)
     jobs.ProgressReporter(ctx.job_id)(0.85)
     begin_verification(ctx)
@@ -493,21 +508,23 @@ def _nothing_to_forget(
     """The job's records are already out of the production version (a batch-mate's job
     removed them): the current version stands, nothing is retrained."""
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
+        job = jobs.claim(s, job_id, lease.token(job_id))
         for rm in s.scalars(select(RequestModel).where(RequestModel.job_id == job_id)):
             rm.status, rm.to_version, rm.method = "promoted", version, "none"
-        job.result = {"version": version, "decision": "nothing_to_forget"}
+        job.result = {**job.result, "version": version, "decision": "nothing_to_forget"}
         jobs.finish(s, job, ok=True, wall_seconds=wall, device="cpu", device_seconds=0.0)
         jobs.unlock(s, model_id, job_id)
         advance(s, request_ids)
 
 
-def fail_job(job_id: str, error: str) -> None:
-    """Final failure after retries: the job fails, its model unlocks, requests are flagged."""
+def fail_job(job_id: str, error: str, token: int | None = None) -> None:
+    """Final failure after retries: the job fails, its model unlocks, requests are flagged.
+    With `token`, only while that execution still owns the job (not after a takeover)."""
     with session_scope() as s:
-        job = s.get(Job, job_id)
+        job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.status in ("succeeded", "failed"):
+            return
+        if token is not None and not lease.owned(job, token):
             return
         jobs.finish(s, job, ok=False, error=error[:2000])
         jobs.unlock(s, job.model_id, job_id)

@@ -1,0 +1,100 @@
+"""The resume sweep (run by beat): hand out again the work whose worker or message was
+lost. Safe to run any time, on any number of beats: every task it sends is idempotent,
+and a job that runs on a live worker is left alone.
+
+- a `running` job whose heartbeat is older than its lease: its worker died (SIGKILL,
+  a lost machine) or was cut off. It goes back to `pending` with its attempts kept,
+  the model lock it held is released, the takeover is recorded on the job and in the
+  audit log, and its task is sent again;
+- a `pending` job older than the grace period whose message may be gone (a broker
+  restart, a send that failed after commit), unless batching still holds it;
+- a request still `received` (planning) or `erasing` after the grace period.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app.core.db import enqueue
+from app.core.settings import get_settings
+from app.jobs import lease
+from app.jobs import service as jobs
+from app.models import DeletionRequest, Job
+from app.models.base import utcnow
+
+ACTOR = "beat"
+JOB_TASKS = {"train": "palimpsest.train_model", "retrain": "palimpsest.run_retrain"}
+
+
+def task_for(job: Job) -> str:
+    return JOB_TASKS.get(job.kind, "palimpsest.run_unlearning")
+
+
+def take_over_stale(session: Session) -> list[str]:
+    """Running jobs whose lease expired: back to pending and re-sent. Their ids."""
+    settings = get_settings()
+    now = utcnow()
+    # The shorter lease first, in SQL; a job waiting for its shards is checked below.
+    cutoff = now - timedelta(seconds=settings.job_lease_seconds)
+    candidates = session.scalars(
+        select(Job)
+        .where(
+            Job.status == "running",
+            or_(
+                Job.heartbeat_at < cutoff,
+                Job.heartbeat_at.is_(None) & (Job.started_at < cutoff),
+            ),
+        )
+        .order_by(Job.created_at)
+        # Another sweep (or the job's own conclusion) holding the row: not ours to take.
+        .with_for_update(skip_locked=True)
+    ).all()
+    taken: list[str] = []
+    for job in candidates:
+        if not lease.is_stale(job, now):
+            continue
+        last = job.heartbeat_at or job.started_at
+        age = (now - last).total_seconds() if last else None
+        jobs.take_over(
+            session,
+            job,
+            ACTOR,
+            f"no heartbeat for {age:.0f} s" if age is not None else "no heartbeat",
+        )
+        enqueue(session, task_for(job), job.id, queue="gpu")
+        taken.append(job.id)
+    return taken
+
+
+def resume(session: Session, older_than_seconds: float | None = None) -> dict[str, int]:
+    """The whole sweep; counts of what it re-sent."""
+    settings = get_settings()
+    grace = settings.resume_after_seconds if older_than_seconds is None else older_than_seconds
+    now = utcnow()
+    cutoff = now - timedelta(seconds=grace)
+    taken = take_over_stale(session)
+    counts = {"taken_over": len(taken), "jobs": 0, "requests": 0}
+    for job in session.scalars(
+        select(Job).where(
+            Job.status == "pending",
+            Job.created_at < cutoff,
+            # Held by batching until then: its release sends it.
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+            Job.id.not_in(taken),
+        )
+    ):
+        enqueue(session, task_for(job), job.id, queue="gpu")
+        counts["jobs"] += 1
+    for req in session.scalars(
+        select(DeletionRequest).where(
+            DeletionRequest.status.in_(("received", "erasing")),
+            DeletionRequest.received_at < cutoff,
+        )
+    ):
+        name = "palimpsest.plan_request" if req.status == "received" else "palimpsest.erase_request"
+        enqueue(session, name, req.id)
+        counts["requests"] += 1
+    return counts
