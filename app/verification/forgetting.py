@@ -23,6 +23,9 @@ from app.registry.artifacts import Predictor
 from app.verification.service import Check
 
 MAX_ROWS = 5000  # enough for a stable AUC; bounds the cost of verification
+# Scores kept per population in the report, for the dashboard's distribution chart:
+# enough to draw a histogram, small enough to keep the report JSON compact.
+SAMPLE_SCORES = 200
 
 
 def _cap(data: TabularData, seed: int) -> TabularData:
@@ -30,6 +33,21 @@ def _cap(data: TabularData, seed: int) -> TabularData:
         return data
     rng = np.random.default_rng(seed)
     return data.take(np.sort(rng.choice(len(data), MAX_ROWS, replace=False)))
+
+
+def score_samples(
+    populations: dict[str, np.ndarray], seed: int, k: int = SAMPLE_SCORES
+) -> dict[str, list[float]]:
+    """Up to `k` scores per population (a seeded random sample, rounded to 3 decimals,
+    non-finite ones dropped): what the report shows of each score distribution."""
+    out: dict[str, list[float]] = {}
+    for i, (name, scores) in enumerate(populations.items()):
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        s = s[np.isfinite(s)]
+        if len(s) > k:
+            s = np.random.default_rng(seed + i).choice(s, k, replace=False)
+        out[name] = [round(float(v), 3) for v in s]
+    return out
 
 
 def _out_masks(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
@@ -72,9 +90,13 @@ def forgetting(
     margin: float,
     exact: bool,
     seed: int = 0,
+    retained: TabularData | None = None,
 ) -> Check:
     """Attack the candidate on the forget set against test non-members, and compare with
-    the out-references. Also reports the attack on the baseline (before unlearning).
+    the out-references. Also reports the attack on the baseline (before unlearning), and
+    a sample of the member scores of each population (`score_samples`: the forgotten
+    records before and after, the non-members, and the retained members when `retained`
+    rows are given).
 
     Without out-references the attack cannot be calibrated: an exact method still passes
     (its lineage check is the proof), an approximate one does not (forgetting is then
@@ -86,8 +108,22 @@ def forgetting(
         return Check(True, {"note": "no forget or test rows"}, threshold)
     cand_f = member_scores(candidate.predict_proba(forget.columns), forget.labels)
     cand_n = member_scores(candidate.predict_proba(test.columns), test.labels)
-    before = attack(member_scores(baseline.predict_proba(forget.columns), forget.labels), cand_n)
-    metrics: dict[str, Any] = {"forget_rows": len(forget), "nonmember_rows": len(test)}
+    base_f = member_scores(baseline.predict_proba(forget.columns), forget.labels)
+    before = attack(base_f, cand_n)
+    populations = {"forgotten": cand_f, "forgotten_before": base_f, "nonmembers": cand_n}
+    if retained is not None and len(retained):
+        # Only a sample is reported, so only a sample is scored.
+        if len(retained) > SAMPLE_SCORES:
+            rng = np.random.default_rng(seed + 2)
+            retained = retained.take(np.sort(rng.choice(len(retained), SAMPLE_SCORES, False)))
+        populations["retained"] = member_scores(
+            candidate.predict_proba(retained.columns), retained.labels
+        )
+    metrics: dict[str, Any] = {
+        "forget_rows": len(forget),
+        "nonmember_rows": len(test),
+        "score_samples": score_samples(populations, seed),
+    }
     if refs is None or len(refs.shards) < 2:
         # No model that provably never saw these rows: the attack is reported but the
         # check cannot calibrate it; exact methods still have the lineage proof.
@@ -123,6 +159,8 @@ def forgetting(
         out_refs_nonmember=per_ref_n,
     )
     metrics |= result.to_dict()
+    # The forgotten records as models that never saw them score them.
+    metrics["score_samples"] |= score_samples({"forgotten_reference": ref_f}, seed + 3)
     metrics["baseline"] = before.to_dict()
     metrics["references"] = len(refs.shards)
     return Check(result.passed, metrics, threshold)
