@@ -44,6 +44,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 def create_app() -> FastAPI:
     from app.audit.router import router as audit_router
     from app.certificates.router import router as certificates_router
+    from app.dashboard.router import mount as mount_dashboard
     from app.datasets.router import router as datasets_router
     from app.jobs.router import router as jobs_router
     from app.lineage.router import router as lineage_router
@@ -102,6 +103,7 @@ def create_app() -> FastAPI:
         webhooks_router,
     ):
         app.include_router(r)
+    mount_dashboard(app)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -1,0 +1,393 @@
+"""View models for the operational pages: jobs, models, the audit log and webhooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.core.errors import BadRequest, NotFound
+from app.dashboard.views import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
+from app.models import AuditEvent, Job, MLModel, ModelVersion
+from app.webhooks import service as webhooks
+from app.webhooks.models import WebhookDelivery, WebhookEndpoint
+from app.webhooks.schemas import DeliveryOut, WebhookOut
+
+MAX_IDS = 100
+
+# -- jobs -------------------------------------------------------------------------------
+
+
+def job_list(session: Session, status: str | None = None, limit: int = 100) -> list[JobRow]:
+    """Active jobs first (running, then pending), then the most recent others."""
+    status = (status or "").strip() or None
+    if status is not None and status not in JOB_STATUSES:
+        raise BadRequest(f"unknown job status {status!r}", code="invalid_filter")
+    active: list[Job] = []
+    if status is None or status in ACTIVE_JOB:
+        active = list(
+            session.scalars(
+                select(Job)
+                .where(Job.status.in_([status] if status else ACTIVE_JOB))
+                .order_by(Job.status.desc(), Job.created_at, Job.id)
+                .limit(limit)
+            )
+        )
+    rest: list[Job] = []
+    if status is None or status not in ACTIVE_JOB:
+        rest = list(
+            session.scalars(
+                select(Job)
+                .where(Job.status.in_([status] if status else ("succeeded", "failed")))
+                .order_by(Job.created_at.desc(), Job.id.desc())
+                .limit(max(0, limit - len(active)))
+            )
+        )
+    return job_rows(session, [*active, *rest])
+
+
+def jobs_by_id(session: Session, ids: list[str]) -> list[JobRow]:
+    """The jobs a page shows, for its progress bars to poll (unknown ids are skipped)."""
+    ids = [i for i in dict.fromkeys(ids) if 0 < len(i) <= 64][:MAX_IDS]
+    if not ids:
+        return []
+    return job_rows(session, list(session.scalars(select(Job).where(Job.id.in_(ids)))))
+
+
+@dataclass
+class JobDetail:
+    job: JobRow
+    failures: list[AuditEvent]
+
+
+def job_detail(session: Session, job_id: str) -> JobDetail:
+    job = session.get(Job, job_id) if len(job_id) <= 64 else None
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    failures = list(
+        session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.entity_type == "job", AuditEvent.entity_id == job.id)
+            .order_by(AuditEvent.id)
+        )
+    )
+    return JobDetail(job_rows(session, [job])[0], failures)
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRow:
+    name: str
+    status: str
+    production_version: int | None
+    versions: int
+    mode: str
+    architecture: str
+    shards: int
+    locked_by_job: str | None
+    created_at: datetime
+
+
+def _mode(config: dict[str, Any]) -> str:
+    u = config.get("unlearning") or {}
+    mode = str(u.get("mode", "sisa"))
+    if u.get("certified"):
+        return f"{mode} (certified)"
+    return mode
+
+
+def _arch(config: dict[str, Any]) -> str:
+    a = config.get("architecture") or {}
+    kind = str(a.get("kind", "?"))
+    return f"{kind} {a.get('hidden')}" if kind == "mlp" else kind
+
+
+def _model_row(m: MLModel, versions: int) -> ModelRow:
+    return ModelRow(
+        name=m.name,
+        status=m.status,
+        production_version=m.production_version,
+        versions=versions,
+        mode=_mode(m.config),
+        architecture=_arch(m.config),
+        shards=int((m.config.get("unlearning") or {}).get("shards", 1)),
+        locked_by_job=m.locked_by_job,
+        created_at=m.created_at,
+    )
+
+
+def model_list(session: Session) -> list[ModelRow]:
+    counts = dict(
+        session.execute(select(ModelVersion.model_id, func.count()).group_by(ModelVersion.model_id))
+        .tuples()
+        .all()
+    )
+    return [
+        _model_row(m, int(counts.get(m.id, 0)))
+        for m in session.scalars(select(MLModel).order_by(MLModel.name))
+    ]
+
+
+@dataclass
+class VersionRow:
+    version: int
+    status: str
+    created_at: datetime
+    created_by_job: str | None
+    job_kind: str | None
+    method: str | None
+    test_accuracy: float | None
+    retrained_shards: list[int]
+    production: bool
+
+
+@dataclass
+class ShardCell:
+    shard: int
+    n_records: int | None
+    retrained: bool
+
+
+@dataclass
+class ShardMapRow:
+    version: int
+    status: str
+    cells: list[ShardCell]
+
+    @property
+    def retrained(self) -> int:
+        return sum(c.retrained for c in self.cells)
+
+    def cell(self, shard: int) -> ShardCell | None:
+        return next((c for c in self.cells if c.shard == shard), None)
+
+
+@dataclass
+class CertifiedBudget:
+    epsilon: float | None
+    delta: float | None
+    budget: float | None
+    budget_left: float | None
+    removals: int | None
+    version: int
+
+    @property
+    def share_left(self) -> float | None:
+        if self.budget is None or self.budget_left is None or self.budget <= 0:
+            return None
+        return max(0.0, min(1.0, self.budget_left / self.budget))
+
+
+@dataclass
+class ModelDetail:
+    model: ModelRow
+    versions: list[VersionRow]
+    shards: list[int]
+    shard_map: list[ShardMapRow]
+    certified: CertifiedBudget | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _entries(mv: ModelVersion) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for e in (mv.manifest or {}).get("entries") or []:
+        if isinstance(e, dict) and isinstance(e.get("shard"), int):
+            out[e["shard"]] = e
+    return out
+
+
+def shard_map(versions: list[ModelVersion]) -> tuple[list[int], list[ShardMapRow]]:
+    """Per version and shard: the records it trained on, and whether that shard's final
+    checkpoint differs from the previous version's (it was retrained). Checkpoints are
+    content-addressed, so an unchanged key means the shard was reused as it was."""
+    shards: set[int] = set()
+    rows: list[ShardMapRow] = []
+    previous: dict[int, dict[str, Any]] | None = None
+    for mv in versions:
+        entries = _entries(mv)
+        shards |= set(entries)
+        cells = [
+            ShardCell(
+                shard=s,
+                n_records=int(e["n_records"]) if isinstance(e.get("n_records"), int) else None,
+                retrained=previous is None
+                or s not in previous
+                or previous[s].get("final_key") != e.get("final_key"),
+            )
+            for s, e in sorted(entries.items())
+        ]
+        rows.append(ShardMapRow(mv.version, mv.status, cells))
+        if entries:
+            previous = entries
+    return sorted(shards), rows
+
+
+def _certified(mv: ModelVersion, job: Job | None) -> CertifiedBudget | None:
+    """The removal budget as the version that serves left it: its unlearning result, or
+    (for a first version) the training job's state summary."""
+    state = (mv.metrics or {}).get("unlearning") or {}
+    if not isinstance(state, dict) or "budget_left" not in state:
+        result = (job.result or {}) if job is not None else {}
+        state = result.get("certified") or (result.get("unlearning") or {})
+    if not isinstance(state, dict) or "budget_left" not in state:
+        return None
+
+    def num(key: str) -> float | None:
+        v = state.get(key)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    removals = state.get("removals")
+    return CertifiedBudget(
+        epsilon=num("epsilon"),
+        delta=num("delta"),
+        budget=num("budget"),
+        budget_left=num("budget_left"),
+        removals=int(removals) if isinstance(removals, int) else None,
+        version=mv.version,
+    )
+
+
+def model_detail(session: Session, name: str) -> ModelDetail:
+    model = (
+        session.scalars(select(MLModel).where(MLModel.name == name)).first()
+        if len(name) <= 200
+        else None
+    )
+    if model is None:
+        raise NotFound(f"no model named {name!r}", code="model_not_found")
+    versions = list(
+        session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.model_id == model.id)
+            .order_by(ModelVersion.version)
+        )
+    )
+    job_ids = {v.created_by_job for v in versions if v.created_by_job}
+    jobs = (
+        {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+        if job_ids
+        else {}
+    )
+    shards, smap = shard_map(versions)
+    retrained = {row.version: [c.shard for c in row.cells if c.retrained] for row in smap}
+    rows = []
+    for v in versions:
+        job = jobs.get(v.created_by_job or "")
+        acc = (v.metrics or {}).get("test_accuracy")
+        rows.append(
+            VersionRow(
+                version=v.version,
+                status=v.status,
+                created_at=v.created_at,
+                created_by_job=v.created_by_job,
+                job_kind=job.kind if job else None,
+                method=str(((v.metrics or {}).get("unlearning") or {}).get("method") or "")
+                or (job.method if job else None),
+                test_accuracy=float(acc) if isinstance(acc, int | float) else None,
+                retrained_shards=retrained.get(v.version, []),
+                production=v.version == model.production_version,
+            )
+        )
+    certified = None
+    if (model.config.get("unlearning") or {}).get("certified"):
+        serving = next((v for v in versions if v.version == model.production_version), None)
+        if serving is not None:
+            certified = _certified(serving, jobs.get(serving.created_by_job or ""))
+    return ModelDetail(
+        model=_model_row(model, len(versions)),
+        versions=list(reversed(rows)),
+        shards=shards,
+        shard_map=list(reversed(smap)),
+        certified=certified,
+        config={k: v for k, v in model.config.items() if k != "resolved"},
+    )
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditPage:
+    events: list[AuditEvent]
+    next_cursor: int | None
+    chain: audit.ChainCheck
+    cursor: int | None
+
+
+def parse_cursor(cursor: str | None) -> int | None:
+    cursor = (cursor or "").strip()
+    if not cursor:
+        return None
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise BadRequest("the cursor is an event id", code="invalid_cursor")
+    return int(cursor)
+
+
+def audit_page(session: Session, cursor: int | None, limit: int = 50) -> AuditPage:
+    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
+    if cursor is not None:
+        q = q.where(AuditEvent.id < cursor)
+    rows = list(session.scalars(q))
+    return AuditPage(
+        events=rows[:limit],
+        next_cursor=rows[limit - 1].id if len(rows) > limit else None,
+        chain=audit.verify_chain(session),
+        cursor=cursor,
+    )
+
+
+# -- webhooks ---------------------------------------------------------------------------
+
+
+@dataclass
+class EndpointRow:
+    endpoint: WebhookOut
+    delivered: int
+    failed: int
+    pending: int
+
+
+@dataclass
+class WebhooksPage:
+    endpoints: list[EndpointRow]
+    deliveries: list[tuple[str, DeliveryOut]]  # (endpoint url, delivery)
+    failed_only: bool
+
+
+def webhooks_page(session: Session, failed_only: bool = False, limit: int = 50) -> WebhooksPage:
+    counts: dict[tuple[str, str], int] = {}
+    for ep_id, status, n in session.execute(
+        select(WebhookDelivery.endpoint_id, WebhookDelivery.status, func.count()).group_by(
+            WebhookDelivery.endpoint_id, WebhookDelivery.status
+        )
+    ).tuples():
+        counts[(ep_id, status)] = int(n)
+    endpoints = [
+        EndpointRow(
+            ep,
+            counts.get((ep.id, "delivered"), 0),
+            counts.get((ep.id, "failed"), 0),
+            counts.get((ep.id, "pending"), 0),
+        )
+        for ep in webhooks.list_endpoints(session)
+    ]
+    urls = dict(session.execute(select(WebhookEndpoint.id, WebhookEndpoint.url)).tuples().all())
+    q = select(WebhookDelivery)
+    if failed_only:
+        # Failed for good, or still retrying after a failed attempt.
+        q = q.where(
+            (WebhookDelivery.status == "failed")
+            | ((WebhookDelivery.status == "pending") & (WebhookDelivery.failures > 0))
+        )
+    q = q.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id).limit(limit)
+    deliveries = [
+        (urls.get(d.endpoint_id, d.endpoint_id), webhooks.delivery_out(d))
+        for d in session.scalars(q)
+    ]
+    return WebhooksPage(endpoints, deliveries, failed_only)
