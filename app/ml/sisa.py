@@ -311,6 +311,9 @@ class SisaManifest:
     n_classes: int
     entries: list[ShardEntry]
     runtime: dict[str, Any] = field(default_factory=dict)
+    # Frozen per-group loss weights of a fairness mitigation (`GroupWeighting.to_dict`);
+    # every later training of this model applies them. None: unweighted.
+    weighting: dict[str, Any] | None = None
 
     def entry(self, shard: int) -> ShardEntry:
         for e in self.entries:
@@ -337,6 +340,7 @@ class SisaManifest:
             "n_classes": self.n_classes,
             "entries": [e.to_dict() for e in self.entries],
             "runtime": dict(self.runtime),
+            **({"weighting": self.weighting} if self.weighting else {}),
         }
 
     @classmethod
@@ -350,6 +354,7 @@ class SisaManifest:
             n_classes=int(d["n_classes"]),
             entries=[ShardEntry.from_dict(e) for e in d["entries"]],
             runtime=dict(d.get("runtime", {})),
+            weighting=d.get("weighting") or None,
         )
 
 
@@ -509,12 +514,16 @@ def unlearn_sisa(
     device: torch.device,
     feature_spec: FeatureSpec | None = None,
     progress: ProgressFn | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[SisaManifest, UnlearnStats]:
     """Forget `forgotten_ids`: retrain only the shards that saw them, reusing checkpoints.
 
     `data_retained` with its persisted `shard_of`/`slice_of` is the training data after the
     deletion (any forgotten rows still present are dropped here). Each affected shard is
     retrained on exactly its retained rows. Idempotent: running it twice recomputes nothing.
+    `sample_weight` (aligned with `data_retained`) must be the weights the model was
+    trained with (a mitigation's frozen table), or the chain keys will not match and the
+    affected shards restart from slice 0.
     """
     t0 = time.perf_counter()
     forgotten = np.unique(np.asarray(forgotten_ids, dtype=np.int64))
@@ -522,6 +531,7 @@ def unlearn_sisa(
     data = data_retained.take(keep)
     shard_of = np.asarray(shard_of, dtype=np.int64)[keep]
     slice_of = np.asarray(slice_of, dtype=np.int64)[keep]
+    weights = None if sample_weight is None else np.asarray(sample_weight)[keep]
 
     affected: list[int] = []
     found = 0
@@ -546,6 +556,7 @@ def unlearn_sisa(
         device=device,
         reuse=True,
         progress=progress,
+        sample_weight=weights,
     )
     earliest: dict[int, int] = {}
     for s, r in results.items():
@@ -567,6 +578,7 @@ def unlearn_sisa(
         n_classes=manifest.n_classes,
         entries=entries,
         runtime=runtime_fingerprint(device),
+        weighting=manifest.weighting,
     )
     stats = UnlearnStats(
         affected_shards=affected,

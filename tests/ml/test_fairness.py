@@ -190,3 +190,70 @@ def test_weighted_sisa_checkpoints_never_share_keys(tmp_path: Path) -> None:
     assert torch.allclose(
         ens_plain.predict_proba(data.columns), ens_ones.predict_proba(data.columns), atol=1e-5
     )
+
+
+def test_a_frozen_mitigation_survives_exact_unlearning(tmp_path: Path) -> None:
+    """A group-reweighted SISA model forgets a record exactly: the frozen weight table
+    gives every retained record the weight it was trained with, so only the affected
+    shard retrains (from its earliest affected slice) and the result is bit-identical to
+    training from scratch on the retained records with the same table."""
+    from app.ml.sisa import unlearn_sisa
+    from app.ml.weighting import GroupWeighting
+
+    rng = np.random.default_rng(1)
+    n = 240
+    data = TabularData(
+        record_ids=rng.permutation(n).astype(np.int64) + 1,
+        columns={
+            "x0": rng.normal(size=n),
+            "lang": np.array(rng.choice(["en", "tl", "es"], size=n, p=[0.7, 0.1, 0.2])),
+        },
+        labels=rng.integers(0, 2, size=n).astype(np.int64),
+    )
+    table = GroupWeighting.from_flagged(data, {"lang": {"tl"}})
+    assert table is not None
+    w = table.apply(data)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[data.columns["lang"] == "tl"].min() > w[data.columns["lang"] == "en"].max()
+    # The exact weights `group_weights` gives, frozen.
+    assert np.allclose(w, group_weights(data.columns["lang"], {"tl"}))
+    assert GroupWeighting.from_dict(table.to_dict()) == table
+    shard_of = (np.arange(n) % 3).astype(np.int64)
+    slice_of = (np.arange(n) // 3 % 3).astype(np.int64)
+    kw: dict[str, Any] = {
+        "feature_spec": FeatureSpec(numeric=("x0",), categorical=("lang",)),
+        "arch": ArchitectureConfig(kind="mlp", hidden=(8,)),
+        "training": TrainingConfig(epochs=2, batch_size=16),
+        "sisa": SisaConfig(shards=3, slices=3),
+        "n_classes": 2,
+        "model_key": "m",
+        "device": torch.device("cpu"),
+    }
+    store = FsspecCheckpointStore.local(str(tmp_path / "a"))
+    trained = train_sisa(data, shard_of, slice_of, sample_weight=w, store=store, **kw)
+    trained.weighting = table.to_dict()
+    # Forget one record of shard 0 in its last slice.
+    (target,) = np.flatnonzero((shard_of == 0) & (slice_of == 2))[:1]
+    forgotten = data.record_ids[[target]]
+    after, stats = unlearn_sisa(
+        trained, data, shard_of, slice_of, forgotten, store=store,
+        device=kw["device"], sample_weight=table.apply(data),
+    )  # fmt: skip
+    assert stats.affected_shards == [0] and stats.slices_retrained == {0: 1}
+    assert after.weighting == trained.weighting
+    keep = ~np.isin(data.record_ids, forgotten)
+    retained = data.take(keep)
+    fresh_store = FsspecCheckpointStore.local(str(tmp_path / "b"))
+    scratch = train_sisa(
+        retained, shard_of[keep], slice_of[keep], sample_weight=table.apply(retained),
+        store=fresh_store, **kw,
+    )  # fmt: skip
+    assert [e.final_key for e in after.entries] == [e.final_key for e in scratch.entries]
+    a = SisaEnsemble.load(after, store, kw["device"]).predict_proba(data.columns)
+    b = SisaEnsemble.load(scratch, fresh_store, kw["device"]).predict_proba(data.columns)
+    assert torch.equal(a, b)
+    # Without the table the chain does not match: the shard restarts from slice 0.
+    _, unweighted = unlearn_sisa(
+        trained, data, shard_of, slice_of, forgotten, store=store, device=kw["device"]
+    )
+    assert unweighted.slices_retrained == {0: 3}
