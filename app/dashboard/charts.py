@@ -162,28 +162,30 @@ def membership(check: dict[str, Any]) -> Figure | None:
     members. Reports without score samples get the attack AUCs instead."""
     m = _metrics(check)
     samples = m.get("score_samples")
-    data: list[dict[str, Any]] = []
+    populations: list[tuple[str, list[float]]] = []
     if isinstance(samples, dict):
-        for name in (
-            "forgotten",
-            "forgotten_before",
-            "forgotten_reference",
-            "nonmembers",
-            "retained",
-        ):
-            values = [v for v in samples.get(name) or [] if _num(v) is not None]
+        for name in LABELS:
+            values = [float(v) for v in samples.get(name) or [] if _num(v) is not None]
             if values:
-                data.append(
-                    {
-                        "type": "histogram",
-                        "name": LABELS[name],
-                        "x": values,
-                        "histnorm": "probability density",
-                        "opacity": 0.55,
-                        "nbinsx": 30,
-                        "marker": {"color": COLOURS[name]},
-                    }
-                )
+                populations.append((name, values))
+    data: list[dict[str, Any]] = []
+    if populations:
+        # One set of bins for every population, so the bars compare like with like.
+        lo = min(min(v) for _, v in populations)
+        hi = max(max(v) for _, v in populations)
+        size = (hi - lo) / 30 if hi > lo else 1.0
+        for name, values in populations:
+            data.append(
+                {
+                    "type": "histogram",
+                    "name": LABELS[name],
+                    "x": values,
+                    "histnorm": "probability density",
+                    "opacity": 0.55,
+                    "xbins": {"start": lo, "end": hi + size, "size": size},
+                    "marker": {"color": COLOURS[name]},
+                }
+            )
     title = "Membership-inference scores"
     auc = _num((m.get("candidate") or {}).get("auc"))
     ref = _num((m.get("reference") or {}).get("auc"))
@@ -197,7 +199,9 @@ def membership(check: dict[str, Any]) -> Figure | None:
                 barmode="overlay",
                 xaxis={"title": {"text": "score: higher looks more like a training member"}},
                 yaxis={"title": {"text": "density"}},
-                height=360,
+                legend={"orientation": "h", "y": -0.3},
+                margin={"l": 50, "r": 20, "t": 50, "b": 110},
+                height=400,
             ),
         }
     aucs = [

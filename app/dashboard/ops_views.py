@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.core.errors import BadRequest, NotFound
-from app.dashboard.views import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
+from app.dashboard.rows import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
 from app.models import AuditEvent, Job, MLModel, ModelVersion
 from app.webhooks import service as webhooks
 from app.webhooks.models import WebhookDelivery, WebhookEndpoint

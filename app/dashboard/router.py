@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core.errors import AppError, NotFound
-from app.dashboard import auth, ops_views, views
+from app.dashboard import actions, auth, ops_views, reports, views
 from app.dashboard.auth import DashboardUser, SessionCodec
 from app.dashboard.pages import (
     STATIC,
@@ -24,6 +24,7 @@ from app.dashboard.pages import (
     render,
     secure,
 )
+from app.dashboard.rows import JOB_STATUSES
 from app.requests import states
 
 router = APIRouter(prefix="/admin", route_class=DashboardRoute, include_in_schema=False)
@@ -39,6 +40,7 @@ STATIC_FILES = {
     "dashboard.js": "text/javascript",
     "dashboard.css": "text/css",
     "plotly.css": "text/css",
+    "favicon.svg": "image/svg+xml",
 }
 
 
@@ -288,7 +290,7 @@ def review(
         settings,
         request_id,
         action if action in FLASH else "approve",
-        lambda: views.review(session, request_id, user.caller, action, note.strip() or None),
+        lambda: actions.review(session, request_id, user.caller, action, note.strip() or None),
     )
 
 
@@ -307,8 +309,8 @@ def extend(
     admin_action(user, sessions, csrf_token)
 
     def run() -> None:
-        n = views.parse_days(days)
-        views.extend(session, request_id, user.caller, reason, n, settings)
+        n = actions.parse_days(days)
+        actions.extend(session, request_id, user.caller, reason, n, settings)
 
     return _act(request, user, session, settings, request_id, "extend", run)
 
@@ -331,7 +333,7 @@ def cancel(
         settings,
         request_id,
         "cancel",
-        lambda: views.cancel(session, request_id, user.caller),
+        lambda: actions.cancel(session, request_id, user.caller),
     )
 
 
@@ -347,7 +349,7 @@ def review_queue(request: Request, user: UserDep, session: SessionDep) -> Respon
 
 @router.get("/reports/{report_id}")
 def report(request: Request, report_id: str, user: UserDep, session: SessionDep) -> Response:
-    rep = views.report_view(session, report_id)
+    rep = reports.report_view(session, report_id)
     return render(request, "report.html", user, r=rep, charts=rep.charts)
 
 
@@ -384,9 +386,7 @@ def jobs(
     status: Annotated[str | None, Query(max_length=20)] = None,
 ) -> Response:
     rows = ops_views.job_list(session, status)
-    return render(
-        request, "jobs.html", user, jobs=rows, status=status or "", statuses=views.JOB_STATUSES
-    )
+    return render(request, "jobs.html", user, jobs=rows, status=status or "", statuses=JOB_STATUSES)
 
 
 @router.get("/jobs/{job_id}")

@@ -1,13 +1,13 @@
 """The dashboard's service layer: every query the pages need, returned as plain view
 models (dataclasses) that templates render. Actions go through the domain services
-(`app.requests.service`), so their state checks, audit events and webhooks apply."""
+(`app.requests.service`, see `actions`), so their state checks, audit events and webhooks
+apply."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -15,15 +15,16 @@ from sqlalchemy.orm import Session
 from app.api.deps import Caller
 from app.certificates import service as certificates
 from app.core import signing
-from app.core.errors import AppError, BadRequest, NotFound
+from app.core.errors import BadRequest, NotFound
 from app.core.settings import Settings
 from app.dashboard import charts
+from app.dashboard.reports import ReportView, report_view
+from app.dashboard.rows import ACTIVE_JOB, JobRow, RequestRow, as_float, job_rows, request_row
 from app.models import (
     AuditEvent,
     Certificate,
     DeletionRequest,
     Job,
-    MLModel,
     Report,
     RequestModel,
 )
@@ -32,166 +33,9 @@ from app.requests import service as requests
 from app.requests import states
 
 KINDS = ("subject", "records", "source", "feature")
-JOB_STATUSES = ("pending", "running", "succeeded", "failed")
-ACTIVE_JOB = ("pending", "running")
 DUE_SOON_DAYS = 7
 PAGE_SIZE = 50
 MAX_PAGE = 10_000
-
-T = TypeVar("T")
-
-
-# -- shared rows ------------------------------------------------------------------------
-
-
-@dataclass
-class RequestRow:
-    id: str
-    kind: str
-    status: str
-    target: str
-    received_at: datetime
-    due_at: datetime
-    completed_at: datetime | None
-    seconds_left: float
-    overdue: bool
-    extended: bool
-    n_records: int
-
-    @property
-    def open(self) -> bool:
-        return self.status not in states.TERMINAL
-
-
-def _target(req: DeletionRequest) -> str:
-    """What a request erases, without personal data (a subject shows as its key prefix)."""
-    if req.kind == "subject":
-        return f"subject {(req.subject_key or '')[:12]}…"
-    if req.kind == "records":
-        return f"{len(req.record_ids or [])} record(s)"
-    if req.kind == "source":
-        return f"source {req.source}"
-    return f"feature {req.feature} of {req.model_name}"
-
-
-def request_row(req: DeletionRequest, now: datetime) -> RequestRow:
-    open_ = req.status not in states.TERMINAL
-    return RequestRow(
-        id=req.id,
-        kind=req.kind,
-        status=req.status,
-        target=_target(req),
-        received_at=req.received_at,
-        due_at=req.due_at,
-        completed_at=req.completed_at,
-        seconds_left=(req.due_at - now).total_seconds(),
-        overdue=open_ and req.due_at <= now,
-        extended=req.extended_at is not None,
-        n_records=req.n_records,
-    )
-
-
-@dataclass
-class JobRow:
-    id: str
-    kind: str
-    status: str
-    progress: float
-    model: str
-    method: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    cost: dict[str, Any]
-    error: str | None
-    report_id: str | None
-    request_ids: list[str] = field(default_factory=list)
-    not_before: datetime | None = None
-    result: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def percent(self) -> int:
-        return round(100 * self.progress)
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_JOB
-
-    @property
-    def saved_seconds(self) -> float | None:
-        device = _float(self.cost.get("device_seconds"))
-        retrain = _float(self.cost.get("retrain_estimate_seconds"))
-        if device is None or retrain is None or self.kind == "train":
-            return None
-        return retrain - device
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "status": self.status,
-            "progress": round(self.progress, 4),
-            "percent": self.percent,
-            "model": self.model,
-            "method": self.method,
-            "error": self.error,
-            "report_id": self.report_id,
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-        }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def _float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _model_names(session: Session, ids: set[str]) -> dict[str, str]:
-    if not ids:
-        return {}
-    return dict(
-        session.execute(select(MLModel.id, MLModel.name).where(MLModel.id.in_(ids))).tuples().all()
-    )
-
-
-def job_rows(session: Session, jobs: Sequence[Job]) -> list[JobRow]:
-    names = _model_names(session, {j.model_id for j in jobs})
-    by_job: dict[str, list[str]] = {}
-    ids = [j.id for j in jobs]
-    if ids:
-        for job_id, request_id in session.execute(
-            select(RequestModel.job_id, RequestModel.request_id)
-            .where(RequestModel.job_id.in_(ids))
-            .order_by(RequestModel.id)
-        ).tuples():
-            if job_id is not None:
-                by_job.setdefault(job_id, []).append(request_id)
-    return [
-        JobRow(
-            id=j.id,
-            kind=j.kind,
-            status=j.status,
-            progress=float(j.progress or 0.0),
-            model=names.get(j.model_id, j.model_id),
-            method=j.method,
-            created_at=j.created_at,
-            started_at=j.started_at,
-            finished_at=j.finished_at,
-            cost=dict(j.cost or {}),
-            error=j.error,
-            report_id=j.report_id,
-            request_ids=by_job.get(j.id, []),
-            not_before=j.not_before,
-            result=dict(j.result or {}),
-        )
-        for j in jobs
-    ]
-
 
 # -- overview ---------------------------------------------------------------------------
 
@@ -287,8 +131,8 @@ def compute_saved(session: Session) -> ComputeSaved:
     for cost in session.scalars(
         select(Job.cost).where(Job.kind != "train", Job.status == "succeeded")
     ):
-        d = _float((cost or {}).get("device_seconds"))
-        r = _float((cost or {}).get("retrain_estimate_seconds"))
+        d = as_float((cost or {}).get("device_seconds"))
+        r = as_float((cost or {}).get("retrain_estimate_seconds"))
         if d is None or r is None:
             continue
         n, device, retrain = n + 1, device + d, retrain + r
@@ -484,30 +328,6 @@ class ModelProgress:
 
 
 @dataclass
-class ReportView:
-    id: str
-    model: str
-    candidate_version: int
-    baseline_version: int | None
-    passed: bool
-    decision: str
-    created_at: datetime
-    job_id: str | None
-    checks: list[CheckRow]
-    charts: dict[str, charts.Figure]
-    flagged: list[dict[str, Any]]
-    request_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class CheckRow:
-    name: str
-    passed: bool
-    summary: str
-    threshold: dict[str, Any]
-
-
-@dataclass
 class RequestDetail:
     request: RequestRow
     reason: str | None
@@ -604,105 +424,6 @@ def certificate_document(session: Session, request_id: str, caller: Caller) -> d
     return certificates.get_signed(session, get_request(session, request_id, caller))
 
 
-# -- reports ----------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def check_summary(name: str, check: dict[str, Any]) -> str:
-    """One line of the numbers that decided a check."""
-    m = check.get("metrics") if isinstance(check.get("metrics"), dict) else {}
-    assert isinstance(m, dict)
-    if name == "utility" and "candidate_accuracy" in m:
-        return (
-            f"accuracy {_fmt(m.get('baseline_accuracy'))} → {_fmt(m.get('candidate_accuracy'))}"
-            f" (drop {_fmt(m.get('drop'))})"
-        )
-    if name == "forgetting":
-        cand, ref = m.get("candidate") or {}, m.get("reference") or {}
-        parts = [f"attack AUC {_fmt(cand.get('auc'))}"] if cand else []
-        if ref:
-            parts.append(f"reference {_fmt(ref.get('auc'))}")
-        if m.get("lira_auc") is not None:
-            parts.append(f"LiRA AUC {_fmt(m.get('lira_auc'))}")
-        if m.get("note"):
-            parts.append(str(m["note"]))
-        return ", ".join(parts)
-    if name == "fairness":
-        flagged = m.get("flagged") or []
-        if m.get("note"):
-            return str(m["note"])
-        if not flagged:
-            return f"no group regressed ({len(m.get('after') or [])} groups)"
-        return "flagged: " + ", ".join(
-            f"{f.get('column')}={f.get('group')} {f.get('metric')} "
-            f"{_fmt(f.get('before'))} → {_fmt(f.get('after'))}"
-            for f in flagged
-        )
-    if name == "lineage":
-        return (
-            f"{m.get('present_in_manifests', '?')} forgotten record(s) in the candidate's manifests"
-        )
-    if name == "feature":
-        after = m.get("after") or {}
-        before = m.get("before") or {}
-        return (
-            f"max score change when flipped: {_fmt(before.get('max_abs_change', 'n/a'))} → "
-            f"{_fmt(after.get('max_abs_change'))}"
-        )
-    if name == "injection":
-        return ", ".join(
-            f"{k}: {_fmt(v)}" for k, v in m.items() if k in ("residual", "strategy", "note")
-        )
-    return ", ".join(
-        f"{k}: {_fmt(v)}" for k, v in list(m.items())[:4] if not isinstance(v, list | dict)
-    )
-
-
-def report_view(session: Session, report_id: str, suffix: str = "") -> ReportView:
-    report = session.get(Report, report_id) if len(report_id) <= 64 else None
-    if report is None:
-        raise NotFound(f"no report {report_id!r}", code="report_not_found")
-    model = session.get(MLModel, report.model_id)
-    checks = dict(report.checks or {})
-    fair = checks.get("fairness") if isinstance(checks.get("fairness"), dict) else None
-    flagged = list(((fair or {}).get("metrics") or {}).get("flagged") or [])
-    request_ids = list(
-        session.scalars(
-            select(RequestModel.request_id)
-            .where(RequestModel.report_id == report.id)
-            .order_by(RequestModel.id)
-        )
-    )
-    return ReportView(
-        id=report.id,
-        model=model.name if model else report.model_id,
-        candidate_version=report.candidate_version,
-        baseline_version=report.baseline_version,
-        passed=report.passed,
-        decision=report.decision,
-        created_at=report.created_at,
-        job_id=report.job_id,
-        checks=[
-            CheckRow(
-                name=name,
-                passed=bool(c.get("passed")),
-                summary=check_summary(name, c),
-                threshold=dict(c.get("threshold") or {}),
-            )
-            for name, c in checks.items()
-            if isinstance(c, dict)
-        ],
-        charts=charts.report_charts(checks, suffix),
-        flagged=[f for f in flagged if isinstance(f, dict)],
-        request_ids=request_ids,
-    )
-
-
 # -- review -----------------------------------------------------------------------------
 
 
@@ -744,62 +465,3 @@ def review_queue(
             )
         )
     return items
-
-
-# -- actions ----------------------------------------------------------------------------
-
-
-def run_action(session: Session, action: Callable[[], T]) -> T:
-    """Run a service call in a savepoint: when it refuses (an AppError), whatever it had
-    flushed is undone and the tasks it had queued are dropped, while the request's own
-    transaction stays usable to render the page that explains why."""
-    outbox = list(session.info.get("outbox", []))
-    try:
-        with session.begin_nested():
-            return action()
-    except AppError:
-        session.info["outbox"] = outbox
-        raise
-
-
-def review(
-    session: Session, request_id: str, caller: Caller, action: str, note: str | None
-) -> None:
-    if action not in ("approve", "reject", "mitigate"):
-        raise BadRequest("action must be approve, reject or mitigate", code="invalid")
-    if note is not None and len(note) > 2000:
-        raise BadRequest("the note is at most 2000 characters", code="invalid")
-    req = get_request(session, request_id, caller)
-    run_action(session, lambda: requests.review(session, req, caller, action, note or None))
-
-
-def parse_days(days: str | None) -> int | None:
-    """An extension's length in days; empty means the longest the law allows."""
-    days = (days or "").strip()
-    if not days:
-        return None
-    if not days.isdigit() or len(days) > 4:
-        raise BadRequest("days must be a whole number", code="invalid")
-    return int(days)
-
-
-def extend(
-    session: Session,
-    request_id: str,
-    caller: Caller,
-    reason: str,
-    days: int | None,
-    settings: Settings,
-) -> None:
-    reason = reason.strip()
-    if not 3 <= len(reason) <= 2000:
-        raise BadRequest("give a reason of 3 to 2000 characters", code="invalid")
-    if days is not None and not 1 <= days <= settings.max_extension_days:
-        raise BadRequest(f"an extension is 1 to {settings.max_extension_days} days", code="invalid")
-    req = get_request(session, request_id, caller)
-    run_action(session, lambda: requests.extend(session, req, caller, reason, days, settings))
-
-
-def cancel(session: Session, request_id: str, caller: Caller) -> None:
-    req = get_request(session, request_id, caller)
-    run_action(session, lambda: requests.cancel(session, req, caller))

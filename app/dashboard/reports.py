@@ -1,0 +1,135 @@
+"""A verification report as the dashboard shows it: its checks in one line each, and
+the charts its numbers can draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.errors import NotFound
+from app.dashboard import charts
+from app.models import MLModel, Report, RequestModel
+
+
+@dataclass
+class ReportView:
+    id: str
+    model: str
+    candidate_version: int
+    baseline_version: int | None
+    passed: bool
+    decision: str
+    created_at: datetime
+    job_id: str | None
+    checks: list[CheckRow]
+    charts: dict[str, charts.Figure]
+    flagged: list[dict[str, Any]]
+    request_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckRow:
+    name: str
+    passed: bool
+    summary: str
+    threshold: dict[str, Any]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def check_summary(name: str, check: dict[str, Any]) -> str:
+    """One line of the numbers that decided a check."""
+    m = check.get("metrics") if isinstance(check.get("metrics"), dict) else {}
+    assert isinstance(m, dict)
+    if name == "utility" and "candidate_accuracy" in m:
+        return (
+            f"accuracy {_fmt(m.get('baseline_accuracy'))} → {_fmt(m.get('candidate_accuracy'))}"
+            f" (drop {_fmt(m.get('drop'))})"
+        )
+    if name == "forgetting":
+        cand, ref = m.get("candidate") or {}, m.get("reference") or {}
+        parts = [f"attack AUC {_fmt(cand.get('auc'))}"] if cand else []
+        if ref:
+            parts.append(f"reference {_fmt(ref.get('auc'))}")
+        if m.get("lira_auc") is not None:
+            parts.append(f"LiRA AUC {_fmt(m.get('lira_auc'))}")
+        if m.get("note"):
+            parts.append(str(m["note"]))
+        return ", ".join(parts)
+    if name == "fairness":
+        flagged = m.get("flagged") or []
+        if m.get("note"):
+            return str(m["note"])
+        if not flagged:
+            return f"no group regressed ({len(m.get('after') or [])} groups)"
+        return "flagged: " + ", ".join(
+            f"{f.get('column')}={f.get('group')} {f.get('metric')} "
+            f"{_fmt(f.get('before'))} → {_fmt(f.get('after'))}"
+            for f in flagged
+        )
+    if name == "lineage":
+        return (
+            f"{m.get('present_in_manifests', '?')} forgotten record(s) in the candidate's manifests"
+        )
+    if name == "feature":
+        after = m.get("after") or {}
+        before = m.get("before") or {}
+        return (
+            f"max score change when flipped: {_fmt(before.get('max_abs_change', 'n/a'))} → "
+            f"{_fmt(after.get('max_abs_change'))}"
+        )
+    if name == "injection":
+        return ", ".join(
+            f"{k}: {_fmt(v)}" for k, v in m.items() if k in ("residual", "strategy", "note")
+        )
+    return ", ".join(
+        f"{k}: {_fmt(v)}" for k, v in list(m.items())[:4] if not isinstance(v, list | dict)
+    )
+
+
+def report_view(session: Session, report_id: str, suffix: str = "") -> ReportView:
+    report = session.get(Report, report_id) if len(report_id) <= 64 else None
+    if report is None:
+        raise NotFound(f"no report {report_id!r}", code="report_not_found")
+    model = session.get(MLModel, report.model_id)
+    checks = dict(report.checks or {})
+    fair = checks.get("fairness") if isinstance(checks.get("fairness"), dict) else None
+    flagged = list(((fair or {}).get("metrics") or {}).get("flagged") or [])
+    request_ids = list(
+        session.scalars(
+            select(RequestModel.request_id)
+            .where(RequestModel.report_id == report.id)
+            .order_by(RequestModel.id)
+        )
+    )
+    return ReportView(
+        id=report.id,
+        model=model.name if model else report.model_id,
+        candidate_version=report.candidate_version,
+        baseline_version=report.baseline_version,
+        passed=report.passed,
+        decision=report.decision,
+        created_at=report.created_at,
+        job_id=report.job_id,
+        checks=[
+            CheckRow(
+                name=name,
+                passed=bool(c.get("passed")),
+                summary=check_summary(name, c),
+                threshold=dict(c.get("threshold") or {}),
+            )
+            for name, c in checks.items()
+            if isinstance(c, dict)
+        ],
+        charts=charts.report_charts(checks, suffix),
+        flagged=[f for f in flagged if isinstance(f, dict)],
+        request_ids=request_ids,
+    )
