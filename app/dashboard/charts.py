@@ -117,7 +117,7 @@ def fairness(check: dict[str, Any]) -> Figure | None:
     ]
     data: list[dict[str, Any]] = []
     layout = _layout(
-        "Per-group metrics before and after (flagged groups in red)",
+        "Per group, before and after (flagged groups in red)",
         barmode="group",
         grid={"rows": 1, "columns": max(1, len(panels)), "pattern": "independent"},
         annotations=[],
