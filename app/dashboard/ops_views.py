@@ -318,6 +318,13 @@ class AuditPage:
     next_cursor: int | None
     chain: audit.ChainCheck
     cursor: int | None
+    action: str | None = None
+    # Events per action over the whole log, most frequent first: the log at a glance.
+    actions: list[tuple[str, int]] = field(default_factory=list)
+
+    def query(self, cursor: int | None) -> dict[str, str]:
+        out = {"action": self.action} if self.action else {}
+        return out | ({"cursor": str(cursor)} if cursor is not None else {})
 
 
 def parse_cursor(cursor: str | None) -> int | None:
@@ -329,16 +336,32 @@ def parse_cursor(cursor: str | None) -> int | None:
     return int(cursor)
 
 
-def audit_page(session: Session, cursor: int | None, limit: int = 50) -> AuditPage:
+def audit_page(
+    session: Session, cursor: int | None, action: str | None = None, limit: int = 50
+) -> AuditPage:
+    """A page of events, newest first (optionally of one action), and the chain's status
+    recomputed over the whole log."""
+    action = (action or "").strip() or None
+    if action is not None and len(action) > 60:
+        raise BadRequest("unknown action", code="invalid_filter")
     q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
     if cursor is not None:
         q = q.where(AuditEvent.id < cursor)
+    if action is not None:
+        q = q.where(AuditEvent.action == action)
     rows = list(session.scalars(q))
+    counts = session.execute(
+        select(AuditEvent.action, func.count())
+        .group_by(AuditEvent.action)
+        .order_by(func.count().desc(), AuditEvent.action)
+    ).tuples()
     return AuditPage(
         events=rows[:limit],
         next_cursor=rows[limit - 1].id if len(rows) > limit else None,
         chain=audit.verify_chain(session),
         cursor=cursor,
+        action=action,
+        actions=[(a, int(n)) for a, n in counts],
     )
 
 

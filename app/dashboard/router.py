@@ -420,8 +420,9 @@ def audit_log(
     user: UserDep,
     session: SessionDep,
     cursor: Annotated[str | None, Query(max_length=40)] = None,
+    action: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
-    page = ops_views.audit_page(session, ops_views.parse_cursor(cursor))
+    page = ops_views.audit_page(session, ops_views.parse_cursor(cursor), action)
     return render(request, "audit.html", user, page=page)
 
 

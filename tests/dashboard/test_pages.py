@@ -43,6 +43,10 @@ def test_audit_pages_and_chain_status(fresh: AppEnv) -> None:
     ]
     assert older and max(older) < min(ids)
     assert client.get("/admin/audit?cursor=abc").status_code == 400
+    only = client.get("/admin/audit?action=dashboard.login").text
+    assert re.findall(r"<td>(dashboard\.login|api_key\.created)</td>", only) == ["dashboard.login"]
+    chips = page.text[page.text.index('data-testid="audit-actions"') :]
+    assert re.search(r'action=api_key.created">api_key.created <span class="count">61<', chips)
     with get_engine().begin() as conn:  # someone edits an event in the database
         conn.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = 5"))
     status = re.search(
