@@ -129,6 +129,27 @@ def test_login_refuses_bad_and_portal_keys_then_admits_an_admin(
     assert _path(page) == "/admin/login"
 
 
+def test_a_revoked_key_ends_its_session_at_once(open_page: OpenPage, seeded: Seeded) -> None:
+    from sqlalchemy import create_engine, text
+
+    key = seeded.stack.create_key("admin", "short-lived")
+    page = open_page(key)
+    page.goto("/admin/requests")
+    assert _path(page) == "/admin/requests"
+    engine = create_engine(seeded.stack.env["PALIMPSEST_DATABASE_URL"])
+    try:
+        with engine.begin() as conn:
+            n = conn.execute(
+                text("UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP WHERE name = :n"),
+                {"n": "short-lived"},
+            ).rowcount
+        assert n == 1
+    finally:
+        engine.dispose()
+    page.goto("/admin/requests")  # the same, still unexpired, cookie
+    assert _path(page) == "/admin/login"
+
+
 def test_overview_shows_the_seeded_requests(open_page: OpenPage, seeded: Seeded) -> None:
     page = open_page(seeded.admin_key)
     counts = Counter(d["status"] for d in _requests(seeded))
