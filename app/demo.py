@@ -140,7 +140,9 @@ def _serve(stack: LocalStack, admin_key: str) -> int:
     def _interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Explicit handlers: a process started in the background by a shell inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt for it.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         console.rule("[bold]Dashboard[/bold]")
         # Plain lines, so that scripts (and the tests) can read them.
@@ -156,8 +158,11 @@ def _serve(stack: LocalStack, admin_key: str) -> int:
         print("stopping the API and the worker", flush=True)
         return 0
     finally:
+        for sig in previous:  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
         stack.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _erasure_story(admin: httpx.Client, portal: httpx.Client, n_subjects: int) -> Table:
