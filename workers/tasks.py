@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import Task, shared_task
+from sqlalchemy.exc import DBAPIError
 
 from app.core.db import session_scope
 from app.core.settings import get_settings
@@ -17,6 +18,7 @@ from app.requests import deadlines, lifecycle
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 2
+DB_RETRIES = 8  # backing off up to 30 s: rides out a database failover
 
 
 def _run_job(task: Task, fn: Any, job_id: str, lock_retry: float = 2.0) -> None:
@@ -39,13 +41,33 @@ def _run_job(task: Task, fn: Any, job_id: str, lock_retry: float = 2.0) -> None:
             except Exception as exc:
                 log.exception("job %s failed (attempt %s)", job_id, task.request.retries + 1)
                 error = f"{type(exc).__name__}: {exc}"
-                if task.request.retries < MAX_RETRIES:
+                retries = task.request.retries
+                limit = DB_RETRIES if _dropped_connection(exc) else MAX_RETRIES
+                if retries < limit:
                     # Back to pending (lock kept), so the retry starts it on any worker.
                     _quietly(jobs.release, job_id, held.token, error)
-                    raise task.retry(countdown=2**task.request.retries, exc=exc) from exc
+                    raise task.retry(
+                        countdown=min(2**retries, 30), exc=exc, max_retries=limit
+                    ) from exc
                 runner.fail_job(job_id, error, token=held.token)
     except lease.LeaseLost as exc:
         log.warning("job %s: this execution stops, another one owns the job (%s)", job_id, exc)
+
+
+def _dropped_connection(exc: BaseException) -> bool:
+    """The database connection went away under a statement (a restart, a failover,
+    pg_terminate_backend): the pool replaces it, so the job is worth more tries than a
+    failure of its own."""
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _retry(task: Task, exc: Exception) -> None:
+    """Retry a chord task with backoff while it has tries left (more after a dropped
+    database connection); return when it has none."""
+    limit = DB_RETRIES if _dropped_connection(exc) else MAX_RETRIES
+    if task.request.retries < limit:
+        countdown = min(2**task.request.retries, 30)
+        raise task.retry(countdown=countdown, exc=exc, max_retries=limit) from exc
 
 
 def _quietly(fn: Any, *args: Any) -> None:
@@ -82,8 +104,7 @@ def sisa_shard(self: Task, job_id: str, shard: int, attempt: int | None = None) 
         # The chord of a taken-over attempt: its callback will do nothing either.
         return {"stale": True}
     except Exception as exc:
-        if self.request.retries < MAX_RETRIES:
-            raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
+        _retry(self, exc)
         # The chord's callback will never run: fail the job here, releasing its lock.
         runner.fail_job(job_id, f"shard {shard}: {type(exc).__name__}: {exc}", token=attempt)
         raise
@@ -100,8 +121,7 @@ def sisa_finish(
     except lease.LeaseLost:
         log.warning("job %s: the chord of attempt %s was taken over", job_id, attempt)
     except Exception as exc:
-        if self.request.retries < MAX_RETRIES:
-            raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
+        _retry(self, exc)
         runner.fail_job(job_id, f"{type(exc).__name__}: {exc}", token=attempt)
 
 

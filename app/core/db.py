@@ -131,6 +131,12 @@ def _send_outbox(session: Session) -> None:
         _send(app, task)
 
 
+# A broker that is down must not hold the caller (an HTTP request, a job's last step)
+# for long: kombu would otherwise retry the connection without end. What cannot be
+# sent within a few seconds is re-sent by the beat's resume sweep.
+_SEND_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
+
+
 def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
     """Publish on a connection of its own: the API sends from a thread pool, and kombu's
     pooled producers are not safe to share between threads on every transport (the
@@ -138,7 +144,9 @@ def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
     cannot be sent is re-sent by the beat's resume sweep (tasks are idempotent)."""
     for attempt in range(1, attempts + 1):
         try:
-            with app.connection_for_write() as conn:
+            with app.connection_for_write(
+                connect_timeout=2, transport_options={"max_retries": 1}
+            ) as conn:
                 app.send_task(
                     task.name,
                     args=list(task.args),
@@ -146,6 +154,10 @@ def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
                     countdown=task.countdown,
                     connection=conn,
                     headers={REQUEST_ID_HEADER: task.request_id} if task.request_id else None,
+                    retry_policy=_SEND_RETRY,
+                    # Nobody waits on these results: no subscription to the result store
+                    # (which would block on it too when Redis is down).
+                    ignore_result=True,
                 )
             return
         except Exception:

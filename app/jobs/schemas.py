@@ -30,3 +30,8 @@ class JobOut(BaseModel):
     error: str | None = None
     # Held by the model's batching policy until this time (null once sent to workers).
     not_before: datetime | None = None
+    # Executions so far (a retry or a takeover after a worker died starts another), and
+    # the lease of the one running: its worker (host:pid) and last heartbeat.
+    attempts: int = 0
+    worker: str | None = None
+    heartbeat_at: datetime | None = None

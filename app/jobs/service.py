@@ -47,6 +47,9 @@ def to_out(session: Session, job: Job) -> JobOut:
         result=job.result,
         error=job.error,
         not_before=job.not_before,
+        attempts=job.attempts,
+        worker=job.worker,
+        heartbeat_at=job.heartbeat_at,
     )
 
 
@@ -171,19 +174,22 @@ class ProgressReporter:
             stmt = stmt.where(Job.attempts == token)
         with session_scope() as s:
             s.execute(stmt)
-        self._test_delay()
+        if self._test_delay():
+            self._last = time.monotonic()  # slowed down by about (1 + 2 delay) at most
 
-    def _test_delay(self) -> None:
+    def _test_delay(self) -> bool:
         """The test hook PALIMPSEST_TEST_SLOW_UNLEARNING_SECONDS (never set in
         production): slow an unlearning job down so a test can crash its worker."""
         delay = get_settings().test_slow_unlearning_seconds
         if delay <= 0:
-            return
+            return False
         if self._kind is None:
             with session_scope() as s:
                 self._kind = s.scalar(select(Job.kind).where(Job.id == self.job_id)) or ""
-        if self._kind == "unlearn":
-            time.sleep(delay)
+        if self._kind != "unlearn":
+            return False
+        time.sleep(delay)
+        return True
 
 
 ProgressFn = Callable[[float], None]

@@ -196,6 +196,7 @@ def assemble(
     store = get_store()
     snap = load_snapshot(store, job_id, attempt)
     base = artifacts.load_manifest(store, snap.ctx.manifest_rel)
+    results = [r for r in results if "entry" in r]  # not those of a taken-over attempt
     trained = {e.shard: e for e in (ShardEntry.from_dict(r["entry"]) for r in results)}
     if sorted(trained) != sorted(snap.shards):
         # A chord counted a duplicate delivery, or lost one: never a partial candidate.
