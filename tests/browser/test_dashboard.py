@@ -400,6 +400,19 @@ def test_screenshots_of_the_main_pages(
     login.goto("/admin/login")
     login.screenshot(path=str(screenshots / "login.png"), full_page=True)
     page = open_page(seeded.admin_key)
+    # While visiting every page: no uncaught script error, nothing fetched from elsewhere.
+    errors: list[str] = []
+    foreign: list[str] = []
+    host = urlparse(seeded.base_url).netloc
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "request",
+        lambda req: (
+            foreign.append(req.url)
+            if urlparse(req.url).scheme in ("http", "https") and urlparse(req.url).netloc != host
+            else None
+        ),
+    )
     pages = {
         "overview": ("/admin", ["chart-completions"]),
         "requests": ("/admin/requests", []),
@@ -422,6 +435,8 @@ def test_screenshots_of_the_main_pages(
         for chart in charts:
             _chart(page, chart)
         page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
+    assert not errors, errors
+    assert not foreign, foreign
     for name in [*pages, "login"]:
         png = screenshots / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
