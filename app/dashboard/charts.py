@@ -4,6 +4,7 @@ here renders HTML and nothing user-supplied is ever evaluated as script."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,16 @@ LABELS = {
 }
 # Beyond this many groups a bar chart is unreadable: the largest and the flagged stay.
 MAX_GROUPS = 30
-FAIRNESS_METRICS = (("accuracy", "Accuracy"), ("tpr", "TPR"), ("fpr", "FPR"))
+FAIRNESS_METRICS = (
+    ("accuracy", "Accuracy"),
+    ("tpr", "True-positive rate"),
+    ("fpr", "False-positive rate"),
+)
+# Membership scores are log p_y - log(1 - p_y) with both probabilities floored at 1e-12
+# (app.ml.verify.membership), so |score| ~ 27.6 means "saturated": the model is as sure
+# as float precision allows. Such scores, and a sparse far tail, go to an overflow bar.
+SATURATED = 27.0
+SCORE_BINS = 30
 
 
 def _layout(title: str, **extra: Any) -> dict[str, Any]:
@@ -116,14 +126,36 @@ def fairness(check: dict[str, Any]) -> Figure | None:
         or any(_num((a_by.get(k) or {}).get(key)) is not None for k in keys)
     ]
     data: list[dict[str, Any]] = []
+    n = max(1, len(panels))
+    # Panels side by side with room between them; each panel's name sits above it (no
+    # y-axis titles, which would be drawn over the previous panel), and only the first
+    # panel repeats the shared 0..1 scale.
+    gap = 0.06
+    width = (1 - gap * (n - 1)) / n
+    domains = [[round(i * (width + gap), 4), round(i * (width + gap) + width, 4)] for i in range(n)]
     layout = _layout(
         "Per group, before and after (flagged groups in red)",
         barmode="group",
-        grid={"rows": 1, "columns": max(1, len(panels)), "pattern": "independent"},
-        annotations=[],
-        height=380,
+        annotations=[
+            {
+                "text": title,
+                "xref": "paper",
+                "yref": "paper",
+                "x": (lo + hi) / 2,
+                "y": 1.0,
+                "xanchor": "center",
+                "yanchor": "bottom",
+                "yshift": 6,
+                "showarrow": False,
+                "font": {"size": 12},
+            }
+            for (_, title), (lo, hi) in zip(panels, domains, strict=True)
+        ],
+        margin={"l": 40, "r": 10, "t": 80, "b": 40},
+        legend={"orientation": "h", "x": 0, "y": 0, "yref": "container", "yanchor": "bottom"},
+        height=400,
     )
-    for i, (key, title) in enumerate(panels, start=1):
+    for i, (key, _title) in enumerate(panels, start=1):
         axis = "" if i == 1 else str(i)
         data.append(
             {
@@ -151,59 +183,205 @@ def fairness(check: dict[str, Any]) -> Figure | None:
                 "legendgroup": "after",
             }
         )
-        layout[f"yaxis{axis}"] = {"range": [0, 1.05], "title": {"text": title}}
-        layout[f"xaxis{axis}"] = {"tickangle": -30 if len(keys) > 6 else 0}
+        layout[f"yaxis{axis}"] = {
+            "range": [0, 1.05],
+            "anchor": f"x{axis}",
+            "showticklabels": i == 1,
+            "tickformat": ".1f",
+        }
+        xaxis: dict[str, Any] = {
+            "domain": domains[i - 1],
+            "anchor": f"y{axis}",
+            "automargin": True,
+        }
+        if len(keys) > 6:
+            xaxis["tickangle"] = -45  # otherwise plotly tilts labels only when they collide
+        layout[f"xaxis{axis}"] = xaxis
     return {"data": data, "layout": layout}
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted values."""
+    pos = q * (len(values) - 1)
+    i = int(pos)
+    j = min(i + 1, len(values) - 1)
+    return values[i] + (values[j] - values[i]) * (pos - i)
+
+
+def score_range(values: Sequence[float]) -> tuple[float, float]:
+    """The x range the histogram bins: saturated scores aside, the 1st to 99th percentile,
+    widened to the minimum and maximum unless they lie far (a quarter of that range)
+    beyond it.
+    Anything outside is counted in an overflow (or underflow) bar."""
+    pool = sorted(values)
+    bulk = [v for v in pool if abs(v) < SATURATED] or pool
+    q_lo, q_hi = _quantile(bulk, 0.01), _quantile(bulk, 0.99)
+    slack = 0.25 * (q_hi - q_lo)
+    lo = min(v for v in bulk if v >= q_lo - slack)
+    hi = max(v for v in bulk if v <= q_hi + slack)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    return lo, hi
+
+
+def _nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
+    raw = (hi - lo) / target
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [round(k * step, 10) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+    return ticks
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 def membership(check: dict[str, Any]) -> Figure | None:
     """Distributions of the membership score (log p_y - log(1 - p_y)) per population: the
     forgotten records after (and before) unlearning, reference non-members, retained
-    members. Reports without score samples get the attack AUCs instead."""
+    members, binned here as density bars over one shared set of bins. Scores beyond the
+    bulk (saturated ones, a far tail) are counted in labelled overflow bars at the edges
+    rather than stretching the axis. Reports without score samples get the attack AUCs
+    instead."""
     m = _metrics(check)
     samples = m.get("score_samples")
     populations: list[tuple[str, list[float]]] = []
     if isinstance(samples, dict):
         for name in LABELS:
             values = [float(v) for v in samples.get(name) or [] if _num(v) is not None]
+            values = [v for v in values if math.isfinite(v)]
             if values:
                 populations.append((name, values))
     data: list[dict[str, Any]] = []
+    notes: list[str] = []
+    shapes: list[dict[str, Any]] = []
+    xaxis: dict[str, Any] = {}
     if populations:
-        # One set of bins for every population, so the bars compare like with like.
-        lo = min(min(v) for _, v in populations)
-        hi = max(max(v) for _, v in populations)
-        size = (hi - lo) / 30 if hi > lo else 1.0
+        lo, hi = score_range([v for _, vs in populations for v in vs])
+        size = (hi - lo) / SCORE_BINS
+        below = [v for _, vs in populations for v in vs if v < lo]
+        above = [v for _, vs in populations for v in vs if v > hi]
+        # Overflow bars sit two bins clear of the range, on a shaded strip.
+        under_x, over_x = lo - 2 * size, hi + 2 * size
+        centres = [lo + (i + 0.5) * size for i in range(SCORE_BINS)]
         for name, values in populations:
+            counts = [0] * SCORE_BINS
+            n_below = n_above = 0
+            for v in values:
+                if v < lo:
+                    n_below += 1
+                elif v > hi:
+                    n_above += 1
+                else:
+                    counts[min(int((v - lo) / size), SCORE_BINS - 1)] += 1
+            total = len(values)
+            xs, ys, hover = [], [], []
+            label = LABELS[name]
+            if below:
+                xs.append(under_x)
+                ys.append(n_below / (total * size))
+                hover.append(f"{label}<br>{n_below} of {total} below {_fmt(lo)}")
+            for c, centre in zip(counts, centres, strict=True):
+                xs.append(round(centre, 6))
+                ys.append(c / (total * size))
+                hover.append(
+                    f"{label}<br>{c} of {total} in {_fmt(centre - size / 2)}"
+                    f" to {_fmt(centre + size / 2)}"
+                )
+            if above:
+                xs.append(over_x)
+                ys.append(n_above / (total * size))
+                hover.append(f"{label}<br>{n_above} of {total} above {_fmt(hi)}")
             data.append(
                 {
-                    "type": "histogram",
-                    "name": LABELS[name],
-                    "x": values,
-                    "histnorm": "probability density",
+                    "type": "bar",
+                    "name": label,
+                    "x": xs,
+                    "y": [round(y, 6) for y in ys],
+                    "width": size,
                     "opacity": 0.55,
-                    "xbins": {"start": lo, "end": hi + size, "size": size},
                     "marker": {"color": COLOURS[name]},
+                    "hovertext": hover,
+                    "hovertemplate": "%{hovertext}<extra></extra>",
                 }
             )
+        ticks = [t for t in _nice_ticks(lo, hi) if lo - size / 2 <= t <= hi + size / 2]
+        tickvals: list[float] = list(ticks)
+        ticktext = [_fmt(t) for t in ticks]
+        left, right = lo, hi
+        for side, xpos, edge, extra in (
+            ("below", under_x, lo, below),
+            ("above", over_x, hi, above),
+        ):
+            if not extra:
+                continue
+            sign = "<" if side == "below" else ">"
+            # Room for the overflow bar's own label: drop the nearest regular ticks.
+            keep = [
+                (v, t) for v, t in zip(tickvals, ticktext, strict=True) if abs(v - xpos) > 4 * size
+            ]
+            tickvals, ticktext = [v for v, _ in keep], [t for _, t in keep]
+            tickvals.append(xpos)
+            ticktext.append(f"{sign} {_fmt(edge)}")
+            far = min(extra) if side == "below" else max(extra)
+            saturated = sum(abs(v) >= SATURATED for v in extra)
+            notes.append(
+                f"bar {sign} {_fmt(edge)}: {len(extra)} score(s) {side} {_fmt(edge)}"
+                f" ({'down' if side == 'below' else 'up'} to {_fmt(far)}"
+                + (f"; {saturated} saturated, p = 1" if saturated else "")
+                + ")"
+            )
+            x0, x1 = (xpos - size, edge) if side == "below" else (edge, xpos + size)
+            shapes.append(
+                {
+                    "type": "rect",
+                    "xref": "x",
+                    "yref": "paper",
+                    "x0": x0,
+                    "x1": x1,
+                    "y0": 0,
+                    "y1": 1,
+                    "fillcolor": "#eef1f5",
+                    "line": {"width": 0},
+                    "layer": "below",
+                }
+            )
+            if side == "below":
+                left = xpos - size
+            else:
+                right = xpos + size
+        xaxis = {
+            "range": [left, right],
+            "tickmode": "array",
+            "tickvals": [round(v, 6) for v in tickvals],
+            "ticktext": ticktext,
+            "zeroline": False,
+            "automargin": True,
+        }
     title = "Membership-inference scores"
     auc = _num((m.get("candidate") or {}).get("auc"))
     ref = _num((m.get("reference") or {}).get("auc"))
     if auc is not None:
         title += f" (attack AUC {auc:.3f}" + (f", reference {ref:.3f})" if ref is not None else ")")
     if data:
-        return {
-            "data": data,
-            "layout": _layout(
-                title,
-                barmode="overlay",
-                xaxis={"title": {"text": "score: higher looks more like a training member"}},
-                yaxis={"title": {"text": "density"}},
-                legend={"orientation": "h", "y": -0.3},
-                margin={"l": 50, "r": 20, "t": 50, "b": 110},
-                height=400,
-            ),
-        }
+        axis_title = "score: higher looks more like a training member"
+        for note in notes:  # plain text: plotly's styled spans need inline styles
+            axis_title += f"<br>{note}"
+        xaxis["title"] = {"text": axis_title}
+        layout = _layout(
+            title,
+            barmode="overlay",
+            bargap=0,
+            xaxis=xaxis,
+            yaxis={"title": {"text": "density"}, "rangemode": "tozero"},
+            legend={"orientation": "h", "x": 0, "y": 0, "yref": "container", "yanchor": "bottom"},
+            margin={"l": 50, "r": 20, "t": 50, "b": 40},
+            height=420 + 18 * len(notes),
+        )
+        if shapes:
+            layout["shapes"] = shapes
+        return {"data": data, "layout": layout}
     aucs = [
         (label, _num((m.get(part) or {}).get("auc")))
         for part, label in (

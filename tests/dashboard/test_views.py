@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +276,10 @@ def test_report_charts_from_checks() -> None:
         charts.LABELS["nonmembers"],
         charts.LABELS["retained"],
     ]
-    assert mia[0]["x"] == [0.1, 0.2] and len({str(t["xbins"]) for t in mia}) == 1
+    # One set of bins for every population; each population's densities integrate to 1.
+    assert len({str(t["x"]) for t in mia}) == 1 and len({t["width"] for t in mia}) == 1
+    assert all(abs(sum(t["y"]) * t["width"] - 1) < 1e-3 for t in mia)
+    assert "shapes" not in figs["chart-mia"]["layout"]  # nothing beyond the range here
     assert figs["chart-utility"]["data"][0]["y"] == [0.82, 0.8]
     feature = figs["chart-feature"]["data"]
     assert [t["name"] for t in feature] == ["before", "after"] and feature[1]["y"][0] == 0.0
@@ -288,6 +292,41 @@ def test_report_charts_from_checks() -> None:
     assert set(charts.report_charts(CHECKS, suffix="-r1")) == {
         f"chart-{k}-r1" for k in ("fairness", "mia", "utility", "feature")
     }
+
+
+def test_membership_counts_saturated_scores_in_a_labelled_overflow_bar() -> None:
+    bulk = [i / 10 for i in range(180)]  # 0.0 .. 17.9
+    sat = [27.631] * 20  # p_y floored at 1 - 1e-12: the model is certain
+    fig = charts.membership({"metrics": {"score_samples": {"forgotten": bulk + sat}}})
+    assert fig is not None
+    (bars,) = fig["data"]
+    xaxis = fig["layout"]["xaxis"]
+    lo, hi = xaxis["range"]
+    assert lo == 0.0 and hi < 20  # the axis shows the bulk, not 0..27.6
+    assert bars["x"][-1] < hi and bars["x"][-1] > 17.9
+    assert bars["y"][-1] * bars["width"] * 200 == pytest.approx(20, abs=0.01)
+    assert xaxis["ticktext"][-1] == "> 17.9"
+    assert (
+        "bar > 17.9: 20 score(s) above 17.9 (up to 27.6; 20 saturated" in (xaxis["title"]["text"])
+    )
+    assert "20 of 200 above 17.9" in bars["hovertext"][-1]
+    assert len(fig["layout"]["shapes"]) == 1
+    # A normal tail stays on the axis: no overflow bar for it.
+    plain = [((i * 37) % 101) / 10 - 5 for i in range(200)]
+    fig = charts.membership({"metrics": {"score_samples": {"nonmembers": plain}}})
+    assert fig is not None and "shapes" not in fig["layout"]
+    assert charts.score_range(plain) == (min(plain), max(plain))
+
+
+def test_fairness_panels_do_not_overlap() -> None:
+    fig = charts.fairness(FAIR)
+    assert fig is not None
+    layout = fig["layout"]
+    domains = [layout[f"xaxis{a}"]["domain"] for a in ("", "2", "3")]
+    assert all(a[1] < b[0] for a, b in pairwise(domains))
+    # Panel names above the panels, not y-axis titles drawn into the neighbour.
+    assert [a["text"] for a in layout["annotations"]] == [t for _, t in charts.FAIRNESS_METRICS]
+    assert all("title" not in layout[f"yaxis{a}"] for a in ("", "2", "3"))
 
 
 def test_many_groups_keep_the_largest_and_the_flagged() -> None:
