@@ -142,18 +142,31 @@ class ProgressReporter:
     so the API and dashboard see it while the job's own work is uncommitted."""
 
     def __init__(
-        self, job_id: str, lo: float = 0.0, hi: float = 1.0, interval: float = 0.5
+        self,
+        job_id: str,
+        lo: float = 0.0,
+        hi: float = 1.0,
+        interval: float = 0.5,
+        *,
+        write: bool = True,
     ) -> None:
         self.job_id = job_id
         self.lo, self.hi = lo, hi
         self.interval = interval
+        # False for one shard of a fanned-out job: the job's progress moves as shards
+        # complete; the reporter still stops a shard whose job was taken over.
+        self.write = write
         self._last = 0.0
         self._kind: str | None = None
 
     def sub(self, lo: float, hi: float) -> ProgressReporter:
         span = self.hi - self.lo
         return ProgressReporter(
-            self.job_id, self.lo + span * lo, self.lo + span * hi, self.interval
+            self.job_id,
+            self.lo + span * lo,
+            self.lo + span * hi,
+            self.interval,
+            write=self.write,
         )
 
     def __call__(self, fraction: float) -> None:
@@ -172,8 +185,9 @@ class ProgressReporter:
         token = lease.token(self.job_id)
         if token is not None:
             stmt = stmt.where(Job.attempts == token)
-        with session_scope() as s:
-            s.execute(stmt)
+        if self.write:
+            with session_scope() as s:
+                s.execute(stmt)
         if self._test_delay():
             self._last = time.monotonic()  # slowed down by about (1 + 2 delay) at most
 

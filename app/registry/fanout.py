@@ -172,6 +172,7 @@ def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict
         model_key=manifest.model_key,
         store=artifacts.checkpoint_store(store, ctx.model_id),
         device=_device(),
+        progress=jobs.ProgressReporter(job_id, write=False),
     )
     step = 0.8 / max(1, len(snap.shards))
     stmt = update(Job).where(Job.id == job_id, Job.status == "running")

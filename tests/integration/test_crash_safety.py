@@ -45,6 +45,7 @@ FAST_RECOVERY = {
     "PALIMPSEST_TORCH_THREADS": "1",
     "PALIMPSEST_JOB_HEARTBEAT_SECONDS": "1",
     "PALIMPSEST_JOB_LEASE_SECONDS": "6",
+    "PALIMPSEST_JOB_SHARD_LEASE_SECONDS": "8",
     "PALIMPSEST_RESUME_INTERVAL_SECONDS": "2",
     "PALIMPSEST_RESUME_AFTER_SECONDS": "5",
 }
@@ -167,22 +168,32 @@ def _model(admin: httpx.Client) -> dict[str, Any]:
 
 
 def _request(portal: httpx.Client, subject: str) -> str:
-    r = portal.post("/v1/deletion-requests", json={"kind": "subject", "subject_id": subject})
+    return _post(portal, {"kind": "subject", "subject_id": subject})
+
+
+def _post(portal: httpx.Client, body: dict[str, Any]) -> str:
+    r = portal.post("/v1/deletion-requests", json=body)
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
 
 
-def _running_job(admin: httpx.Client, portal: httpx.Client, rid: str) -> dict[str, Any]:
-    """The request's job once it runs and has reported progress."""
+def _running_job(
+    admin: httpx.Client, portal: httpx.Client, rid: str, *, fanned_out: bool = False
+) -> dict[str, Any]:
+    """The request's job once it runs and has reported progress (or, `fanned_out`, once
+    its shards are on their way)."""
 
     def job() -> dict[str, Any]:
         req = portal.get(f"/v1/deletion-requests/{rid}").json()
         job_id = next((m["job_id"] for m in req.get("models", []) if m.get("job_id")), None)
         return admin.get(f"/v1/jobs/{job_id}").json() if job_id else {"request": req}
 
-    found: dict[str, Any] = wait_for(
-        job, lambda j: j.get("status") == "running" and j.get("progress", 0) > 0, timeout=120
-    )
+    def running(j: dict[str, Any]) -> bool:
+        if j.get("status") != "running":
+            return False
+        return "fanout" in j["result"] if fanned_out else j.get("progress", 0) > 0
+
+    found: dict[str, Any] = wait_for(job, running, timeout=120)
     return found
 
 
@@ -275,10 +286,13 @@ def _worker(stack: LocalStack) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.parametrize("shape", ["embedded", "postgres-redis"])
-def test_worker_killed_mid_job(shape: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["subject", "source"])
+def test_worker_killed_mid_job(shape: str, target: str, tmp_path: Path) -> None:
     """SIGKILL the worker (and its beat) while the job runs: nothing moves until a new
     worker starts; its sweep finds the heartbeat stale, takes the job over, and the job
-    completes once, with attempts >= 2 and the takeover on record."""
+    completes once, with attempts >= 2 and the takeover on record. A subject reaches one
+    shard (the job trains it in its own task); a source reaches every shard, so the job
+    fans out as a chord and the worker dies in the middle of a shard task."""
     env, cleanup = {"PALIMPSEST_TEST_SLOW_UNLEARNING_SECONDS": "1.0"}, None
     if shape == "postgres-redis":
         pg_env, cleanup = _postgres_env()
@@ -290,8 +304,13 @@ def test_worker_killed_mid_job(shape: str, tmp_path: Path) -> None:
     with _stack(tmp_path, env, cleanup) as stack:
         admin, portal = _clients(stack)
         model = _model(admin)
-        rid = _request(portal, "p0007")
-        job = _running_job(admin, portal, rid)
+        if target == "subject":
+            rid = _request(portal, "p0007")
+            job = _running_job(admin, portal, rid)
+        else:
+            rid = _post(portal, {"kind": "source", "source": "north"})
+            job = _running_job(admin, portal, rid, fanned_out=True)
+            time.sleep(1.5)  # into the first shard (slowed down by the hook)
         victim = _worker(stack)
         os.killpg(victim.pid, signal.SIGKILL)  # the worker and its embedded beat
         victim.wait(timeout=30)
@@ -307,6 +326,10 @@ def test_worker_killed_mid_job(shape: str, tmp_path: Path) -> None:
         assert takeovers[0]["worker"].endswith(f":{victim.pid}"), takeovers
         events = _audit(stack)
         assert [e for a, e, _ in events if a == "job.taken_over"] == [job["id"]] * len(takeovers)
+        if target == "source":
+            un = done["result"]["unlearning"]
+            assert un["parallelism"] == "celery_chord" and un["affected_shards"] == [0, 1, 2, 3]
+            assert done["result"]["fanout"]["attempt"] == done["attempts"]
 
 
 def test_redis_restart_mid_job(private_redis: PrivateRedis, tmp_path: Path) -> None:
