@@ -295,12 +295,9 @@ def test_worker_killed_mid_job(shape: str, target: str, tmp_path: Path) -> None:
     fans out as a chord and the worker dies in the middle of a shard task."""
     env, cleanup = {"PALIMPSEST_TEST_SLOW_UNLEARNING_SECONDS": "1.0"}, None
     if shape == "postgres-redis":
+        redis_env = _shared_redis_env()
         pg_env, cleanup = _postgres_env()
-        try:
-            env |= pg_env | _shared_redis_env()
-        except BaseException:
-            cleanup()
-            raise
+        env |= pg_env | redis_env
     with _stack(tmp_path, env, cleanup) as stack:
         admin, portal = _clients(stack)
         model = _model(admin)
@@ -362,8 +359,9 @@ def test_database_connections_dropped_mid_job(tmp_path: Path) -> None:
     palimpsest-worker) again and again while the job runs: the pool replaces them
     (pre-ping), a statement that was cut off fails its attempt and the task retries,
     and the job completes once."""
+    redis_env = _shared_redis_env()
     pg_env, cleanup = _postgres_env()
-    env = pg_env | _shared_redis_env() | {"PALIMPSEST_TEST_SLOW_UNLEARNING_SECONDS": "0.5"}
+    env = pg_env | redis_env | {"PALIMPSEST_TEST_SLOW_UNLEARNING_SECONDS": "0.5"}
     with _stack(tmp_path, env, cleanup) as stack:
         admin, portal = _clients(stack)
         model = _model(admin)
