@@ -6,7 +6,9 @@ real HTTP and a real worker, on whatever settings the environment holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,6 +109,10 @@ class LocalStack:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+            # Each process leads its own session: take its children (the worker's embedded
+            # beat) with it, so nothing is left orphaned.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
         self.procs.clear()
 
     def __enter__(self) -> LocalStack:
