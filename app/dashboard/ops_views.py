@@ -145,6 +145,27 @@ class VersionRow:
     test_accuracy: float | None
     retrained_shards: list[int]
     production: bool
+    n_shards: int = 0
+
+    @property
+    def retrained_label(self) -> str:
+        """Which shards this version retrained, unambiguously: "none", "shard 0 (1 of 4)",
+        "shards 0, 2 (2 of 4)", "all 4" (a bare "0" would read as "none")."""
+        return retrained_label(self.retrained_shards, self.n_shards)
+
+
+def retrained_label(shards: list[int], total: int, most: int = 6) -> str:
+    if total == 0:
+        return "\u2013"  # no shard manifest to compare
+    if not shards:
+        return "none"
+    if total <= 1:
+        return "the whole model"
+    if len(shards) >= total:
+        return f"all {total}"
+    listed = ", ".join(str(s) for s in shards[:most]) + (", …" if len(shards) > most else "")
+    word = "shard" if len(shards) == 1 else "shards"
+    return f"{word} {listed} ({len(shards)} of {total})"
 
 
 @dataclass
@@ -292,6 +313,7 @@ def model_detail(session: Session, name: str) -> ModelDetail:
                 test_accuracy=float(acc) if isinstance(acc, int | float) else None,
                 retrained_shards=retrained.get(v.version, []),
                 production=v.version == model.production_version,
+                n_shards=len(shards),
             )
         )
     certified = None

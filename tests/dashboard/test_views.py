@@ -168,7 +168,19 @@ def test_shard_map_marks_the_shards_each_version_retrained(fresh: AppEnv) -> Non
         (2, True, [1]),
         (1, False, [0, 1, 2]),
     ]
+    # Shard 0 alone must not read as "0" (= none).
+    assert [v.retrained_label for v in d.versions] == [
+        "shards 0, 2 (2 of 3)",
+        "shard 1 (1 of 3)",
+        "all 3",
+    ]
+    assert ops_views.retrained_label([0], 8) == "shard 0 (1 of 8)"
+    assert ops_views.retrained_label([], 8) == "none"
+    assert ops_views.retrained_label([0], 1) == "the whole model"
+    assert ops_views.retrained_label([], 0) == "\u2013"
+    assert ops_views.retrained_label(list(range(10)), 64) == "shards 0, 1, 2, 3, 4, 5, … (10 of 64)"
     html = login(fresh, create_key("auditor")).get("/admin/models/sisa").text
+    assert ">shard 1 (1 of 3)</td>" in html
     assert html.count('data-testid="production-marker"') == 1
     assert re.search(r'<tr data-version="2"[^>]*>\s*<td>v2 <span[^>]*production-marker', html)
     assert 'data-testid="shard-map"' in html and html.count('data-retrained="true"') == 6
