@@ -4,6 +4,7 @@ page) instead of the API's JSON."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -65,11 +66,13 @@ NONE = "\u2013"  # an en dash: no value
 
 
 def _duration(seconds: Any) -> str:
-    """3d 4h, 2h 5m, 4m 10s, 0.8s."""
+    """3d 4h, 2h 5m, 4m 10s, 0.8s, <0.1s."""
     if not isinstance(seconds, int | float) or not math.isfinite(seconds):
         return NONE
     s = abs(float(seconds))
-    if s < 10:
+    if 0 < s < 0.05:
+        out = "<0.1s"  # not "0.0s", which reads as "nothing"
+    elif s < 10:
         out = f"{s:.1f}s"
     elif s < 3600:
         out = f"{int(s // 60)}m {int(s % 60)}s" if s >= 60 else f"{int(s)}s"
@@ -108,6 +111,26 @@ def _short(value: Any, n: int = 8) -> str:
     return str(value)[:n] if value else NONE
 
 
+def _data_line(value: Any, n: int = 56) -> str:
+    """An event's data on one line, for a table cell: `key=value, ...` (strings bare, the
+    rest as compact JSON), cut at `n` characters with an ellipsis."""
+    if value in (None, {}, []):
+        return NONE
+
+    def one(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+
+    if isinstance(value, dict):
+        line = ", ".join(f"{k}={one(v)}" for k, v in value.items())
+    else:
+        line = one(value)
+    return line if len(line) <= n else line[: n - 1].rstrip(" ,") + "\u2026"
+
+
+def _json_pretty(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+
+
 @lru_cache
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -124,6 +147,8 @@ def environment() -> jinja2.Environment:
         "num": _num,
         "pct": _pct,
         "short": _short,
+        "data_line": _data_line,
+        "json_pretty": _json_pretty,
     }
     env.globals["nav"] = NAV
     return env

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from app.audit.service import record
 from app.core.db import get_engine, session_scope
+from app.dashboard import pages
 from app.models.base import utcnow
 from app.webhooks.models import WebhookDelivery
 from tests.dashboard.helpers import login
@@ -26,6 +28,15 @@ def fresh(tmp_path: Path) -> Iterator[AppEnv]:
 def test_audit_pages_and_chain_status(fresh: AppEnv) -> None:
     for i in range(60):
         create_key("portal", f"portal-{i}")  # each key creation is an audit event
+    with session_scope() as s:  # an event with long data, like model.settings_changed
+        record(
+            s,
+            actor="cli",
+            action="model.settings_changed",
+            entity_type="model",
+            entity_id="m1",
+            data={"before": {"max_batch": 1, "window_seconds": 0.0}, "after": {"max_batch": 8}},
+        )
     client = login(fresh, create_key("auditor"))
     page = client.get("/admin/audit")
     assert page.status_code == 200
@@ -47,6 +58,16 @@ def test_audit_pages_and_chain_status(fresh: AppEnv) -> None:
     assert re.findall(r"<td>(dashboard\.login|api_key\.created)</td>", only) == ["dashboard.login"]
     chips = page.text[page.text.index('data-testid="audit-actions"') :]
     assert re.search(r'action=api_key.created">api_key.created <span class="count">61<', chips)
+    # Event data: one short line per row; long data folds its full JSON into <details>.
+    rows = re.findall(r'<td class="small data-cell">(.*?)</td>', page.text, re.S)
+    assert len(rows) == 50 and all("\n" not in r.split("<pre>")[0] for r in rows)
+    (folded,) = [r for r in rows if "<details>" in r]
+    assert folded.startswith("<details><summary>before={&#34;max_batch&#34;: 1,")
+    assert "<pre>{\n  &#34;before&#34;: {\n" in folded
+    assert pages._data_line({"from": "erasing", "to": "completed"}) == "from=erasing, to=completed"
+    assert pages._data_line({"ids": [1, 2]}) == "ids=[1, 2]" and pages._data_line({}) == "\u2013"
+    long = pages._data_line({"reason": "x" * 100})
+    assert len(long) == 56 and long.endswith("\u2026")
     with get_engine().begin() as conn:  # someone edits an event in the database
         conn.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = 5"))
     status = re.search(
