@@ -12,8 +12,10 @@ import torch
 
 from app.core.storage import ArtifactStore
 from app.ml.checkpoints import FsspecCheckpointStore
+from app.ml.data import TabularData
 from app.ml.device import resolve_device
 from app.ml.sisa import SisaEnsemble, SisaManifest
+from app.ml.weighting import GroupWeighting
 
 
 class Predictor(Protocol):
@@ -68,3 +70,10 @@ def load_predictor(
     manifest = load_manifest(store, manifest_summary["artifact"])
     model_id = manifest_summary["artifact"].split("/")[1]
     return SisaEnsemble.load(manifest, checkpoint_store(store, model_id), resolve_device(device))
+
+
+def sample_weights(manifest: SisaManifest, data: TabularData) -> np.ndarray | None:
+    """The loss weights every training of this model applies (a mitigation's frozen
+    per-group table, carried by its manifest), aligned with `data`; None if unweighted."""
+    table = GroupWeighting.from_dict(manifest.weighting)
+    return None if table is None else table.apply(data)

@@ -173,6 +173,7 @@ def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict
         store=artifacts.checkpoint_store(store, ctx.model_id),
         device=_device(),
         progress=jobs.ProgressReporter(job_id, write=False),
+        sample_weight=artifacts.sample_weights(manifest, data),
     )
     step = 0.8 / max(1, len(snap.shards))
     stmt = update(Job).where(Job.id == job_id, Job.status == "running")
@@ -211,12 +212,14 @@ def assemble(
         n_classes=base.n_classes,
         entries=[trained.get(e.shard, e) for e in base.entries],
         runtime=runtime_fingerprint(_device()),
+        weighting=base.weighting,
     )
     by_shard = {int(r["entry"]["shard"]): r for r in results}
     shard_seconds = [float(by_shard[s]["seconds"]) for s in sorted(by_shard)]
     result: dict[str, Any] = {
         "approximate": False,
         "parallelism": "celery_chord",
+        "weighted": base.weighting is not None,
         "shard_seconds": shard_seconds,
         "device_seconds": sum(shard_seconds),
     }

@@ -17,7 +17,7 @@ from app.datasets import service as datasets
 from app.jobs import service as jobs
 from app.ml.data import TabularData
 from app.ml.sisa import SisaManifest
-from app.ml.verify.fairness import group_weights
+from app.ml.weighting import GroupWeighting
 from app.models import Job
 from app.registry import artifacts, fanout, monolithic
 from app.registry.candidate import (
@@ -92,6 +92,7 @@ def run_feature(job_id: str) -> None:
             progress=progress,
         )
     result["feature"] = feature
+    new_manifest.weighting = manifest.weighting
     _verify_feature(
         ctx, manifest, new_manifest, result, len(retained), time.perf_counter() - t0, started
     )
@@ -158,7 +159,14 @@ def run_retrain(job_id: str) -> None:
     table = datasets.read_partitions(store, ctx.ds)
     mask = ctx.retained_mask
     retained = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])
-    weights = _mitigation_weights(retained, mitigation) if mitigation else None
+    # A mitigation freezes its per-group weights into the new manifest; otherwise the
+    # model keeps the table it has (if any), so a fallback retrain stays mitigated.
+    table = (
+        _mitigation_table(retained, mitigation)
+        if mitigation
+        else GroupWeighting.from_dict(manifest.weighting)
+    )
+    weights = table.apply(retained) if table is not None else None
     removed = _removed_features(ctx.config, ctx.features)
     spec = monolithic.spec_without(manifest.feature_spec, [d["feature"] for d in removed])
     new_manifest, result = monolithic.retrain(
@@ -174,6 +182,7 @@ def run_retrain(job_id: str) -> None:
         sample_weight=weights,
     )
     result["approximate"] = False
+    new_manifest.weighting = table.to_dict() if table is not None else None
     if mitigation:
         result["mitigation"] = {
             "flagged": mitigation.get("flagged", []),
@@ -205,19 +214,10 @@ def run_retrain(job_id: str) -> None:
     )
 
 
-def _mitigation_weights(data: TabularData, mitigation: dict[str, Any]) -> np.ndarray | None:
-    """Per-record weights upweighting the groups the fairness check flagged (a product
-    over the flagged columns, renormalised to mean 1); None when nothing was flagged."""
+def _mitigation_table(data: TabularData, mitigation: dict[str, Any]) -> GroupWeighting | None:
+    """Per-group weights upweighting the groups the fairness check flagged (a product over
+    the flagged columns, mean 1 on `data`), frozen; None when nothing applies."""
     by_column: dict[str, set[str]] = {}
     for f in mitigation.get("flagged", []):
         by_column.setdefault(str(f["column"]), set()).add(str(f["group"]))
-    weights = np.ones(len(data), dtype=np.float64)
-    used = False
-    for column, flagged in by_column.items():
-        if column in data.columns:
-            values = np.asarray([str(v) for v in data.columns[column]], dtype=object)
-            weights *= group_weights(values, flagged)
-            used = True
-    if not used or len(data) == 0:
-        return None
-    return np.asarray(weights / weights.mean(), dtype=np.float64)
+    return GroupWeighting.from_flagged(data, by_column)

@@ -355,8 +355,17 @@ def run_unlearning(job_id: str) -> None:
             store=ckpt,
             device=device,
             progress=progress,
+            sample_weight=artifacts.sample_weights(manifest, retained),
         )
-        result = {"method": "sisa", "approximate": False, **stats.to_dict()}
+        result = {
+            "method": "sisa",
+            "approximate": False,
+            "weighted": manifest.weighting is not None,
+            **stats.to_dict(),
+        }
+    # Approximate methods do not apply a mitigation's weights, but later exact trainings
+    # of this model (a fallback retrain) still must: the table stays with the model.
+    new_manifest.weighting = manifest.weighting
     result["energy_joules"] = meter.joules()
     verify_unlearning(
         ctx, manifest, new_manifest, result, len(retained), time.perf_counter() - t0, started
@@ -401,7 +410,17 @@ def verify_candidate(
         # Manifests prove exclusion only for exact methods; approximate ones rely on
         # the other checks.
         checks["lineage"] = verification.lineage_check(new_manifest, forgotten)
-    checks |= quality_checks(ctx, candidate, baseline, test, forget, device, exact=exact)
+    members = None
+    if forget is not None and len(forget):
+        # A sample of the retained training rows: the dashboard draws their membership
+        # scores beside the forgotten records' (what "still a member" looks like).
+        pool = ctx.ids[ctx.retained_mask]
+        rng = np.random.default_rng(derive_seed(ctx.job_id, "members") % (2**32))
+        pick = np.sort(rng.choice(pool, size=min(len(pool), 400), replace=False))
+        members = datasets.to_tabular(ctx.ds, table, pick)
+    checks |= quality_checks(
+        ctx, candidate, baseline, test, forget, device, exact=exact, retained=members
+    )
     if not exact and forget is not None and not monolithic.is_certified(ctx.config):
         # Izzo et al.'s injection test of the strategy itself, on a sample of this job.
         v = ctx.config.get("verification", {})
@@ -469,6 +488,7 @@ def quality_checks(
     device: torch.device,
     *,
     exact: bool = True,
+    retained: TabularData | None = None,
 ) -> dict[str, verification.Check]:
     """Utility and fairness always; forgetting when records were forgotten, calibrated by
     out-references (a SISA model's own shards; a monolithic model's half-data models)."""
@@ -498,6 +518,7 @@ def quality_checks(
             margin=float(v.get("forgetting_margin", 0.05)),
             exact=exact,
             seed=derive_seed(ctx.job_id, "forgetting") % (2**31),
+            retained=retained,
         )
     return checks
 

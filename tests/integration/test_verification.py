@@ -175,6 +175,12 @@ def test_fairness_regression_review_and_mitigation(stack: LocalStack) -> None:
         )
     cert = portal.get(f"/v1/deletion-requests/{done['id']}/certificate").json()
     assert cert["certificate"]["models"][0]["report"]["checks"]["fairness"] in (True, False)
+    # The mitigation stays with the model: a later exact unlearning trains with the same
+    # frozen group weights (not plain ones, which would silently undo the mitigation).
+    later = erase(portal, {"kind": "subject", "subject_id": "s02000"})
+    assert later["status"] in ("completed", "needs_review"), later
+    unlearning = admin.get(f"/v1/jobs/{later['models'][0]['job_id']}").json()["result"]
+    assert unlearning["unlearning"]["weighted"] is True, unlearning
 
 
 def _accuracy(check: dict[str, Any], side: str) -> float:

@@ -49,6 +49,9 @@ def test_require_approval_holds_a_passing_candidate(env: AppEnv) -> None:
     req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
     report = env.client.get(f"/v1/reports/{req['models'][0]['report_id']}", headers=h).json()
     assert report["passed"] and report["decision"] == "approval_required"
+    # The membership scores kept for the dashboard include retained training members.
+    samples = report["checks"]["forgetting"]["metrics"]["score_samples"]
+    assert samples["retained"] and len(samples["retained"]) <= 200
     assert req["status"] == "needs_review"
     # The request's cost: its jobs summed, and what retraining everything would have cost.
     cost = req["cost"]
