@@ -211,6 +211,16 @@ def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reas
         )
     if mv.status == "production":
         return
+    if reason == "manual":
+        # A completed feature request is a promise: no rollback to a version that still
+        # reads the removed column.
+        gone = {d["feature"] for d in model.config["resolved"].get("removed_features", [])}
+        kept = {d["feature"] for d in (mv.schema or {}).get("removed_features", [])}
+        if gone - kept:
+            raise Conflict(
+                f"version {mv.version} still uses removed feature(s) {sorted(gone - kept)}",
+                code="feature_removed",
+            )
     if model.locked_by_job is not None and reason == "manual":
         raise Conflict(
             "a job is running on this model; try again when it finishes", code="model_busy"
