@@ -375,9 +375,17 @@ def membership(check: dict[str, Any]) -> Figure | None:
             bargap=0,
             xaxis=xaxis,
             yaxis={"title": {"text": "density"}, "rangemode": "tozero"},
-            legend={"orientation": "h", "x": 0, "y": 0, "yref": "container", "yanchor": "bottom"},
+            legend={
+                "orientation": "h",
+                "x": 0,
+                "y": 0,
+                "yref": "container",
+                "yanchor": "bottom",
+                "entrywidth": 0.5,  # two columns: five populations in three rows
+                "entrywidthmode": "fraction",
+            },
             margin={"l": 50, "r": 20, "t": 50, "b": 40},
-            height=420 + 18 * len(notes),
+            height=400 + 18 * len(notes),
         )
         if shapes:
             layout["shapes"] = shapes
