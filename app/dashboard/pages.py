@@ -111,7 +111,7 @@ def _short(value: Any, n: int = 8) -> str:
     return str(value)[:n] if value else NONE
 
 
-def _data_line(value: Any, n: int = 56) -> str:
+def _data_line(value: Any, n: int = 50) -> str:
     """An event's data on one line, for a table cell: `key=value, ...` (strings bare, the
     rest as compact JSON), cut at `n` characters with an ellipsis."""
     if value in (None, {}, []):
