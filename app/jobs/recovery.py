@@ -9,10 +9,16 @@ and a job that runs on a live worker is left alone.
 - a `pending` job older than the grace period whose message may be gone (a broker
   restart, a send that failed after commit), unless batching still holds it;
 - a request still `received` (planning) or `erasing` after the grace period.
+
+Pending work is re-sent only while its queue is empty. With a backlog, work waits for
+minutes as a matter of course, and its message is most likely still queued: re-sending
+every minute would pile duplicates onto the backlog (each a no-op, but each read and
+acknowledged). Once the queue drains, whatever is still pending has lost its message.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from sqlalchemy import or_, select
@@ -24,6 +30,9 @@ from app.jobs import lease
 from app.jobs import service as jobs
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
+from app.ops.metrics import queue_depth
+
+log = logging.getLogger(__name__)
 
 ACTOR = "beat"
 JOB_TASKS = {"train": "palimpsest.train_model", "retrain": "palimpsest.run_retrain"}
@@ -69,25 +78,42 @@ def take_over_stale(session: Session) -> list[str]:
     return taken
 
 
+def _backlog() -> dict[str, int] | None:
+    """Messages waiting per queue; None when the broker cannot say (then re-send)."""
+    try:
+        return queue_depth(get_settings().broker_url)
+    except Exception as exc:
+        log.warning("queue depth unavailable, re-sending regardless: %s", type(exc).__name__)
+        return None
+
+
 def resume(session: Session, older_than_seconds: float | None = None) -> dict[str, int]:
-    """The whole sweep; counts of what it re-sent."""
+    """The whole sweep; counts of what it re-sent (`deferred`: queues with a backlog,
+    whose pending work was left to its queued messages)."""
     settings = get_settings()
     grace = settings.resume_after_seconds if older_than_seconds is None else older_than_seconds
     now = utcnow()
     cutoff = now - timedelta(seconds=grace)
     taken = take_over_stale(session)
-    counts = {"taken_over": len(taken), "jobs": 0, "requests": 0}
-    for job in session.scalars(
-        select(Job).where(
-            Job.status == "pending",
-            Job.created_at < cutoff,
-            # Held by batching until then: its release sends it.
-            or_(Job.not_before.is_(None), Job.not_before <= now),
-            Job.id.not_in(taken),
-        )
-    ):
-        enqueue(session, task_for(job), job.id, queue="gpu")
-        counts["jobs"] += 1
+    counts = {"taken_over": len(taken), "jobs": 0, "requests": 0, "deferred": 0}
+    backlog = _backlog() or {}
+    if backlog.get("gpu", 0):
+        counts["deferred"] += 1
+    else:
+        for job in session.scalars(
+            select(Job).where(
+                Job.status == "pending",
+                Job.created_at < cutoff,
+                # Held by batching until then: its release sends it.
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+                Job.id.not_in(taken),
+            )
+        ):
+            enqueue(session, task_for(job), job.id, queue="gpu")
+            counts["jobs"] += 1
+    if backlog.get("default", 0):
+        counts["deferred"] += 1
+        return counts
     for req in session.scalars(
         select(DeletionRequest).where(
             DeletionRequest.status.in_(("received", "erasing")),

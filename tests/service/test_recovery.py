@@ -189,7 +189,12 @@ def test_a_finished_job_is_never_started_again(env: AppEnv) -> None:
     job_id = _job(model_id, status="succeeded", age=None, attempts=1)
     with lease.held(job_id), session_scope() as s:
         assert runner._begin(s, job_id, "unlearn") is None
-    assert _sweep(older_than_seconds=0)[0] == {"taken_over": 0, "jobs": 0, "requests": 0}
+    assert _sweep(older_than_seconds=0)[0] == {
+        "taken_over": 0,
+        "jobs": 0,
+        "requests": 0,
+        "deferred": 0,
+    }
 
 
 def test_a_process_holds_a_job_once(env: AppEnv) -> None:
@@ -199,3 +204,29 @@ def test_a_process_holds_a_job_once(env: AppEnv) -> None:
     # Shards of a fanned-out job share it.
     with lease.held(job_id, exclusive=False), lease.held(job_id, exclusive=False):
         pass
+
+
+def test_pending_work_waits_for_its_queued_message_while_there_is_a_backlog(
+    env: AppEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With messages waiting in the (real, SQLite) broker's GPU queue, a pending job is
+    assumed to have its message among them: not re-sent. Once the queue is empty, a
+    pending job has lost its message and is re-sent."""
+    from kombu import Connection
+
+    from app.core.settings import get_settings
+
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    monkeypatch.setenv("PALIMPSEST_BROKER_URL", broker)
+    get_settings.cache_clear()
+    job_id = _job(_model(), status="pending", age=None)
+    with Connection(broker) as conn:
+        queue = conn.SimpleQueue("gpu")
+        queue.put({"backlog": 1})
+        counts, sent = _sweep(older_than_seconds=0)
+        assert counts["jobs"] == 0 and counts["deferred"] == 1 and sent == []
+        queue.get(timeout=5).ack()
+        queue.close()
+    counts, sent = _sweep(older_than_seconds=0)
+    assert counts["jobs"] == 1 and counts["deferred"] == 0
+    assert [(t.name, t.args) for t in sent] == [("palimpsest.run_unlearning", (job_id,))]
