@@ -214,11 +214,17 @@ def forgetting_check(
     K >= 4, the per-example LiRA z-scores of the candidate (forget vs non-members) are
     ranked too. Because each example is compared with its own out-distribution, a model
     that never saw the forget set gives a LiRA AUC of 0.5 whatever the forget set's
-    population, so the rule is lira_auc <= 0.5 + max(margin, 2 * SE0), where SE0 is the
+    population, so the rule is lira_auc <= 0.5 + max(margin, 3 * SE0), where SE0 is the
     AUC's null standard error for these sample sizes: with a few dozen forget rows SE0
     alone is about 0.05, and a bare 0.5 + margin would fail honest unlearning about one
-    time in six. The variance is pooled over forget and non-member rows together so both
-    sides are standardised alike. With K < 4 no LiRA AUC is computed (lira_auc None).
+    time in six. Three, not two, standard errors: z-scores from a Gaussian fitted to a
+    handful of references are heavy-tailed and a subject's rows are correlated, so the
+    null AUC spreads wider than SE0 says. Measured on exact SISA unlearning (which cannot
+    remember: every failure is a false alarm), single-subject jobs with 7 references
+    failed 16 times in 197 at 2 * SE0, 8% of requests sent to review for nothing
+    (0 in 197 at 3 * SE0). The variance is pooled over forget and non-member rows
+    together so both sides are standardised alike. With K < 4 no LiRA AUC is computed
+    (lira_auc None).
     """
     cf = np.asarray(cand_forget, dtype=np.float64).reshape(-1)
     cn = np.asarray(cand_nonmember, dtype=np.float64).reshape(-1)
@@ -251,7 +257,7 @@ def forgetting_check(
         if n_refs >= LIRA_MIN_REFS:
             z = lira_offline(np.concatenate([cf, cn]), np.concatenate([rf, rn], axis=1))
             lira = attack(z[: len(cf)], z[len(cf) :]).auc
-            threshold = 0.5 + max(margin, 2.0 * auc_null_se(len(cf), len(cn)))
+            threshold = 0.5 + max(margin, 3.0 * auc_null_se(len(cf), len(cn)))
             passed = passed and bool(lira <= threshold)
     return ForgettingCheck(
         passed=passed,
