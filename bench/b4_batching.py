@@ -48,8 +48,10 @@ class Outcome:
     requests: int
     completed: int
     other_status: dict[str, int]
-    # For requests not completed: the verification checks that failed, counted.
+    # For requests not completed: the verification checks that failed, counted, and the
+    # numbers of each failing report.
     failed_checks: dict[str, int]
+    failures: list[dict[str, Any]]
     makespan_seconds: float
     requests_per_hour: float
     jobs: int
@@ -179,6 +181,7 @@ def run_side(
                     admin.get(f"/v1/jobs/{retrain}").json()["cost"].get("wall_seconds") or 0.0
                 )
         failed_checks: dict[str, int] = {}
+        failures: dict[str, dict[str, Any]] = {}
         for v in views:
             if v["status"] == "completed":
                 continue
@@ -189,6 +192,12 @@ def run_side(
                 for name, check in report["checks"].items():
                     if not check["passed"]:
                         failed_checks[name] = failed_checks.get(name, 0) + 1
+                        numbers = {
+                            k: v
+                            for k, v in check["metrics"].items()
+                            if isinstance(v, int | float) or k in ("candidate", "reference")
+                        }
+                        failures.setdefault(m["report_id"], {"check": name, **numbers})
         completed = statuses.get("completed", 0)
         return Outcome(
             label=label,
@@ -196,6 +205,7 @@ def run_side(
             completed=completed,
             other_status={k: n for k, n in statuses.items() if k != "completed"},
             failed_checks=failed_checks,
+            failures=list(failures.values()),
             makespan_seconds=round(makespan, 1),
             requests_per_hour=round(completed / makespan * 3600, 1) if makespan > 0 else 0.0,
             jobs=len(job_ids),

@@ -28,6 +28,12 @@ MAX_ROWS = 5000  # enough for a stable AUC; bounds the cost of verification
 SAMPLE_SCORES = 200
 
 
+def _units(data: TabularData) -> int | None:
+    """Distinct subjects behind the rows (None when the rows carry no subject keys)."""
+    keys = [k for k in data.subjects if k]
+    return len(set(keys)) if keys else None
+
+
 def _cap(data: TabularData, seed: int) -> TabularData:
     if len(data) <= MAX_ROWS:
         return data
@@ -122,6 +128,9 @@ def forgetting(
     metrics: dict[str, Any] = {
         "forget_rows": len(forget),
         "nonmember_rows": len(test),
+        # Independent units (people) behind the rows: the attack's resolution.
+        "forget_subjects": _units(forget),
+        "nonmember_subjects": _units(test),
         "score_samples": score_samples(populations, seed),
     }
     if refs is None or len(refs.shards) < 2:
@@ -157,6 +166,8 @@ def forgetting(
         margin=margin,
         out_refs_forget=per_ref_f,
         out_refs_nonmember=per_ref_n,
+        forget_units=_units(forget),
+        nonmember_units=_units(test),
     )
     metrics |= result.to_dict()
     # The forgotten records as models that never saw them score them.

@@ -180,3 +180,19 @@ def test_lira_offline_statistic() -> None:
         lira_offline(mu, refs[:, :50])
     with pytest.raises(ValueError):
         attack(np.array([]), np.array([1.0]))
+
+
+def test_the_allowance_counts_people_not_rows() -> None:
+    """Rows of one person are not independent evidence: with the same rows and scores,
+    a forget set of 30 people allows more than one of 120 independent rows."""
+    from app.ml.verify.membership import forgetting_check
+
+    rng = np.random.default_rng(0)
+    cf, cn = rng.normal(size=120), rng.normal(size=600)
+    rows = forgetting_check(cf, cn, cf, cn)
+    people = forgetting_check(cf, cn, cf, cn, forget_units=30, nonmember_units=150)
+    assert people.allowed_margin is not None and rows.allowed_margin is not None
+    assert people.allowed_margin > rows.allowed_margin
+    # Units never count for more than the rows themselves.
+    capped = forgetting_check(cf, cn, cf, cn, forget_units=10_000, nonmember_units=10_000)
+    assert capped.allowed_margin == rows.allowed_margin
