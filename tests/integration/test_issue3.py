@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from app.stack import LocalStack
 from tests.integration.flows import TERMINAL, ingest, make_csv, train, wait_for
@@ -92,7 +93,10 @@ def test_monolithic_subject_then_feature_request(stack: LocalStack) -> None:
     assert report["checks"]["feature"]["metrics"]["after"]["max_abs_change"] == 0.0
     assert report["checks"]["feature"]["metrics"]["before"]["max_abs_change"] > 0.0
     after = _scores(admin, "mono", [row | {"track": "a"}, row | {"track": "b"}, row])
-    assert after[0] == after[1] == after[2]
+    # The column's weights are zero, so its value adds exactly nothing; what can differ is
+    # float32 rounding between rows of one batched matmul (seen once: 6e-8).
+    assert after[1] == pytest.approx(after[0], abs=1e-6)
+    assert after[2] == pytest.approx(after[0], abs=1e-6)
     view = admin.get("/v1/models/mono").json()
     assert view["config"]["removed_features"] == [{"feature": "track", "request_id": feat["id"]}]
     again = admin.post(
