@@ -104,8 +104,9 @@ def resume(session: Session, older_than_seconds: float | None = None) -> dict[st
             select(Job).where(
                 Job.status == "pending",
                 Job.created_at < cutoff,
-                # Held by batching until then: its release sends it.
-                or_(Job.not_before.is_(None), Job.not_before <= now),
+                # Held by batching (even past its time): the release sweep owns it, and
+                # the worker leaves a job alone until that sweep clears the hold.
+                Job.not_before.is_(None),
                 Job.id.not_in(taken),
             )
         ):

@@ -141,8 +141,14 @@ def test_pending_jobs_held_by_batching_are_not_handed_out(env: AppEnv) -> None:
         s.get(Job, held).not_before = utcnow() + timedelta(minutes=5)  # type: ignore[union-attr]
         s.get(Job, due).not_before = utcnow() - timedelta(minutes=5)  # type: ignore[union-attr]
     counts, sent = _sweep(older_than_seconds=60)
-    assert counts["jobs"] == 1 and [t.args for t in sent] == [(due,)]
+    # Held jobs, even past their time, belong to the batching release (which clears the
+    # hold as it sends them; a worker leaves a held job alone): the sweep sends neither.
+    assert counts["jobs"] == 0 and sent == []
     assert fresh not in {t.args[0] for t in sent}  # its own message is still on the way
+    with session_scope() as s:
+        s.get(Job, due).not_before = None  # type: ignore[union-attr]
+    counts, sent = _sweep(older_than_seconds=60)
+    assert counts["jobs"] == 1 and [t.args for t in sent] == [(due,)]
 
 
 def test_an_execution_that_was_taken_over_changes_nothing(env: AppEnv) -> None:
@@ -230,3 +236,20 @@ def test_pending_work_waits_for_its_queued_message_while_there_is_a_backlog(
     counts, sent = _sweep(older_than_seconds=0)
     assert counts["jobs"] == 1 and counts["deferred"] == 0
     assert [(t.name, t.args) for t in sent] == [("palimpsest.run_unlearning", (job_id,))]
+
+
+def test_one_job_per_model_while_other_models_proceed(env: AppEnv) -> None:
+    """The per-model lock serialises jobs on one model only: a second job on a locked
+    model is refused (the task retries later), a job on another model starts at once."""
+    busy, free = _model(), _model()
+    running = _job(busy, status="running", age=1)
+    waiting = _job(busy, status="pending", age=None)
+    other = _job(free, status="pending", age=None)
+    with lease.held(waiting), session_scope() as s, pytest.raises(runner.ModelBusy):
+        runner._begin(s, waiting, "unlearn")
+    with lease.held(other), session_scope() as s:
+        job = runner._begin(s, other, "unlearn")
+        assert job is not None and job.status == "running"
+    with session_scope() as s:
+        locks = {m: s.get(MLModel, m).locked_by_job for m in (busy, free)}  # type: ignore[union-attr]
+    assert locks == {busy: running, free: other}
