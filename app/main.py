@@ -52,7 +52,10 @@ def create_app() -> FastAPI:
     from app.requests.router import router as requests_router
     from app.verification.router import router as reports_router
     from app.webhooks.router import router as webhooks_router
+    from workers.celery_app import install_sender
 
+    # Tasks enqueued by API calls are published after commit by the Celery sender.
+    install_sender()
     app = FastAPI(title="Palimpsest", version="0.1.0", description=__doc__)
 
     @app.middleware("http")

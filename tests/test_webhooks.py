@@ -89,10 +89,19 @@ def receiver() -> Iterator[Receiver]:
 def sent(env: AppEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """Tasks sent after commit (PendingTask), captured; every endpoint removed after."""
     import app.core.db as db
+    from app.core import outbox
     from app.webhooks.models import WebhookDelivery, WebhookEndpoint
 
     captured: list[Any] = []
-    monkeypatch.setattr(db, "_send", lambda _app, task: captured.append(task))
+
+    class Capture:
+        def send(self, task: Any) -> None:
+            captured.append(task)
+
+        def chord(self, header: Any, callback: Any) -> None:
+            captured.extend([*header, callback])
+
+    monkeypatch.setattr(outbox, "_sender", Capture())
     yield captured
     with db.session_scope() as s:
         s.execute(delete(WebhookDelivery))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from celery import Celery
+from celery import Celery, chord
 from celery.signals import (
     setup_logging,
     task_postrun,
@@ -15,7 +17,12 @@ from celery.signals import (
 )
 from kombu import Queue
 
+from app.core import outbox
+from app.core.logging import HEADER as REQUEST_ID_HEADER
+from app.core.outbox import PendingTask
 from app.core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def _transport_options(settings: Settings) -> dict[str, object]:
@@ -44,10 +51,6 @@ def create_celery(settings: Settings | None = None) -> Celery:
     app.conf.update(
         task_queues=(Queue("default"), Queue("gpu")),
         task_default_queue="default",
-        task_routes={
-            "palimpsest.train_model": {"queue": "gpu"},
-            "palimpsest.run_unlearning": {"queue": "gpu"},
-        },
         # Tasks are idempotent, so a redelivery after a crash is safe: ack only when done.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -81,6 +84,69 @@ def create_celery(settings: Settings | None = None) -> Celery:
 @lru_cache
 def get_celery() -> Celery:
     return create_celery()
+
+
+# A broker that is down must not hold the caller (an HTTP request, a job's last step)
+# for long: kombu would otherwise retry the connection without end. What cannot be
+# sent within a few seconds is re-sent by the beat's resume sweep.
+_SEND_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
+
+
+class CelerySender:
+    """The outbox's sender in every process that talks to the broker (API, worker, beat,
+    CLI): `app.core.outbox` holds tasks until commit, this publishes them."""
+
+    def _options(self, task: PendingTask) -> dict[str, Any]:
+        return {
+            "queue": task.queue,
+            "countdown": task.countdown,
+            "headers": {REQUEST_ID_HEADER: task.request_id} if task.request_id else None,
+        }
+
+    def send(self, task: PendingTask, attempts: int = 3) -> None:
+        """Publish on a connection of its own: the API sends from a thread pool, and
+        kombu's pooled producers are not safe to share between threads on every transport
+        (the SQLAlchemy one loses its channel). A transient failure is retried; a task
+        that still cannot be sent is re-sent by the resume sweep (tasks are idempotent)."""
+        app = get_celery()
+        for attempt in range(1, attempts + 1):
+            try:
+                with app.connection_for_write(
+                    connect_timeout=2, transport_options={"max_retries": 1}
+                ) as conn:
+                    app.send_task(
+                        task.name,
+                        args=list(task.args),
+                        connection=conn,
+                        retry_policy=_SEND_RETRY,
+                        # Nobody waits on these results: no subscription to the result
+                        # store (which would block on it too when Redis is down).
+                        ignore_result=True,
+                        **self._options(task),
+                    )
+                return
+            except Exception:
+                if attempt == attempts:
+                    log.exception(
+                        "could not send task %s%s; it will be resumed", task.name, task.args
+                    )
+
+    def chord(self, header: Sequence[PendingTask], callback: PendingTask) -> None:
+        """Shard tasks joined by their callback (the chord's results live in the result
+        backend, which is what a chord is for)."""
+        app = get_celery()
+        sigs = [app.signature(t.name, args=t.args, queue=t.queue) for t in header]
+        body = app.signature(callback.name, args=callback.args, queue=callback.queue)
+        chord(sigs, app=app)(body)
+
+
+def install_sender() -> None:
+    """Register the Celery sender with the outbox (idempotent)."""
+    outbox.register_sender(CelerySender())
+
+
+# Importing the Celery app (every worker and beat does) installs its sender.
+install_sender()
 
 
 def _name_connections(**_: Any) -> None:

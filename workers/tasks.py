@@ -13,8 +13,11 @@ from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.jobs import lease, recovery
 from app.jobs import service as jobs
-from app.registry import fanout, retraining, runner
+from app.pipeline import fanout, features, retraining, training, unlearning
+from app.pipeline.conclude import fail_job
+from app.pipeline.start import ModelBusy
 from app.requests import deadlines, lifecycle
+from app.requests.lifecycle import EVENTS
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 2
@@ -33,7 +36,7 @@ def _run_job(task: Task, fn: Any, job_id: str, lock_retry: float = 2.0) -> None:
         with lease.held(job_id) as held:
             try:
                 fn(job_id)
-            except runner.ModelBusy as exc:
+            except ModelBusy as exc:
                 # Serialised per model: wait for the other job without burning a retry.
                 raise task.retry(countdown=lock_retry, max_retries=None) from exc
             except lease.LeaseLost:
@@ -49,7 +52,7 @@ def _run_job(task: Task, fn: Any, job_id: str, lock_retry: float = 2.0) -> None:
                     raise task.retry(
                         countdown=min(2**retries, 30), exc=exc, max_retries=limit
                     ) from exc
-                runner.fail_job(job_id, error, token=held.token)
+                fail_job(job_id, error, EVENTS, token=held.token)
     except lease.LeaseLost as exc:
         log.warning("job %s: this execution stops, another one owns the job (%s)", job_id, exc)
 
@@ -78,19 +81,28 @@ def _quietly(fn: Any, *args: Any) -> None:
         log.warning("could not record %s%s", getattr(fn, "__name__", fn), args, exc_info=True)
 
 
+# The pipeline reports to the requests through EVENTS (app.requests.lifecycle): the
+# task layer is where the two meet.
+
+
 @shared_task(name="palimpsest.train_model", bind=True, acks_late=True)
 def train_model(self: Task, job_id: str) -> None:
-    _run_job(self, runner.run_training, job_id)
+    _run_job(self, training.run_training, job_id)
 
 
 @shared_task(name="palimpsest.run_unlearning", bind=True, acks_late=True)
 def run_unlearning(self: Task, job_id: str) -> None:
-    _run_job(self, runner.run_unlearning, job_id)
+    _run_job(self, lambda j: unlearning.run_unlearning(j, EVENTS), job_id)
+
+
+@shared_task(name="palimpsest.run_feature", bind=True, acks_late=True)
+def run_feature(self: Task, job_id: str) -> None:
+    _run_job(self, lambda j: features.run_feature(j, EVENTS), job_id)
 
 
 @shared_task(name="palimpsest.run_retrain", bind=True, acks_late=True)
 def run_retrain(self: Task, job_id: str) -> None:
-    _run_job(self, retraining.run_retrain, job_id)
+    _run_job(self, lambda j: retraining.run_retrain(j, EVENTS), job_id)
 
 
 @shared_task(name="palimpsest.sisa_shard", bind=True, acks_late=True, ignore_result=False)
@@ -106,7 +118,7 @@ def sisa_shard(self: Task, job_id: str, shard: int, attempt: int | None = None) 
     except Exception as exc:
         _retry(self, exc)
         # The chord's callback will never run: fail the job here, releasing its lock.
-        runner.fail_job(job_id, f"shard {shard}: {type(exc).__name__}: {exc}", token=attempt)
+        fail_job(job_id, f"shard {shard}: {type(exc).__name__}: {exc}", EVENTS, token=attempt)
         raise
 
 
@@ -117,12 +129,12 @@ def sisa_finish(
     """The chord's callback: verify and conclude the job."""
     try:
         with lease.held(job_id, attempt, exclusive=False):
-            retraining.finish_chord(job_id, results, attempt)
+            fanout.finish_chord(job_id, results, EVENTS, attempt)
     except lease.LeaseLost:
         log.warning("job %s: the chord of attempt %s was taken over", job_id, attempt)
     except Exception as exc:
         _retry(self, exc)
-        runner.fail_job(job_id, f"{type(exc).__name__}: {exc}", token=attempt)
+        fail_job(job_id, f"{type(exc).__name__}: {exc}", EVENTS, token=attempt)
 
 
 @shared_task(name="palimpsest.plan_request", bind=True, acks_late=True, max_retries=5)

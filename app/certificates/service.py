@@ -65,6 +65,14 @@ def _sha256(read: Callable[[str], bytes], rel: str) -> str | None:
         return None  # purged since: the certificate says so rather than failing
 
 
+def _manifest_sha(store: ArtifactStore, mv: ModelVersion) -> str | None:
+    """Recorded when the manifest was written; versions from before that are hashed."""
+    if not mv.manifest_path or not store.exists(mv.manifest_path):
+        return None
+    recorded = mv.manifest.get("artifact_sha256")
+    return str(recorded) if recorded else _sha256(store.read_bytes, mv.manifest_path)
+
+
 def _artifact_hashes(store: ArtifactStore, mv: ModelVersion) -> dict[str, Any]:
     """SHA-256 of the version's manifest file and of every checkpoint its shards use."""
     ckpt = artifacts.checkpoint_store(store, mv.model_id)
@@ -75,13 +83,13 @@ def _artifact_hashes(store: ArtifactStore, mv: ModelVersion) -> dict[str, Any]:
             {
                 "shard": entry["shard"],
                 "final_key": entry["final_key"],
-                "checkpoints": {k: _sha256(ckpt.read_bytes, k) for k in keys},
+                "checkpoints": {k: ckpt.digest(k) for k in keys},
             }
         )
     return {
         "manifest": {
             "path": mv.manifest_path,
-            "sha256": _sha256(store.read_bytes, mv.manifest_path) if mv.manifest_path else None,
+            "sha256": _manifest_sha(store, mv),
         },
         "shards": shards,
     }

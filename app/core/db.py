@@ -1,8 +1,7 @@
 """Engine and sessions. One engine per process; the unit-of-work owner commits.
 
-Tasks enqueued during a unit of work are held on the session and sent only after the
-transaction commits (and dropped on rollback), so a worker never sees an id whose rows
-are not committed yet.
+Tasks enqueued during a unit of work go through the outbox (`app.core.outbox`): held on
+the session, sent after commit, dropped on rollback.
 """
 
 from __future__ import annotations
@@ -10,14 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.logging import HEADER as REQUEST_ID_HEADER
-from app.core.logging import request_id_var
 from app.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -98,79 +94,8 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
         session.close()
 
 
-# -- tasks after commit ---------------------------------------------------------------
+# -- tasks after commit: see app.core.outbox ------------------------------------------
 
+from app.core.outbox import PendingTask, enqueue, savepoint  # noqa: E402
 
-@dataclass(frozen=True)
-class PendingTask:
-    name: str
-    args: tuple[Any, ...] = ()
-    queue: str = "default"
-    countdown: float | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    request_id: str | None = field(default_factory=lambda: request_id_var.get())
-
-
-def enqueue(
-    session: Session, name: str, *args: Any, queue: str = "default", countdown: float | None = None
-) -> None:
-    """Send Celery task `name` once this session's transaction commits."""
-    session.info.setdefault("outbox", []).append(PendingTask(name, args, queue, countdown))
-
-
-@event.listens_for(Session, "after_commit")
-def _send_outbox(session: Session) -> None:
-    session.info.pop("on_rollback", None)
-    pending: list[PendingTask] = session.info.pop("outbox", [])
-    if not pending:
-        return
-    from workers.celery_app import get_celery
-
-    app = get_celery()
-    for task in pending:
-        _send(app, task)
-
-
-# A broker that is down must not hold the caller (an HTTP request, a job's last step)
-# for long: kombu would otherwise retry the connection without end. What cannot be
-# sent within a few seconds is re-sent by the beat's resume sweep.
-_SEND_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
-
-
-def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
-    """Publish on a connection of its own: the API sends from a thread pool, and kombu's
-    pooled producers are not safe to share between threads on every transport (the
-    SQLAlchemy one loses its channel). A transient failure is retried; a task that still
-    cannot be sent is re-sent by the beat's resume sweep (tasks are idempotent)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            with app.connection_for_write(
-                connect_timeout=2, transport_options={"max_retries": 1}
-            ) as conn:
-                app.send_task(
-                    task.name,
-                    args=list(task.args),
-                    queue=task.queue,
-                    countdown=task.countdown,
-                    connection=conn,
-                    headers={REQUEST_ID_HEADER: task.request_id} if task.request_id else None,
-                    retry_policy=_SEND_RETRY,
-                    # Nobody waits on these results: no subscription to the result store
-                    # (which would block on it too when Redis is down).
-                    ignore_result=True,
-                )
-            return
-        except Exception:
-            if attempt == attempts:
-                log.exception("could not send task %s%s; it will be resumed", task.name, task.args)
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_outbox(session: Session) -> None:
-    session.info.pop("outbox", None)
-    # Compensations for side effects outside the database (artifact bytes written).
-    for undo in session.info.pop("on_rollback", []):
-        try:
-            undo()
-        except Exception:
-            log.exception("rollback compensation failed")
+__all__ = ["PendingTask", "enqueue", "savepoint"]

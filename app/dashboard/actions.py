@@ -9,7 +9,8 @@ from typing import TypeVar
 from sqlalchemy.orm import Session
 
 from app.api.deps import Caller
-from app.core.errors import AppError, BadRequest
+from app.core.errors import BadRequest
+from app.core.outbox import savepoint
 from app.core.settings import Settings
 from app.dashboard.views import get_request
 from app.requests import service as requests
@@ -21,13 +22,8 @@ def run_action(session: Session, action: Callable[[], T]) -> T:
     """Run a service call in a savepoint: when it refuses (an AppError), whatever it had
     flushed is undone and the tasks it had queued are dropped, while the request's own
     transaction stays usable to render the page that explains why."""
-    outbox = list(session.info.get("outbox", []))
-    try:
-        with session.begin_nested():
-            return action()
-    except AppError:
-        session.info["outbox"] = outbox
-        raise
+    with savepoint(session):
+        return action()
 
 
 def review(

@@ -12,6 +12,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.core import outbox
 from app.core.errors import Conflict, NotFound
 from app.core.security import subject_key
 from app.core.settings import Settings
@@ -125,7 +126,7 @@ def ingest(
         store.delete(ds.artifact_prefix)
         raise
     # If the surrounding transaction rolls back after this point, drop the bytes too.
-    session.info.setdefault("on_rollback", []).append(lambda: store.delete(ds.artifact_prefix))
+    outbox.on_rollback(session, lambda: store.delete(ds.artifact_prefix))
     audit.record(
         session,
         actor=actor,
@@ -171,6 +172,20 @@ def to_out(session: Session, ds: Dataset) -> DatasetOut:
 
 def read_partitions(store: ArtifactStore, ds: Dataset) -> pa.Table:
     tables = [store.read_table(p) for p in store.list(ds.artifact_prefix) if p.endswith(".parquet")]
+    if not tables:
+        raise NotFound(f"dataset {ds.id} has no stored records", code="dataset_empty")
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_rows(store: ArtifactStore, ds: Dataset, record_ids: np.ndarray) -> pa.Table:
+    """Only the rows of `record_ids` (a fanned-out shard's), filtered partition by
+    partition so that no more than one partition is held whole at a time."""
+    wanted = pa.array(np.asarray(record_ids, dtype=np.int64), pa.int64())
+    tables = []
+    for p in store.list(ds.artifact_prefix):
+        if p.endswith(".parquet"):
+            t = store.read_table(p)
+            tables.append(t.filter(pc.is_in(t.column(RID), wanted)))
     if not tables:
         raise NotFound(f"dataset {ds.id} has no stored records", code="dataset_empty")
     return pa.concat_tables(tables, promote_options="default")

@@ -24,22 +24,17 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from app.core.broker import queue_depth
 from app.core.db import enqueue
 from app.core.settings import get_settings
-from app.jobs import lease
+from app.jobs import lease, routing
 from app.jobs import service as jobs
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
-from app.ops.metrics import queue_depth
 
 log = logging.getLogger(__name__)
 
 ACTOR = "beat"
-JOB_TASKS = {"train": "palimpsest.train_model", "retrain": "palimpsest.run_retrain"}
-
-
-def task_for(job: Job) -> str:
-    return JOB_TASKS.get(job.kind, "palimpsest.run_unlearning")
 
 
 def take_over_stale(session: Session) -> list[str]:
@@ -73,7 +68,7 @@ def take_over_stale(session: Session) -> list[str]:
             ACTOR,
             f"no heartbeat for {age:.0f} s" if age is not None else "no heartbeat",
         )
-        enqueue(session, task_for(job), job.id, queue="gpu")
+        routing.send(session, job)
         taken.append(job.id)
     return taken
 
@@ -110,7 +105,7 @@ def resume(session: Session, older_than_seconds: float | None = None) -> dict[st
                 Job.id.not_in(taken),
             )
         ):
-            enqueue(session, task_for(job), job.id, queue="gpu")
+            routing.send(session, job)
             counts["jobs"] += 1
     if backlog.get("default", 0):
         counts["deferred"] += 1

@@ -53,6 +53,13 @@ def to_out(session: Session, job: Job) -> JobOut:
     )
 
 
+def request_ids(session: Session, job_id: str) -> list[str]:
+    """The requests a job works for, sorted."""
+    return sorted(
+        set(session.scalars(select(RequestModel.request_id).where(RequestModel.job_id == job_id)))
+    )
+
+
 def try_lock(session: Session, model_id: str, job_id: str) -> bool:
     """Take the model's lock for this job (re-entrant). Jobs on one model are serialised."""
     res = session.execute(

@@ -8,6 +8,7 @@ checkpoints that two model versions share are byte-equal.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -87,9 +88,26 @@ class FsspecCheckpointStore:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
 
+    def digest_path(self, key: str) -> str:
+        return f"{self.root}/{self._check(key)}.sha256"
+
     def save(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self._write(self.path(key), tensors_to_bytes(tensors, meta))
+        blob = tensors_to_bytes(tensors, meta)
+        self._write(self.path(key), blob)
+        # Recorded as the bytes are written, so that proving what a version used (its
+        # certificate) never re-reads every checkpoint.
+        self._write(self.digest_path(key), hashlib.sha256(blob).hexdigest().encode())
         self._write(self.meta_path(key), (canonical_json(meta) + "\n").encode())
+
+    def digest(self, key: str) -> str | None:
+        """SHA-256 of the checkpoint's bytes as written; None once it is deleted.
+        Checkpoints written before digests were recorded are hashed once, here."""
+        path = self.digest_path(key)
+        if self.fs.exists(path):
+            return bytes(self.fs.cat_file(path)).decode().strip()
+        if not self.fs.exists(self.path(key)):
+            return None
+        return hashlib.sha256(self.read_bytes(key)).hexdigest()
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         blob = self.fs.cat_file(self.path(key))
@@ -101,6 +119,6 @@ class FsspecCheckpointStore:
         return bytes(self.fs.cat_file(self.path(key)))
 
     def delete(self, key: str) -> None:
-        for p in (self.meta_path(key), self.path(key)):
+        for p in (self.meta_path(key), self.digest_path(key), self.path(key)):
             if self.fs.exists(p):
                 self.fs.rm(p)

@@ -27,6 +27,15 @@ def enable_determinism() -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def set_up(name: str = "auto", threads: int = 0) -> torch.device:
+    """A worker's device for a job: deterministic kernels, a fixed thread count (part of
+    what bit-exactness depends on; 0 keeps torch's default) and the resolved device."""
+    if threads:
+        torch.set_num_threads(threads)
+    enable_determinism()
+    return resolve_device(name)
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (model seed, model key, shard, slice, epoch...)."""
     blob = "\x1f".join(str(p) for p in parts).encode()

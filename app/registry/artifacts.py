@@ -58,9 +58,12 @@ def load_manifest(store: ArtifactStore, rel: str) -> SisaManifest:
 def summary(manifest: SisaManifest, rel: str) -> dict[str, Any]:
     """What the database keeps of a manifest (record-id lists stay in the artifact)."""
     d = manifest.to_dict()
+    # The same bytes `save_manifest` wrote: its digest without reading the file back.
+    sha = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
     for entry in d["entries"]:
         entry.pop("record_ids", None)
     d["artifact"] = rel
+    d["artifact_sha256"] = sha
     return d
 
 

@@ -11,11 +11,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
-from app.core.db import enqueue
 from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
+from app.jobs import routing
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 from app.ml.config import FeatureSpec
 from app.models import Job, MLModel, ModelVersion
@@ -99,9 +99,7 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
     model = MLModel(name=body.name, dataset_id=ds.id, config=config, status="training")
     session.add(model)
     session.flush()
-    job = Job(kind="train", model_id=model.id, method=body.unlearning.mode)
-    session.add(job)
-    session.flush()
+    job = routing.create(session, kind="train", model_id=model.id, method=body.unlearning.mode)
     audit.record(
         session,
         actor=actor,
@@ -110,7 +108,6 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         entity_id=model.id,
         data={"name": model.name, "dataset_id": ds.id, "job_id": job.id},
     )
-    enqueue(session, "palimpsest.train_model", job.id, queue="gpu")
     return ModelCreated(id=model.id, name=model.name, status=model.status, job_id=job.id)
 
 
@@ -144,9 +141,7 @@ def request_retrain(session: Session, model: MLModel, actor: str) -> str:
     ).first()
     if pending is not None:
         return pending.id
-    job = Job(kind="retrain", model_id=model.id, method="retrain", result={"reason": "admin"})
-    session.add(job)
-    session.flush()
+    job = routing.create_retrain(session, model.id, "admin")
     audit.record(
         session,
         actor=actor,
@@ -155,7 +150,6 @@ def request_retrain(session: Session, model: MLModel, actor: str) -> str:
         entity_id=model.id,
         data={"model": model.name, "job_id": job.id},
     )
-    enqueue(session, "palimpsest.run_retrain", job.id, queue="gpu")
     return job.id
 
 

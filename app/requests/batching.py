@@ -15,12 +15,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
-from app.core.db import enqueue
+from app.jobs import routing
 from app.models import DeletionRequest, Job, MLModel, RequestModel
 from app.models.base import utcnow
 from app.registry.schemas import BatchingIn
-
-UNLEARN_TASK = "palimpsest.run_unlearning"
 
 
 def policy(config: dict[str, Any]) -> BatchingIn:
@@ -100,7 +98,7 @@ def schedule(session: Session, job: Job, model: MLModel, *, new: bool) -> None:
 def _send(session: Session, job: Job, reason: str) -> None:
     held_since = job.not_before
     job.not_before = None
-    enqueue(session, UNLEARN_TASK, job.id, queue="gpu")
+    routing.send(session, job)
     if held_since is not None or reason not in ("immediate", "window"):
         audit.record(
             session,

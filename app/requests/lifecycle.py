@@ -1,4 +1,6 @@
-"""What workers do to a request: plan it, advance it as models finish, erase its data."""
+"""What workers do to a request: plan it, apply what its jobs report (`EVENTS`), advance
+it as models finish, erase its data. The one writer of a request's status besides the
+API's own actions (cancel, review)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.certificates import service as certificates
+from app.core.chunks import in_chunks
 from app.core.db import enqueue
 from app.core.storage import ArtifactStore
 from app.datasets import service as datasets
+from app.jobs import routing
 from app.models import (
     Dataset,
     DeletionRequest,
-    Job,
     Lineage,
     MLModel,
     Record,
@@ -23,11 +26,13 @@ from app.models import (
     Source,
     Subject,
 )
+from app.pipeline.outcome import Outcome
+from app.pipeline.spec import UnlearningConfig
 from app.registry import references
 from app.registry import service as registry
-from app.registry.monolithic import method_of
-from app.requests import batching
+from app.requests import batching, targets
 from app.requests.service import transition
+from app.requests.states import TERMINAL
 
 log = logging.getLogger(__name__)
 WORKER = "worker"
@@ -35,35 +40,7 @@ WORKER = "worker"
 
 def target_record_ids(session: Session, req: DeletionRequest) -> list[int]:
     """Ids of the records a request covers that still exist."""
-    live = Record.status.in_(("active", "quarantined"))
-    if req.kind == "subject":
-        q = (
-            select(Record.id)
-            .join(Subject, Subject.id == Record.subject_id)
-            .where(Subject.subject_key == req.subject_key, live)
-        )
-    elif req.kind == "records":
-        ids = req.record_ids or []
-        out: list[int] = []
-        for chunk in range(0, len(ids), 900):
-            q = select(Record.id).where(Record.external_id.in_(ids[chunk : chunk + 900]), live)
-            if req.dataset_id:
-                q = q.where(Record.dataset_id == req.dataset_id)
-            out.extend(session.scalars(q))
-        return sorted(out)
-    elif req.kind == "source":
-        q = (
-            select(Record.id)
-            .join(Source, Source.id == Record.source_id)
-            .where(Source.name == req.source, live)
-        )
-    else:
-        return []
-    return sorted(session.scalars(q))
-
-
-def _in_chunks(ids: list[int], size: int = 900) -> list[list[int]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
+    return targets.record_ids(session, targets.Target.of(req))
 
 
 def plan(session: Session, request_id: str) -> None:
@@ -78,7 +55,7 @@ def plan(session: Session, request_id: str) -> None:
         return
     ids = target_record_ids(session, req)
     datasets_hit = set()
-    for chunk in _in_chunks(ids):
+    for chunk in in_chunks(ids):
         datasets_hit |= set(
             session.scalars(select(Record.dataset_id).where(Record.id.in_(chunk)).distinct())
         )
@@ -90,14 +67,14 @@ def plan(session: Session, request_id: str) -> None:
     if training is not None:
         enqueue(session, "palimpsest.plan_request", req.id, countdown=2.0)
         return
-    for chunk in _in_chunks(ids):
+    for chunk in in_chunks(ids):
         session.execute(
             update(Record)
             .where(Record.id.in_(chunk), Record.status == "active")
             .values(status="quarantined", quarantined_by=req.id)
         )
     models: set[str] = set()
-    for chunk in _in_chunks(ids):
+    for chunk in in_chunks(ids):
         models |= set(
             session.scalars(
                 select(Lineage.model_id)
@@ -116,9 +93,14 @@ def plan(session: Session, request_id: str) -> None:
         job = batching.open_job(session, model)
         new = job is None
         if job is None:
-            job = Job(kind="unlearn", model_id=model_id, method=method_of(model.config))
-            session.add(job)
-            session.flush()
+            # Held or sent by the batching policy below, not at creation.
+            job = routing.create(
+                session,
+                kind="unlearn",
+                model_id=model_id,
+                method=UnlearningConfig.from_dict(model.config["unlearning"]).method,
+                send_now=False,
+            )
         session.add(
             RequestModel(
                 request_id=req.id,
@@ -147,10 +129,7 @@ def _plan_feature(session: Session, req: DeletionRequest) -> None:
         req.error = f"model {req.model_name!r} has no production version"
         transition(session, req, "rejected", WORKER, reason=req.error)
         return
-    job = Job(kind="unlearn", model_id=model.id, method="feature")
-    session.add(job)
-    session.flush()
-    enqueue(session, "palimpsest.run_unlearning", job.id, queue="gpu")
+    job = routing.create(session, kind="unlearn", model_id=model.id, method="feature")
     session.add(
         RequestModel(
             request_id=req.id,
@@ -168,7 +147,7 @@ def advance(session: Session, request_ids: list[str]) -> None:
     `erasing`; one with a model in review moves to `needs_review`."""
     for rid in request_ids:
         req = session.get(DeletionRequest, rid)
-        if req is None or req.status in ("completed", "cancelled", "failed", "rejected", "erasing"):
+        if req is None or req.status in TERMINAL or req.status == "erasing":
             continue
         statuses = set(
             session.scalars(select(RequestModel.status).where(RequestModel.request_id == rid))
@@ -182,6 +161,73 @@ def advance(session: Session, request_ids: list[str]) -> None:
             transition(session, req, "needs_review", WORKER)
 
 
+def _requests(session: Session, request_ids: list[str]) -> list[DeletionRequest]:
+    return list(session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(request_ids))))
+
+
+def _job_rows(session: Session, job_id: str) -> list[RequestModel]:
+    return list(session.scalars(select(RequestModel).where(RequestModel.job_id == job_id)))
+
+
+class RequestLifecycle:
+    """`RequestEvents` for the pipeline: what a job's progress means for its requests."""
+
+    def started(self, session: Session, job_id: str, stage: str, from_version: int) -> None:
+        rms = _job_rows(session, job_id)
+        for rm in rms:
+            rm.status = stage
+            # "Before" is the version this job starts from (an earlier job may have
+            # moved production on since the request was planned).
+            rm.from_version = from_version
+        for req in _requests(session, sorted({rm.request_id for rm in rms})):
+            if req.status in TERMINAL or req.status == "erasing":
+                continue
+            if stage == "unlearning" and req.status == "planned":
+                transition(session, req, "unlearning", WORKER, job_id=job_id)
+            elif stage == "retraining":
+                transition(session, req, "retraining", WORKER, job_id=job_id)
+
+    def verifying(self, session: Session, job_id: str) -> None:
+        rms = _job_rows(session, job_id)
+        for rm in rms:
+            rm.status = "verifying"
+        for req in _requests(session, sorted({rm.request_id for rm in rms})):
+            if req.status in ("planned", "unlearning", "retraining"):
+                transition(session, req, "verifying", WORKER, job_id=job_id)
+
+    def concluded(self, session: Session, outcome: Outcome) -> None:
+        for rm in _job_rows(session, outcome.job_id):
+            if outcome.decision == "nothing_to_forget":
+                rm.status, rm.to_version, rm.method = "promoted", outcome.version, "none"
+                continue
+            rm.to_version, rm.method, rm.report_id = (
+                outcome.version,
+                outcome.method,
+                outcome.report_id,
+            )
+            if outcome.retrain_job_id is not None:
+                rm.status, rm.job_id = "retraining", outcome.retrain_job_id
+            else:
+                rm.status = "promoted" if outcome.decision == "promote" else "needs_review"
+        if outcome.retrain_job_id is not None:
+            for req in _requests(session, outcome.request_ids):
+                if req.status not in TERMINAL:
+                    transition(session, req, "retraining", WORKER, job_id=outcome.retrain_job_id)
+        else:
+            advance(session, outcome.request_ids)
+
+    def failed(self, session: Session, job_id: str, error: str) -> None:
+        rms = _job_rows(session, job_id)
+        for rm in rms:
+            rm.status = "failed"
+        for req in _requests(session, sorted({rm.request_id for rm in rms})):
+            req.error = f"job {job_id} failed: {error[:500]}"
+            transition(session, req, "failed", WORKER, job_id=job_id)
+
+
+EVENTS = RequestLifecycle()
+
+
 def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
     """erasing -> completed: rows and Parquet bytes physically removed, and the artifacts
     of every version trained on them purged (no rollback can bring them back)."""
@@ -190,14 +236,14 @@ def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
         return
     ids = target_record_ids(session, req)
     by_dataset: dict[str, dict[int, list[int]]] = {}
-    for chunk in _in_chunks(ids):
+    for chunk in in_chunks(ids):
         for rid, ds_id, part in session.execute(
             select(Record.id, Record.dataset_id, Record.partition).where(Record.id.in_(chunk))
         ):
             by_dataset.setdefault(ds_id, {}).setdefault(part, []).append(rid)
     # Versions that were trained on these records: purge their artifacts.
     reached: dict[str, set[int]] = {}
-    for chunk in _in_chunks(ids):
+    for chunk in in_chunks(ids):
         for model_id, lo, hi in session.execute(
             select(Lineage.model_id, Lineage.from_version, Lineage.to_version).where(
                 Lineage.record_id.in_(chunk), Lineage.split == "train"
@@ -216,7 +262,7 @@ def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
         assert ds is not None
         all_ids = sorted(i for v in parts.values() for i in v)
         erased += datasets.erase_from_partitions(store, ds, all_ids, set(parts))
-        for chunk in _in_chunks(all_ids):
+        for chunk in in_chunks(all_ids):
             session.execute(delete(Lineage).where(Lineage.record_id.in_(chunk)))
             session.execute(delete(Record).where(Record.id.in_(chunk)))
     if req.kind == "subject" and req.subject_key:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,6 +17,7 @@ from app.core.db import enqueue
 from app.core.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from app.core.security import subject_key
 from app.core.settings import Settings
+from app.jobs import routing
 from app.models import (
     DeletionRequest,
     Job,
@@ -24,11 +25,9 @@ from app.models import (
     Record,
     Report,
     RequestModel,
-    Source,
-    Subject,
 )
 from app.models.base import utcnow
-from app.requests import states
+from app.requests import states, targets
 from app.requests.schemas import (
     DeletionRequestIn,
     DeletionRequestOut,
@@ -116,31 +115,20 @@ def _find_records(
     session: Session, body: DeletionRequestIn, settings: Settings
 ) -> tuple[str | None, int]:
     """Check the target exists now; a request for data we do not hold is a clear 404."""
-    live = Record.status.in_(("active", "quarantined"))
     if body.kind == "subject":
         assert body.subject_id is not None
         key = subject_key(body.subject_id, settings.subject_pepper)
-        n = session.scalar(
-            select(func.count())
-            .select_from(Record)
-            .join(Subject, Subject.id == Record.subject_id)
-            .where(Subject.subject_key == key, live)
-        )
+        n = targets.count(session, targets.Target("subject", subject_key=key))
         if not n:
             raise NotFound("no records are held for this subject", code="subject_not_found")
-        return key, int(n)
+        return key, n
     if body.kind == "records":
         assert body.record_ids is not None
         ids = sorted(set(body.record_ids))
-        found: list[tuple[str, str]] = []
-        for chunk in range(0, len(ids), 900):
-            q = select(Record.external_id, Record.dataset_id).where(
-                Record.external_id.in_(ids[chunk : chunk + 900]), live
-            )
-            if body.dataset_id:
-                q = q.where(Record.dataset_id == body.dataset_id)
-            found.extend((r[0], r[1]) for r in session.execute(q))
-        missing = sorted(set(ids) - {f[0] for f in found})
+        found = targets.matching_records(
+            session, targets.Target("records", record_ids=tuple(ids), dataset_id=body.dataset_id)
+        )
+        missing = sorted(set(ids) - {f[1] for f in found})
         if missing:
             raise NotFound(f"unknown record ids: {missing[:10]}", code="records_not_found")
         if len(found) != len(ids):
@@ -150,17 +138,12 @@ def _find_records(
             )
         return None, len(found)
     if body.kind == "source":
-        n = session.scalar(
-            select(func.count())
-            .select_from(Record)
-            .join(Source, Source.id == Record.source_id)
-            .where(Source.name == body.source, live)
-        )
+        n = targets.count(session, targets.Target("source", source=body.source))
         if not n:
             raise NotFound(
                 f"no records are held from source {body.source!r}", code="source_not_found"
             )
-        return None, int(n)
+        return None, n
     assert body.kind == "feature" and body.feature is not None and body.model is not None
     model = session.scalars(select(MLModel).where(MLModel.name == body.model)).first()
     if model is None:
@@ -398,7 +381,6 @@ def review(
     it is; reject retrains from scratch instead; mitigate, for now, also retrains (group
     reweighting arrives with the fairness checks)."""
     from app.registry import service as registry
-    from app.registry.candidate import enqueue_retrain
     from app.requests.lifecycle import advance
 
     if req.status != "needs_review":
@@ -452,8 +434,8 @@ def review(
                 report = session.get(Report, rm.report_id) if rm.report_id else None
                 fair = (report.checks.get("fairness", {}) if report else {}).get("metrics", {})
                 mitigation = {"flagged": list(fair.get("flagged", []))}
-            job = enqueue_retrain(
-                session, model.id, caller.actor, f"review {action} of {req.id}", mitigation
+            job = routing.create_retrain(
+                session, model.id, f"review {action} of {req.id}", mitigation
             )
             rm.status, rm.job_id = "retraining", job.id
     if action == "approve":

@@ -24,12 +24,15 @@ MAX_RETAIN, MAX_FORGET = 1500, 300  # a sample: the test trains a fresh model
 
 
 def injection(
-    config: dict[str, Any],
+    arch: ArchitectureConfig,
+    training: TrainingConfig,
+    n_classes: int,
     prep: PreprocessorState,
     retained: TabularData,
     forget: TabularData,
     *,
     strategy: str,
+    params: dict[str, Any] | None,
     device: torch.device,
     seed: int,
     max_residual: float | None,
@@ -43,21 +46,20 @@ def injection(
     x = torch.cat([prep.transform(r.columns), prep.transform(f.columns)]).to(device)
     y = torch.from_numpy(np.concatenate([r.labels, f.labels])).to(device)
     mask = np.concatenate([np.zeros(len(r), dtype=bool), np.ones(len(f), dtype=bool)])
-    params = config["unlearning"].get("strategy_params")
 
     def unlearn(model: torch.nn.Module, forget_xy: Any, retain_xy: Any) -> None:
         run_strategy(strategy, model, forget_xy, retain_xy, params=params, seed=seed)
 
     try:
         result = injection_test(
-            ArchitectureConfig.from_dict(config["architecture"]),
+            arch,
             x,
             y,
             mask,
             unlearn,
-            TrainingConfig.from_dict(config["training"]),
+            training,
             seed,
-            n_classes=len(config["resolved"]["label_classes"]),
+            n_classes=n_classes,
         )
     except ValueError as exc:  # e.g. the sample model did not pick the feature up
         return Check(True, {"note": f"not measurable: {exc}"}, threshold)

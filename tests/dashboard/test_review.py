@@ -16,8 +16,9 @@ from sqlalchemy import func, select, update
 from app.core.db import session_scope
 from app.core.storage import get_store
 from app.models import AuditEvent, Certificate, DeletionRequest, Job, MLModel
-from app.registry import runner
+from app.pipeline import training, unlearning
 from app.requests import lifecycle
+from app.requests.lifecycle import EVENTS
 from tests.dashboard.helpers import csrf_token, login
 from tests.support.app_env import AppEnv
 from tests.support.factories import auth, make_csv, upload_dataset
@@ -46,7 +47,7 @@ def model(env: AppEnv, keys: dict[str, str]) -> str:
         },
     )
     assert r.status_code == 202, r.text
-    runner.run_training(r.json()["job_id"])
+    training.run_training(r.json()["job_id"])
     return "m"
 
 
@@ -64,7 +65,7 @@ def in_review(env: AppEnv, keys: dict[str, str], model: str) -> str:
     with session_scope() as s:
         lifecycle.plan(s, rid)
     job_id = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()["models"][0]["job_id"]
-    runner.run_unlearning(job_id)
+    unlearning.run_unlearning(job_id, EVENTS)
     assert _status(rid) == "needs_review"
     return str(rid)
 

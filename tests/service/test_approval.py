@@ -11,8 +11,9 @@ import pytest
 
 from app.core.db import session_scope
 from app.core.storage import get_store
-from app.registry import runner
+from app.pipeline import training, unlearning
 from app.requests import lifecycle
+from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
 
@@ -38,14 +39,14 @@ def test_require_approval_holds_a_passing_candidate(env: AppEnv) -> None:
             "verification": {"utility_max_drop": 1.0, "require_approval": True},
         },
     )
-    runner.run_training(r.json()["job_id"])
+    training.run_training(r.json()["job_id"])
     rid = env.client.post(
         "/v1/deletion-requests", headers=h, json={"kind": "subject", "subject_id": "subj-0001"}
     ).json()["id"]
     with session_scope() as s:
         lifecycle.plan(s, rid)
     req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
-    runner.run_unlearning(req["models"][0]["job_id"])
+    unlearning.run_unlearning(req["models"][0]["job_id"], EVENTS)
     req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
     report = env.client.get(f"/v1/reports/{req['models'][0]['report_id']}", headers=h).json()
     assert report["passed"] and report["decision"] == "approval_required"

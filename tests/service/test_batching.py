@@ -15,8 +15,9 @@ from sqlalchemy import select
 from app.core.db import session_scope
 from app.models import AuditEvent, DeletionRequest, Job
 from app.models.base import utcnow
-from app.registry import runner
+from app.pipeline import training, unlearning
 from app.requests import batching, lifecycle
+from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
 
@@ -39,7 +40,7 @@ def _model(env: AppEnv, admin: str, batching_policy: dict[str, Any] | None) -> N
         body["batching"] = batching_policy
     r = env.client.post("/v1/models", headers=auth(admin), json=body)
     assert r.status_code == 202, r.text
-    runner.run_training(r.json()["job_id"])
+    training.run_training(r.json()["job_id"])
 
 
 def _request(env: AppEnv, key: str, subject: int) -> str:
@@ -105,7 +106,7 @@ def test_window_and_minimum_batch_hold_the_job_until_due(env: AppEnv) -> None:
         # A full batch waits out the window only.
         assert abs((held.not_before - received) - timedelta(hours=1)) < timedelta(seconds=1)
     # A held job's task does nothing: the worker leaves it to the beat.
-    runner.run_unlearning(job["id"])
+    unlearning.run_unlearning(job["id"], EVENTS)
     assert _job_of(env, admin, rids[0])["status"] == "pending"
     with session_scope() as s:
         assert batching.release_due(s, now=utcnow()) == {"released": 0, "held": 1}
@@ -119,7 +120,7 @@ def test_window_and_minimum_batch_hold_the_job_until_due(env: AppEnv) -> None:
     assert [e["reason"] for e in _released(job["id"])] == ["window"]
     # Once sent, the job starts and takes all three requests into one unlearning (its
     # two shards fan out as a chord, which these in-process tests do not run).
-    runner.run_unlearning(job["id"])
+    unlearning.run_unlearning(job["id"], EVENTS)
     assert _job_of(env, admin, rids[0])["status"] == "running"
     statuses = {
         env.client.get(f"/v1/deletion-requests/{r}", headers=auth(admin)).json()["status"]

@@ -10,8 +10,9 @@ import pytest
 
 from app.core.db import session_scope
 from app.core.storage import get_store
-from app.registry import runner
+from app.pipeline import training, unlearning
 from app.requests import lifecycle
+from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import assert_error, auth, create_key, make_csv, upload_dataset
 
@@ -39,7 +40,7 @@ def test_rollback_to_a_version_using_a_removed_feature_is_refused(env: AppEnv) -
         },
     )
     assert r.status_code == 202, r.text
-    runner.run_training(r.json()["job_id"])
+    training.run_training(r.json()["job_id"])
     r = env.client.post(
         "/v1/deletion-requests",
         headers=h,
@@ -50,7 +51,7 @@ def test_rollback_to_a_version_using_a_removed_feature_is_refused(env: AppEnv) -
     with session_scope() as s:
         lifecycle.plan(s, rid)
     req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
-    runner.run_unlearning(req["models"][0]["job_id"])
+    unlearning.run_unlearning(req["models"][0]["job_id"], EVENTS)
     req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
     if req["status"] == "needs_review":
         assert (

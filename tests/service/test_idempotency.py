@@ -13,8 +13,9 @@ from sqlalchemy import func, select
 from app.core.db import session_scope
 from app.core.storage import get_store
 from app.models import AuditEvent, ModelVersion, Record, RequestModel
-from app.registry import runner
+from app.pipeline import training, unlearning
 from app.requests import lifecycle
+from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
 
@@ -45,8 +46,8 @@ def test_every_task_body_can_run_twice(env: AppEnv) -> None:
         },
     )
     train_job = r.json()["job_id"]
-    runner.run_training(train_job)
-    runner.run_training(train_job)
+    training.run_training(train_job)
+    training.run_training(train_job)
     assert _count(ModelVersion) == 1
 
     r = env.client.post(
@@ -63,9 +64,9 @@ def test_every_task_body_can_run_twice(env: AppEnv) -> None:
     job_id = env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(admin)).json()["models"][
         0
     ]["job_id"]
-    runner.run_unlearning(job_id)
+    unlearning.run_unlearning(job_id, EVENTS)
     events = _count(AuditEvent)
-    runner.run_unlearning(job_id)
+    unlearning.run_unlearning(job_id, EVENTS)
     assert _count(ModelVersion) == 2 and _count(AuditEvent) == events
     assert (
         env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(admin)).json()["status"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.core.broker import queue_depth
 from app.core.db import session_scope
 from app.models import DeletionRequest
 from app.models.base import utcnow
-from app.ops.metrics import queue_depth
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
 

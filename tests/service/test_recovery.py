@@ -17,7 +17,9 @@ from app.jobs import lease, recovery
 from app.jobs import service as jobs
 from app.models import AuditEvent, Dataset, Job, MLModel
 from app.models.base import new_id, utcnow
-from app.registry import runner
+from app.pipeline import start
+from app.pipeline.conclude import fail_job
+from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv, app_env
 
 
@@ -164,9 +166,9 @@ def test_an_execution_that_was_taken_over_changes_nothing(env: AppEnv) -> None:
         jobs.claim(s, job_id, 1)
     # The new execution (attempt 2) owns it; the old one can neither fail nor release it.
     with lease.held(job_id) as new, session_scope() as s:
-        job = runner._begin(s, job_id, "unlearn")
+        job = start.begin(s, job_id, "unlearn")
         assert job is not None and job.attempts == 2 and new.token == 2
-    runner.fail_job(job_id, "late failure of attempt 1", token=1)
+    fail_job(job_id, "late failure of attempt 1", EVENTS, token=1)
     jobs.release(job_id, 1, "late retry of attempt 1")
     with session_scope() as s:
         job = jobs.claim(s, job_id, 2)
@@ -176,7 +178,7 @@ def test_an_execution_that_was_taken_over_changes_nothing(env: AppEnv) -> None:
 def test_a_duplicate_delivery_leaves_a_live_job_alone(env: AppEnv) -> None:
     job_id = _job(_model(), status="running", age=2, attempts=1)
     with session_scope() as s:
-        assert runner._begin(s, job_id, "unlearn") is None
+        assert start.begin(s, job_id, "unlearn") is None
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None and (job.status, job.attempts) == ("running", 1)
@@ -184,7 +186,7 @@ def test_a_duplicate_delivery_leaves_a_live_job_alone(env: AppEnv) -> None:
     with session_scope() as s:
         s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)  # type: ignore[union-attr]
     with lease.held(job_id), session_scope() as s:
-        job = runner._begin(s, job_id, "unlearn")
+        job = start.begin(s, job_id, "unlearn")
         assert job is not None and job.attempts == 2 and job.status == "running"
         assert job.result["takeovers"][0]["by"] == "worker"
     assert _audit("job.taken_over", job_id) == 1
@@ -194,7 +196,7 @@ def test_a_finished_job_is_never_started_again(env: AppEnv) -> None:
     model_id = _model()
     job_id = _job(model_id, status="succeeded", age=None, attempts=1)
     with lease.held(job_id), session_scope() as s:
-        assert runner._begin(s, job_id, "unlearn") is None
+        assert start.begin(s, job_id, "unlearn") is None
     assert _sweep(older_than_seconds=0)[0] == {
         "taken_over": 0,
         "jobs": 0,
@@ -245,10 +247,10 @@ def test_one_job_per_model_while_other_models_proceed(env: AppEnv) -> None:
     running = _job(busy, status="running", age=1)
     waiting = _job(busy, status="pending", age=None)
     other = _job(free, status="pending", age=None)
-    with lease.held(waiting), session_scope() as s, pytest.raises(runner.ModelBusy):
-        runner._begin(s, waiting, "unlearn")
+    with lease.held(waiting), session_scope() as s, pytest.raises(start.ModelBusy):
+        start.begin(s, waiting, "unlearn")
     with lease.held(other), session_scope() as s:
-        job = runner._begin(s, other, "unlearn")
+        job = start.begin(s, other, "unlearn")
         assert job is not None and job.status == "running"
     with session_scope() as s:
         locks = {m: s.get(MLModel, m).locked_by_job for m in (busy, free)}  # type: ignore[union-attr]

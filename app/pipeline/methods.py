@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.ml.approximate import DEFAULT_STRATEGY, run_strategy
+from app.ml.approximate import run_strategy
 from app.ml.architectures import LogisticRegression, build_model
 from app.ml.certified import (
     CertifiedConfig,
@@ -34,6 +34,7 @@ from app.ml.device import derive_seed, runtime_fingerprint
 from app.ml.features import linear_feature_update, mlp_feature_removal
 from app.ml.preprocess import PreprocessorState, fit_preprocessor
 from app.ml.sisa import ProgressFn, ShardEntry, SisaManifest, ids_digest, train_sisa
+from app.pipeline.spec import UnlearningConfig
 
 CERT_STATE_PREFIX = "certstate-"
 # Recorded in the job result of every approximate run on a monolithic model.
@@ -56,32 +57,6 @@ def _xy(prep: PreprocessorState, data: TabularData, device: torch.device) -> tup
     x = prep.transform(data.columns).to(device)
     y = torch.from_numpy(np.asarray(data.labels, dtype=np.int64)).to(device)
     return x, y
-
-
-def is_certified(config: dict[str, Any]) -> bool:
-    return bool(config["unlearning"].get("certified"))
-
-
-def strategy_name(config: dict[str, Any]) -> str:
-    return str(config["unlearning"].get("strategy") or DEFAULT_STRATEGY)
-
-
-def certified_config(config: dict[str, Any]) -> CertifiedConfig:
-    u = config["unlearning"]
-    base = CertifiedConfig()
-    return CertifiedConfig(
-        epsilon=u.get("certified_epsilon") or base.epsilon,
-        delta=u.get("certified_delta") or base.delta,
-        lam=u.get("certified_lambda") or base.lam,
-        sigma=base.sigma if u.get("certified_sigma") is None else u["certified_sigma"],
-    )
-
-
-def method_of(config: dict[str, Any]) -> str:
-    """The method an unlearning job of this model runs first."""
-    if config["unlearning"]["mode"] != "monolithic":
-        return "sisa"
-    return "certified" if is_certified(config) else strategy_name(config)
 
 
 def _single_entry(manifest: SisaManifest) -> ShardEntry:
@@ -192,7 +167,7 @@ def _certified_unlearn(
     retained: TabularData,
     forget: TabularData,
     *,
-    config: dict[str, Any],
+    u: UnlearningConfig,
     job_id: str,
     store: CheckpointStore,
     device: torch.device,
@@ -229,7 +204,7 @@ def _certified_unlearn(
     else:
         reason, attempted = "row_count_mismatch", {"state_rows": state.n}
     # Fallback: retrain from scratch on the retained rows; the budget starts afresh.
-    cfg = certified_config(config)
+    cfg = u.certified_config()
     new, info = train_certified_manifest(
         retained,
         feature_spec=manifest.feature_spec,
@@ -266,7 +241,7 @@ def approximate_unlearn(
     retained: TabularData,
     forget: TabularData,
     *,
-    config: dict[str, Any],
+    u: UnlearningConfig,
     job_id: str,
     store: CheckpointStore,
     device: torch.device,
@@ -277,19 +252,19 @@ def approximate_unlearn(
     The result's `method` is what was actually done ("retrain" when a certified budget
     ran out) and `approximate` says whether the lineage check can apply.
     """
-    if is_certified(config):
+    if u.certified:
         return _certified_unlearn(
-            manifest, retained, forget, config=config, job_id=job_id, store=store, device=device
+            manifest, retained, forget, u=u, job_id=job_id, store=store, device=device
         )
     e = _single_entry(manifest)
     model, prep = load_module(manifest, store, device)
-    name = strategy_name(config)
+    name = u.strategy_name
     run = run_strategy(
         name,
         model,
         _xy(prep, forget, device),
         _xy(prep, retained, device),
-        params=config["unlearning"].get("strategy_params"),
+        params=u.strategy_params,
         seed=derive_seed(manifest.training.seed, manifest.model_key, "unlearn", job_id),
         progress=progress,
     )
@@ -318,23 +293,23 @@ def feature_unlearn(
     retained: TabularData,
     feature: str,
     *,
-    config: dict[str, Any],
+    u: UnlearningConfig,
     job_id: str,
     store: CheckpointStore,
     device: torch.device,
     progress: ProgressFn | None = None,
 ) -> tuple[SisaManifest, dict[str, Any]]:
     """Make a monolithic model structurally blind to `feature` (SISA models retrain every
-    shard without the column, fanned out by `app.registry.fanout`). Binary logistic
+    shard without the column, fanned out by `app.pipeline.fanout`). Binary logistic
     models get the second-order update, other networks zero-freeze-repair; certified models retrain
     (a cheap Newton solve that keeps the certificate's state consistent). Either way
     the preprocessor emits zeros for the feature afterwards.
     """
     spec = spec_without(manifest.feature_spec, [feature])
-    if config["unlearning"]["mode"] != "monolithic":
+    if u.is_sisa:
         # Exact SISA feature removal retrains shard by shard as a Celery chord.
-        raise ValueError("SISA feature removal runs through app.registry.fanout")
-    if is_certified(config):
+        raise ValueError("SISA feature removal runs through app.pipeline.fanout")
+    if u.certified:
         new, info = train_certified_manifest(
             retained,
             feature_spec=spec,
@@ -343,7 +318,7 @@ def feature_unlearn(
             sisa=manifest.sisa,
             n_classes=manifest.n_classes,
             model_key=manifest.model_key,
-            cfg=certified_config(config),
+            cfg=u.certified_config(),
             store=store,
             device=device,
         )
@@ -427,7 +402,7 @@ def retrain(
     slice_of: np.ndarray,
     spec: FeatureSpec,
     *,
-    config: dict[str, Any],
+    u: UnlearningConfig,
     store: CheckpointStore,
     device: torch.device,
     progress: ProgressFn | None = None,
@@ -447,11 +422,11 @@ def retrain(
         "store": store,
         "device": device,
     }
-    if is_certified(config):
-        new, info = train_certified_manifest(retained, cfg=certified_config(config), **common)
+    if u.certified:
+        new, info = train_certified_manifest(retained, cfg=u.certified_config(), **common)
         return new, {"method": "retrain", "shards": [0], **info["certified"]}
     shards: set[int] | None = None
-    if config["unlearning"]["mode"] != "monolithic" and spec == manifest.feature_spec:
+    if u.is_sisa and spec == manifest.feature_spec:
         ids = np.asarray(retained.record_ids, dtype=np.int64)
         changed = {
             e.shard

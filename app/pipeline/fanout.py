@@ -3,9 +3,9 @@ callback verifies and concludes the job. Used by exact feature removal (every sh
 retrains without the column) and by unlearning jobs that reach several shards. Several
 GPU workers then share the shards; with one worker they simply run one after another.
 
-The parent job snapshots its context (lineage, layout, versions) into the artifact store
+The parent job snapshots its inputs (lineage, layout, versions) into the artifact store
 before dispatching, so every shard trains on the same retained set even if new requests
-quarantine more records while the shards run.
+quarantine more records while the shards run. A shard task reads only its own rows.
 """
 
 from __future__ import annotations
@@ -14,21 +14,24 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from celery import chord
 from sqlalchemy import update
 
+from app.core import outbox
 from app.core.db import session_scope
+from app.core.outbox import PendingTask
 from app.core.storage import ArtifactStore, get_store
-from app.datasets import service as datasets
+from app.jobs import lease, routing
 from app.jobs import service as jobs
 from app.ml.config import FeatureSpec
 from app.ml.device import runtime_fingerprint
 from app.ml.sisa import ShardEntry, SisaManifest, train_shard
 from app.models import Job
 from app.models.base import utcnow
+from app.pipeline.inputs import JobInputs
+from app.pipeline.outcome import RequestEvents
+from app.pipeline.start import device
+from app.pipeline.verify import verify_feature, verify_unlearning
 from app.registry import artifacts
-from app.registry.candidate import JobContext
 
 
 def _snapshot_path(job_id: str, attempt: int | None) -> str:
@@ -40,84 +43,32 @@ def _snapshot_path(job_id: str, attempt: int | None) -> str:
     )
 
 
-def save_snapshot(
-    store: ArtifactStore,
-    ctx: JobContext,
-    started: float,
-    *,
-    purpose: str,
-    spec: FeatureSpec,
-    shards: list[int],
-) -> None:
-    body = {
-        "purpose": purpose,
-        "spec": spec.to_dict(),
-        "shards": shards,
-        "job_id": ctx.job_id,
-        "model_id": ctx.model_id,
-        "config": ctx.config,
-        "dataset_id": ctx.ds.id,
-        "base_version": ctx.base_version,
-        "new_version": ctx.new_version,
-        "manifest_rel": ctx.manifest_rel,
-        "request_ids": ctx.request_ids,
-        "features": [list(f) for f in ctx.features],
-        "retrain_estimate": ctx.retrain_estimate,
-        "attempt": ctx.attempt,
-        "started": started,
-        "ids": ctx.ids.tolist(),
-        "shard": ctx.shard.tolist(),
-        "slc": ctx.slc.tolist(),
-        "is_train": ctx.is_train.tolist(),
-        "is_active": ctx.is_active.tolist(),
-    }
-    store.write_bytes(_snapshot_path(ctx.job_id, ctx.attempt), json.dumps(body).encode())
-
-
 @dataclass
 class Snapshot:
-    ctx: JobContext
-    started: float
+    inputs: JobInputs
     purpose: str  # "feature" | "unlearn"
     spec: FeatureSpec  # what the shards train with
     shards: list[int]  # the shards the chord trains
 
 
+def save_snapshot(
+    store: ArtifactStore, inputs: JobInputs, *, purpose: str, spec: FeatureSpec, shards: list[int]
+) -> None:
+    body = inputs.snapshot() | {"purpose": purpose, "spec": spec.to_dict(), "shards": shards}
+    store.write_bytes(_snapshot_path(inputs.job_id, inputs.attempt), json.dumps(body).encode())
+
+
 def load_snapshot(store: ArtifactStore, job_id: str, attempt: int | None = None) -> Snapshot:
     body = json.loads(store.read_bytes(_snapshot_path(job_id, attempt)))
-    with session_scope() as s:
-        ds = datasets.get(s, body["dataset_id"])
-        s.expunge(ds)
-    ctx = JobContext(
-        job_id=body["job_id"],
-        model_id=body["model_id"],
-        config=body["config"],
-        ds=ds,
-        base_version=body["base_version"],
-        new_version=body["new_version"],
-        manifest_rel=body["manifest_rel"],
-        request_ids=body["request_ids"],
-        features=[(f[0], f[1]) for f in body["features"]],
-        ids=np.asarray(body["ids"], dtype=np.int64),
-        shard=np.asarray(body["shard"], dtype=np.int64),
-        slc=np.asarray(body["slc"], dtype=np.int64),
-        is_train=np.asarray(body["is_train"], dtype=bool),
-        is_active=np.asarray(body["is_active"], dtype=bool),
-        retrain_estimate=body["retrain_estimate"],
-        attempt=body.get("attempt"),
-    )
     return Snapshot(
-        ctx,
-        float(body["started"]),
+        JobInputs.from_snapshot(body),
         str(body["purpose"]),
         FeatureSpec.from_dict(body["spec"]),
         [int(x) for x in body["shards"]],
     )
 
 
-def dispatch(
-    ctx: JobContext, started: float, *, purpose: str, spec: FeatureSpec, shards: list[int]
-) -> None:
+def dispatch(inputs: JobInputs, *, purpose: str, spec: FeatureSpec, shards: list[int]) -> None:
     """Send the chord: one task per shard, then `sisa_finish` with their results. The
     job keeps its model lock; the callback concludes it and releases the lock.
 
@@ -125,23 +76,20 @@ def dispatch(
     once the job is taken over (attempts moved on) a left-over chord does nothing. The
     job is marked as waiting for its shards first, so the sweep gives it the shard lease
     (the shards may queue behind other work)."""
-    from workers.celery_app import get_celery
-
-    save_snapshot(get_store(), ctx, started, purpose=purpose, spec=spec, shards=shards)
+    save_snapshot(get_store(), inputs, purpose=purpose, spec=spec, shards=shards)
     with session_scope() as s:
-        job = jobs.claim(s, ctx.job_id, ctx.attempt)
+        job = jobs.claim(s, inputs.job_id, inputs.attempt)
         job.result = {
             **job.result,
-            "fanout": {"attempt": ctx.attempt, "shards": shards, "at": utcnow().isoformat()},
+            "fanout": {"attempt": inputs.attempt, "shards": shards, "at": utcnow().isoformat()},
         }
         job.heartbeat_at = utcnow()
-    app = get_celery()
     header = [
-        app.signature("palimpsest.sisa_shard", args=(ctx.job_id, s, ctx.attempt), queue="gpu")
+        PendingTask(routing.SHARD_TASK, (inputs.job_id, s, inputs.attempt), routing.GPU)
         for s in shards
     ]
-    body = app.signature("palimpsest.sisa_finish", args=(ctx.job_id, ctx.attempt), queue="gpu")
-    chord(header, app=app)(body)
+    callback = PendingTask(routing.CHORD_CALLBACK, (inputs.job_id, inputs.attempt), routing.GPU)
+    outbox.sender().chord(header, callback)
 
 
 def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict[str, Any]:
@@ -149,20 +97,16 @@ def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict
     checkpoints are content-addressed, so a redelivered task reuses what the first
     attempt wrote, and an unlearning shard reuses the slices before its first change.
     LeaseLost when the job's attempt `attempt` no longer owns it."""
-    from app.registry.runner import _device
-
     with session_scope() as s:
         jobs.claim(s, job_id, attempt)
     store = get_store()
     snap = load_snapshot(store, job_id, attempt)
-    ctx = snap.ctx
-    manifest = artifacts.load_manifest(store, ctx.manifest_rel)
-    mask = ctx.retained_mask & (ctx.shard == shard)
-    table = datasets.read_partitions(store, ctx.ds)
-    data = datasets.to_tabular(ctx.ds, table, ctx.ids[mask])  # sorted by id, as ids are
+    inputs = snap.inputs
+    manifest = inputs.manifest
+    data, slices = inputs.shard_rows(shard)
     res = train_shard(
         data,
-        ctx.slc[mask],
+        slices,
         shard=shard,
         feature_spec=snap.spec,
         arch=manifest.arch,
@@ -170,8 +114,8 @@ def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict
         sisa=manifest.sisa,
         n_classes=manifest.n_classes,
         model_key=manifest.model_key,
-        store=artifacts.checkpoint_store(store, ctx.model_id),
-        device=_device(),
+        store=artifacts.checkpoint_store(store, inputs.model_id),
+        device=device(),
         progress=jobs.ProgressReporter(job_id, write=False),
         sample_weight=artifacts.sample_weights(manifest, data),
     )
@@ -185,19 +129,19 @@ def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict
         "entry": ShardEntry.from_result(res).to_dict(),
         "seconds": res.seconds,
         "slices_trained": res.slices_trained,
+        "load_seconds": inputs.phases.seconds.get("load", 0.0),
+        "worker": lease.worker_id(),
     }
 
 
 def assemble(
     job_id: str, results: list[dict[str, Any]], attempt: int | None = None
-) -> tuple[Snapshot, SisaManifest, SisaManifest, dict[str, Any]]:
+) -> tuple[Snapshot, SisaManifest, dict[str, Any]]:
     """The candidate manifest: the chord's shards from their results, every other shard
     as it was."""
-    from app.registry.runner import _device
-
     store = get_store()
     snap = load_snapshot(store, job_id, attempt)
-    base = artifacts.load_manifest(store, snap.ctx.manifest_rel)
+    base = snap.inputs.manifest
     results = [r for r in results if "entry" in r]  # not those of a taken-over attempt
     trained = {e.shard: e for e in (ShardEntry.from_dict(r["entry"]) for r in results)}
     if sorted(trained) != sorted(snap.shards):
@@ -211,16 +155,20 @@ def assemble(
         feature_spec=snap.spec,
         n_classes=base.n_classes,
         entries=[trained.get(e.shard, e) for e in base.entries],
-        runtime=runtime_fingerprint(_device()),
+        runtime=runtime_fingerprint(device()),
         weighting=base.weighting,
     )
     by_shard = {int(r["entry"]["shard"]): r for r in results}
     shard_seconds = [float(by_shard[s]["seconds"]) for s in sorted(by_shard)]
+    snap.inputs.phases.add("compute", sum(shard_seconds))
+    snap.inputs.phases.add("shard_load", sum(float(r.get("load_seconds", 0.0)) for r in results))
+    snap.inputs.phases.parquet_reads += len(results)
     result: dict[str, Any] = {
         "approximate": False,
         "parallelism": "celery_chord",
         "weighted": base.weighting is not None,
         "shard_seconds": shard_seconds,
+        "shard_workers": {str(s): by_shard[s].get("worker") for s in sorted(by_shard)},
         "device_seconds": sum(shard_seconds),
     }
     if snap.purpose == "feature":
@@ -238,7 +186,27 @@ def assemble(
             "total_shards": base.sisa.shards,
             "slices_retrained": {str(s): int(by_shard[s]["slices_trained"]) for s in by_shard},
             "earliest_affected_slice": earliest,
-            "forgotten_found": len(snap.ctx.forgotten),
+            "forgotten_found": len(snap.inputs.forgotten),
             "seconds": sum(shard_seconds),
         }
-    return snap, base, new, result
+    return snap, new, result
+
+
+def finish_chord(
+    job_id: str, results: list[dict[str, Any]], events: RequestEvents, attempt: int | None = None
+) -> None:
+    """The chord's callback: its shards are trained; verify and conclude the job."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != "running":
+            return  # idempotent: concluded (or failed) already
+        if attempt is not None and job.attempts != attempt:
+            return  # the chord of an attempt that was taken over
+    snap, new_manifest, result = assemble(job_id, results, attempt)
+    inputs, compute = snap.inputs, float(result["device_seconds"])
+    n_retained = sum(e.n_records for e in new_manifest.entries)
+    if snap.purpose == "feature":
+        result["feature"] = inputs.features[0][0]
+        verify_feature(inputs, new_manifest, result, events, n_retained, compute)
+    else:
+        verify_unlearning(inputs, new_manifest, result, events, n_retained, compute)

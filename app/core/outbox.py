@@ -1,0 +1,106 @@
+"""Tasks after commit: the unit of work's outbox.
+
+Tasks enqueued during a unit of work are held on the session and sent only after the
+transaction commits (and dropped on rollback), so a worker never sees an id whose rows
+are not committed yet. How a task is actually sent is not this module's business: the
+Celery app registers a sender when a process starts (`register_sender`), so the core
+depends on nothing above it. A process with no sender keeps its tasks for the beat's
+resume sweep, which re-sends lost work from the database (tasks are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from app.core.logging import request_id_var
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PendingTask:
+    name: str
+    args: tuple[Any, ...] = ()
+    queue: str = "default"
+    countdown: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = field(default_factory=lambda: request_id_var.get())
+
+
+class TaskSender(Protocol):
+    """What a broker client provides: one task, or a group joined by a callback."""
+
+    def send(self, task: PendingTask) -> None: ...
+
+    def chord(self, header: Sequence[PendingTask], callback: PendingTask) -> None: ...
+
+
+_sender: TaskSender | None = None
+
+
+def register_sender(sender: TaskSender) -> None:
+    """Install the process's task sender (the Celery app does, at start-up)."""
+    global _sender
+    _sender = sender
+
+
+def sender() -> TaskSender:
+    if _sender is None:
+        raise RuntimeError("no task sender is registered in this process")
+    return _sender
+
+
+def enqueue(
+    session: Session, name: str, *args: Any, queue: str = "default", countdown: float | None = None
+) -> None:
+    """Send task `name` once this session's transaction commits."""
+    session.info.setdefault("outbox", []).append(PendingTask(name, args, queue, countdown))
+
+
+def on_rollback(session: Session, undo: Callable[[], None]) -> None:
+    """Compensate a side effect outside the database (artifact bytes written) if the
+    transaction rolls back."""
+    session.info.setdefault("on_rollback", []).append(undo)
+
+
+@contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """A nested transaction whose failure also forgets the tasks enqueued inside it, while
+    the outer transaction (and what it enqueued before) stays usable."""
+    outbox = list(session.info.get("outbox", []))
+    try:
+        with session.begin_nested():
+            yield
+    except BaseException:
+        session.info["outbox"] = outbox
+        raise
+
+
+@event.listens_for(Session, "after_commit")
+def _send_outbox(session: Session) -> None:
+    session.info.pop("on_rollback", None)
+    pending: list[PendingTask] = session.info.pop("outbox", [])
+    if not pending:
+        return
+    if _sender is None:
+        log.error("no task sender registered: %d task(s) left to the resume sweep", len(pending))
+        return
+    for task in pending:
+        _sender.send(task)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_outbox(session: Session) -> None:
+    session.info.pop("outbox", None)
+    for undo in session.info.pop("on_rollback", []):
+        try:
+            undo()
+        except Exception:
+            log.exception("rollback compensation failed")

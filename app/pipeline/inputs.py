@@ -1,0 +1,314 @@
+"""A job's inputs, built once when it starts and passed through unlearning and
+verification: the model's spec and production manifest, its lineage layout, and the
+data (Parquet is read once per job, converted once, and every split is a view of it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.db import session_scope
+from app.core.storage import ArtifactStore, get_store
+from app.datasets import service as datasets
+from app.ml.data import TabularData
+from app.ml.device import derive_seed
+from app.ml.sisa import SisaManifest
+from app.models import (
+    Dataset,
+    DeletionRequest,
+    Job,
+    Lineage,
+    MLModel,
+    ModelVersion,
+    Record,
+    RequestModel,
+)
+from app.pipeline.outcome import RequestEvents
+from app.pipeline.spec import ModelSpec
+from app.registry import artifacts
+from app.registry import service as registry
+
+MEMBER_SAMPLE = 400  # retained rows whose membership scores the dashboard draws
+
+
+@dataclass
+class Phases:
+    """Seconds per phase of a job (loading, computation, each check, concluding), and
+    how often the dataset's Parquet was read."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    parquet_reads: int = 0
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": dict(self.seconds), "parquet_reads": self.parquet_reads}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Phases:
+        d = d or {}
+        return cls(dict(d.get("seconds", {})), int(d.get("parquet_reads", 0)))
+
+
+@dataclass
+class JobInputs:
+    """A job's snapshot of its model: current lineage (record, shard, slice, split,
+    active) sorted by record id, the production manifest, and its requests."""
+
+    job_id: str
+    model_id: str
+    spec: ModelSpec
+    config: dict[str, Any]
+    ds: Dataset
+    base_version: int
+    new_version: int
+    manifest_rel: str
+    request_ids: list[str]
+    features: list[tuple[str, str]]  # (feature, request id) of feature requests
+    ids: np.ndarray
+    shard: np.ndarray
+    slc: np.ndarray
+    is_train: np.ndarray
+    is_active: np.ndarray
+    retrain_estimate: float | None
+    attempt: int | None = None  # the execution's fencing token (Job.attempts)
+    started: float = field(default_factory=time.time)  # wall clock at the job's start
+    phases: Phases = field(default_factory=Phases)
+    _manifest: SisaManifest | None = field(default=None, repr=False)
+    _data: TabularData | None = field(default=None, repr=False)
+
+    # -- layout -----------------------------------------------------------------------
+
+    @property
+    def retained_mask(self) -> np.ndarray:
+        return np.asarray(self.is_train & self.is_active, dtype=bool)
+
+    @property
+    def forgotten(self) -> np.ndarray:
+        return np.asarray(self.ids[self.is_train & ~self.is_active], dtype=np.int64)
+
+    @property
+    def test_ids(self) -> np.ndarray:
+        return np.asarray(self.ids[~self.is_train & self.is_active], dtype=np.int64)
+
+    @property
+    def store(self) -> ArtifactStore:
+        return get_store()
+
+    @property
+    def manifest(self) -> SisaManifest:
+        """The production version's manifest, read once."""
+        if self._manifest is None:
+            self._manifest = artifacts.load_manifest(self.store, self.manifest_rel)
+        return self._manifest
+
+    def affected_shards(self) -> list[int]:
+        return sorted(self.manifest.shards_containing(int(i) for i in self.forgotten))
+
+    # -- data -------------------------------------------------------------------------
+
+    def _all(self) -> TabularData:
+        """Every lineage row of the model (retained, forgotten and test), converted once
+        and aligned with `ids`."""
+        if self._data is None:
+            with self.phases.timed("load"):
+                table = datasets.read_partitions(self.store, self.ds)
+                self.phases.parquet_reads += 1
+                self._data = self._align(datasets.to_tabular(self.ds, table, self.ids))
+        return self._data
+
+    def _align(self, data: TabularData) -> TabularData:
+        if not np.array_equal(data.record_ids, self.ids):
+            raise RuntimeError(
+                f"job {self.job_id}: {len(self.ids)} lineage rows, {len(data)} stored rows"
+            )
+        return data
+
+    def rows(self, mask: np.ndarray) -> TabularData:
+        return self._all().take(np.flatnonzero(mask))
+
+    def retained(self) -> TabularData:
+        return self.rows(self.retained_mask)
+
+    def forget(self, record_ids: np.ndarray | None = None) -> TabularData:
+        """Quarantined rows are still readable until erasure: approximate methods need
+        their gradients and the attack needs them."""
+        wanted = self.forgotten if record_ids is None else np.asarray(record_ids, np.int64)
+        missing = np.setdiff1d(wanted, self.ids)
+        if len(missing):
+            # Rows the model saw whose lineage is already closed (an earlier approximate
+            # version's): read those few from storage.
+            self.phases.parquet_reads += 1
+            table = datasets.read_rows(self.store, self.ds, missing)
+            extra = datasets.to_tabular(self.ds, table, missing)
+            present = self.rows(np.isin(self.ids, wanted))
+            both = np.concatenate([present.record_ids, extra.record_ids])
+            order = np.argsort(both, kind="stable")
+            return _concat(present, extra).take(order)
+        return self.rows(np.isin(self.ids, wanted))
+
+    def test(self) -> TabularData:
+        return self.rows(~self.is_train & self.is_active)
+
+    def members(self) -> TabularData:
+        """A seeded sample of the retained training rows (what "still a member" looks
+        like beside the forgotten records' scores)."""
+        pool = np.flatnonzero(self.retained_mask)
+        rng = np.random.default_rng(derive_seed(self.job_id, "members") % (2**32))
+        pick = np.sort(rng.choice(pool, size=min(len(pool), MEMBER_SAMPLE), replace=False))
+        return self._all().take(pick)
+
+    def shard_rows(self, shard: int) -> tuple[TabularData, np.ndarray]:
+        """One shard's retained rows and their slices, reading only those rows (a fanned
+        out shard task never converts the whole dataset)."""
+        mask = self.retained_mask & (self.shard == shard)
+        with self.phases.timed("load"):
+            table: pa.Table = datasets.read_rows(self.store, self.ds, self.ids[mask])
+            self.phases.parquet_reads += 1
+            data = datasets.to_tabular(self.ds, table, self.ids[mask])
+        if not np.array_equal(data.record_ids, self.ids[mask]):
+            raise RuntimeError(f"job {self.job_id}: shard {shard} rows are missing")
+        return data, self.slc[mask]
+
+    # -- snapshot for fanned-out shards -------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "model_id": self.model_id,
+            "config": self.config,
+            "dataset_id": self.ds.id,
+            "base_version": self.base_version,
+            "new_version": self.new_version,
+            "manifest_rel": self.manifest_rel,
+            "request_ids": self.request_ids,
+            "features": [list(f) for f in self.features],
+            "retrain_estimate": self.retrain_estimate,
+            "attempt": self.attempt,
+            "started": self.started,
+            "phases": self.phases.to_dict(),
+            "ids": self.ids.tolist(),
+            "shard": self.shard.tolist(),
+            "slc": self.slc.tolist(),
+            "is_train": self.is_train.tolist(),
+            "is_active": self.is_active.tolist(),
+        }
+
+    @classmethod
+    def from_snapshot(cls, body: dict[str, Any]) -> JobInputs:
+        with session_scope() as s:
+            ds = datasets.get(s, body["dataset_id"])
+            s.expunge(ds)
+        return cls(
+            job_id=body["job_id"],
+            model_id=body["model_id"],
+            spec=ModelSpec.of(body["model_id"], body["config"]),
+            config=body["config"],
+            ds=ds,
+            base_version=body["base_version"],
+            new_version=body["new_version"],
+            manifest_rel=body["manifest_rel"],
+            request_ids=body["request_ids"],
+            features=[(f[0], f[1]) for f in body["features"]],
+            ids=np.asarray(body["ids"], dtype=np.int64),
+            shard=np.asarray(body["shard"], dtype=np.int64),
+            slc=np.asarray(body["slc"], dtype=np.int64),
+            is_train=np.asarray(body["is_train"], dtype=bool),
+            is_active=np.asarray(body["is_active"], dtype=bool),
+            retrain_estimate=body["retrain_estimate"],
+            attempt=body.get("attempt"),
+            started=float(body.get("started") or time.time()),
+            phases=Phases.from_dict(body.get("phases")),
+        )
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.snapshot()).encode()
+
+
+def _concat(a: TabularData, b: TabularData) -> TabularData:
+    return TabularData(
+        record_ids=np.concatenate([a.record_ids, b.record_ids]),
+        columns={k: np.concatenate([a.columns[k], b.columns[k]]) for k in a.columns},
+        labels=np.concatenate([a.labels, b.labels]),
+        subjects=np.concatenate([a.subjects, b.subjects]),
+        sources=np.concatenate([a.sources, b.sources]),
+    )
+
+
+def next_version(session: Session, model_id: str) -> int:
+    top = session.scalar(
+        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id)
+    )
+    return int(top or 0) + 1
+
+
+def build(session: Session, job: Job, stage: str, events: RequestEvents) -> JobInputs:
+    """The job's inputs; its requests are told the job began `stage`."""
+    t0 = time.perf_counter()
+    model = session.get(MLModel, job.model_id)
+    assert model is not None
+    if model.production_version is None:
+        raise RuntimeError(f"model {model.name} has no production version to start from")
+    base = registry.get_version(session, model, model.production_version)
+    request_ids = sorted(
+        set(session.scalars(select(RequestModel.request_id).where(RequestModel.job_id == job.id)))
+    )
+    features = sorted(
+        (req.feature, req.id)
+        for req in session.scalars(
+            select(DeletionRequest).where(DeletionRequest.id.in_(request_ids))
+        )
+        if req.kind == "feature" and req.feature
+    )
+    events.started(session, job.id, stage, model.production_version)
+    lineage = session.execute(
+        select(Lineage.record_id, Lineage.shard, Lineage.slice, Lineage.split, Record.status)
+        .join(Record, Record.id == Lineage.record_id)
+        .where(Lineage.model_id == model.id, Lineage.to_version.is_(None))
+        .order_by(Lineage.record_id)
+    ).all()
+    ds = datasets.get(session, model.dataset_id)
+    session.expunge(ds)
+    train_job = session.scalars(
+        select(Job).where(Job.model_id == model.id, Job.kind == "train", Job.status == "succeeded")
+    ).first()
+    inputs = JobInputs(
+        job_id=job.id,
+        model_id=model.id,
+        spec=ModelSpec.of(model.id, model.config),
+        config=model.config,
+        ds=ds,
+        base_version=model.production_version,
+        new_version=next_version(session, model.id),
+        manifest_rel=base.manifest_path,
+        request_ids=request_ids,
+        features=features,
+        ids=np.asarray([r[0] for r in lineage], dtype=np.int64),
+        shard=np.asarray([r[1] for r in lineage], dtype=np.int64),
+        slc=np.asarray([r[2] for r in lineage], dtype=np.int64),
+        is_train=np.asarray([r[3] == "train" for r in lineage], dtype=bool),
+        is_active=np.asarray([r[4] == "active" for r in lineage], dtype=bool),
+        retrain_estimate=float(train_job.cost.get("wall_seconds", 0.0)) if train_job else None,
+        attempt=job.attempts,
+    )
+    inputs.phases.add("load", time.perf_counter() - t0)
+    return inputs
