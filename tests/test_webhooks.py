@@ -90,7 +90,7 @@ def sent(env: AppEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """Tasks sent after commit (PendingTask), captured; every endpoint removed after."""
     import app.core.db as db
     from app.core import outbox
-    from app.webhooks.models import WebhookDelivery, WebhookEndpoint
+    from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 
     captured: list[Any] = []
 
@@ -151,7 +151,7 @@ def run(delivery_id: str) -> str:
 def make_due(delivery_id: str, ago: timedelta = timedelta(0)) -> None:
     from app.core.db import session_scope
     from app.models.base import utcnow
-    from app.webhooks.models import WebhookDelivery
+    from app.models.webhooks import WebhookDelivery
 
     with session_scope() as s:
         d = s.get(WebhookDelivery, delivery_id)
@@ -264,8 +264,8 @@ def test_failures_back_off_then_give_up(
     env: AppEnv, keys: dict[str, str], sent: list[Any], receiver: Receiver
 ) -> None:
     from app.core.db import session_scope
+    from app.models.webhooks import WebhookDelivery
     from app.webhooks import delivery
-    from app.webhooks.models import WebhookDelivery
 
     hook = register(env, keys["admin"], receiver.url, ["job.failed"])
     receiver.codes = [500, 503]
@@ -403,8 +403,8 @@ def test_a_rolled_back_change_announces_nothing(
     env: AppEnv, keys: dict[str, str], sent: list[Any]
 ) -> None:
     from app.core.db import session_scope
+    from app.models.webhooks import WebhookDelivery
     from app.webhooks import service
-    from app.webhooks.models import WebhookDelivery
 
     register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
     with pytest.raises(RuntimeError), session_scope() as s:

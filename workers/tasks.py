@@ -192,7 +192,7 @@ def sweep_webhooks() -> int:
 def release_batches() -> dict[str, int]:
     """Beat: send held unlearning jobs whose batching window, maximum wait or a
     request's deadline has come."""
-    from app.requests import batching
+    from app.jobs import batching
 
     with session_scope() as s:
         return batching.release_due(s)

@@ -13,8 +13,8 @@ from app.audit import service as audit
 from app.core.errors import BadRequest, NotFound
 from app.dashboard.rows import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
 from app.models import AuditEvent, Job, MLModel, ModelVersion
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 from app.webhooks import service as webhooks
-from app.webhooks.models import WebhookDelivery, WebhookEndpoint
 from app.webhooks.schemas import DeliveryOut, WebhookOut
 
 MAX_IDS = 100

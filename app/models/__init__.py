@@ -6,7 +6,7 @@ from app.models.certificates import Certificate
 from app.models.ops import ApiKey, AuditEvent, Job, Report
 from app.models.registry import Lineage, MLModel, ModelVersion
 from app.models.requests import DeletionRequest, RequestModel
-from app.webhooks.models import WebhookDelivery, WebhookEndpoint
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiKey",

@@ -16,8 +16,8 @@ from app.core.db import session_factory
 from app.core.settings import get_settings
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
+from app.models.webhooks import WebhookDelivery
 from app.requests.states import STATUSES, TERMINAL
-from app.webhooks.models import WebhookDelivery
 
 log = logging.getLogger(__name__)
 

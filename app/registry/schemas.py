@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.jobs.schemas import BatchingIn
+
+__all__ = ["BatchingIn"]
+
 
 class ArchitectureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -71,32 +75,6 @@ class VerificationIn(BaseModel):
     injection_max_residual: float | None = Field(default=None, ge=0, le=10)
     # Promote only after an admin approves, even when every check passes.
     require_approval: bool = False
-
-
-class BatchingIn(BaseModel):
-    """When planned requests on this model start their unlearning job.
-
-    Requests coalesce into one pending job. The job starts `window_seconds` after its
-    first request once it holds `min_batch` requests, or `max_wait_seconds` after it in
-    any case; a request due within `deadline_margin_hours` starts it at once. Several
-    requests in one job blur which record changed the model, and each job retrains the
-    shards of all of them once."""
-
-    model_config = ConfigDict(extra="forbid")
-    window_seconds: float = Field(default=0.0, ge=0, le=30 * 86400)
-    min_batch: int = Field(default=1, ge=1, le=100_000)
-    # Upper bound on the requests one job takes (None: no bound); 1 = one job each.
-    max_batch: int | None = Field(default=None, ge=1, le=100_000)
-    max_wait_seconds: float = Field(default=86400.0, ge=0, le=30 * 86400)
-    deadline_margin_hours: float = Field(default=72.0, ge=0, le=60 * 24)
-
-    @model_validator(mode="after")
-    def _order(self) -> BatchingIn:
-        if self.max_wait_seconds < self.window_seconds:
-            raise ValueError("max_wait_seconds must be at least window_seconds")
-        if self.max_batch is not None and self.max_batch < self.min_batch:
-            raise ValueError("max_batch must be at least min_batch")
-        return self
 
 
 class ModelPatch(BaseModel):

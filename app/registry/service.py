@@ -15,7 +15,7 @@ from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
-from app.jobs import routing
+from app.jobs import batching, routing
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 from app.ml.config import FeatureSpec
 from app.models import Job, MLModel, ModelVersion
@@ -180,8 +180,6 @@ def to_out(session: Session, model: MLModel) -> ModelOut:
 
 def update_settings(session: Session, model: MLModel, body: ModelPatch, actor: str) -> None:
     """Replace the model's batching policy; held jobs are rescheduled under the new one."""
-    from app.requests import batching  # requests build on the registry, not the reverse
-
     before = model.config.get("batching")
     model.config = {**model.config, "batching": body.batching.model_dump()}
     audit.record(

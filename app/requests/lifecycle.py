@@ -15,7 +15,7 @@ from app.core.chunks import in_chunks
 from app.core.db import enqueue
 from app.core.storage import ArtifactStore
 from app.datasets import service as datasets
-from app.jobs import routing
+from app.jobs import batching, routing
 from app.models import (
     Dataset,
     DeletionRequest,
@@ -30,9 +30,9 @@ from app.pipeline.outcome import Outcome
 from app.pipeline.spec import UnlearningConfig
 from app.registry import references
 from app.registry import service as registry
-from app.requests import batching, targets
-from app.requests.service import transition
+from app.requests import targets
 from app.requests.states import TERMINAL
+from app.requests.transitions import transition
 
 log = logging.getLogger(__name__)
 WORKER = "worker"

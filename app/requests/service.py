@@ -28,6 +28,7 @@ from app.models import (
 )
 from app.models.base import utcnow
 from app.requests import states, targets
+from app.requests.lifecycle import advance
 from app.requests.schemas import (
     DeletionRequestIn,
     DeletionRequestOut,
@@ -35,32 +36,11 @@ from app.requests.schemas import (
     RequestModelOut,
     RequestPage,
 )
+from app.requests.transitions import transition
 from app.webhooks import service as webhooks
 
 TERMINAL = states.TERMINAL
 CANCELLABLE = {"received", "planned"}
-
-
-def transition(
-    session: Session, req: DeletionRequest, status: str, actor: str, **data: object
-) -> None:
-    """Every status change is checked against the lifecycle and is an audit event."""
-    if req.status == status:
-        return
-    states.check(req.status, status)
-    previous = req.status
-    req.status = status
-    if status == "completed":
-        req.completed_at = utcnow()
-    audit.record(
-        session,
-        actor=actor,
-        action="request.status_changed",
-        entity_type="deletion_request",
-        entity_id=req.id,
-        data={"from": previous, "to": status, **data},
-    )
-    webhooks.request_status_changed(session, req, previous, data)
 
 
 def request_cost(costs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
@@ -381,7 +361,6 @@ def review(
     it is; reject retrains from scratch instead; mitigate, for now, also retrains (group
     reweighting arrives with the fairness checks)."""
     from app.registry import service as registry
-    from app.requests.lifecycle import advance
 
     if req.status != "needs_review":
         raise Conflict(

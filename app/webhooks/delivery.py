@@ -25,8 +25,8 @@ from standardwebhooks.webhooks import Webhook
 
 from app.core.db import enqueue, session_scope
 from app.models.base import utcnow
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 from app.webhooks import service
-from app.webhooks.models import WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger(__name__)
 

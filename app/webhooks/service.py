@@ -20,7 +20,7 @@ from app.core.db import enqueue
 from app.core.errors import Conflict, NotFound
 from app.models import DeletionRequest, Job, MLModel
 from app.models.base import utcnow
-from app.webhooks.models import WebhookDelivery, WebhookEndpoint
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 from app.webhooks.schemas import DeliveryOut, WebhookIn, WebhookOut
 
 DELIVER_TASK = "palimpsest.deliver_webhook"

@@ -13,7 +13,7 @@ from app.audit.service import record
 from app.core.db import get_engine, session_scope
 from app.dashboard import pages
 from app.models.base import utcnow
-from app.webhooks.models import WebhookDelivery
+from app.models.webhooks import WebhookDelivery
 from tests.dashboard.helpers import login
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key

@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy import select
 
 from app.core.db import session_scope
+from app.jobs import batching
 from app.models import AuditEvent, DeletionRequest, Job
 from app.models.base import utcnow
 from app.pipeline import training, unlearning
-from app.requests import batching, lifecycle
+from app.requests import lifecycle
 from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, make_csv, upload_dataset

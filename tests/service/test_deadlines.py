@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from app.core.db import session_scope
 from app.models import AuditEvent, DeletionRequest
 from app.models.base import utcnow
+from app.models.webhooks import WebhookDelivery
 from app.requests import deadlines
-from app.webhooks.models import WebhookDelivery
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
 

@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.jobs import routing
+from app.jobs.schemas import BatchingIn
 from app.models import DeletionRequest, Job, MLModel, RequestModel
 from app.models.base import utcnow
-from app.registry.schemas import BatchingIn
 
 
 def policy(config: dict[str, Any]) -> BatchingIn:

@@ -1,0 +1,34 @@
+"""The write side of the request state machine: every status change goes through
+`transition`, checked against the lifecycle (`states`), audited and announced."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.models import DeletionRequest
+from app.models.base import utcnow
+from app.requests import states
+from app.webhooks import service as webhooks
+
+
+def transition(
+    session: Session, req: DeletionRequest, status: str, actor: str, **data: object
+) -> None:
+    """Every status change is checked against the lifecycle and is an audit event."""
+    if req.status == status:
+        return
+    states.check(req.status, status)
+    previous = req.status
+    req.status = status
+    if status == "completed":
+        req.completed_at = utcnow()
+    audit.record(
+        session,
+        actor=actor,
+        action="request.status_changed",
+        entity_type="deletion_request",
+        entity_id=req.id,
+        data={"from": previous, "to": status, **data},
+    )
+    webhooks.request_status_changed(session, req, previous, data)
