@@ -59,9 +59,38 @@ def jobs_by_id(session: Session, ids: list[str]) -> list[JobRow]:
 
 
 @dataclass
+class Phase:
+    name: str  # load, compute, verify.<check>, conclude, ...
+    seconds: float
+    share: float  # of the job's wall time, 0..1
+
+
+@dataclass
 class JobDetail:
     job: JobRow
     failures: list[AuditEvent]
+    phases: list[Phase]
+    parquet_reads: int | None
+
+
+def job_phases(job: Job) -> tuple[list[Phase], int | None]:
+    """Where the job's time went (`result.phases`), in the order work happens."""
+    recorded = (job.result or {}).get("phases") or {}
+    seconds: dict[str, float] = recorded.get("seconds") or {}
+    wall = float((job.cost or {}).get("wall_seconds") or 0.0) or sum(seconds.values()) or 1.0
+    order = ["load", "shard_load", "compute", "metrics", "verify.load"]
+
+    def rank(name: str) -> tuple[int, str]:
+        if name in order:
+            return order.index(name), name
+        return (len(order), name) if name.startswith("verify") else (len(order) + 1, name)
+
+    phases = [
+        Phase(name, float(v), min(1.0, float(v) / wall))
+        for name, v in sorted(seconds.items(), key=lambda kv: rank(kv[0]))
+    ]
+    reads = recorded.get("parquet_reads")
+    return phases, int(reads) if reads is not None else None
 
 
 def job_detail(session: Session, job_id: str) -> JobDetail:
@@ -75,7 +104,8 @@ def job_detail(session: Session, job_id: str) -> JobDetail:
             .order_by(AuditEvent.id)
         )
     )
-    return JobDetail(job_rows(session, [job])[0], failures)
+    phases, reads = job_phases(job)
+    return JobDetail(job_rows(session, [job])[0], failures, phases, reads)
 
 
 # -- models -----------------------------------------------------------------------------

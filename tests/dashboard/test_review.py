@@ -234,3 +234,25 @@ def test_a_refusal_midway_leaves_no_partial_writes(
     finally:
         with session_scope() as s:
             s.execute(update(MLModel).where(MLModel.name == "m").values(locked_by_job=None))
+
+
+def test_the_job_page_shows_where_the_time_went(
+    env: AppEnv, keys: dict[str, str], model: str, admin: TestClient
+) -> None:
+    rid = in_review(env, keys, model)
+    h = auth(keys["admin"])
+    job_id = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()["models"][0]["job_id"]
+    job = env.client.get(f"/v1/jobs/{job_id}", headers=h).json()
+    phases = job["result"]["phases"]
+    names = set(phases["seconds"])
+    # Loading, the computation, every check that ran and concluding are each timed.
+    assert {"load", "compute", "conclude", "verify.utility", "verify.fairness"} <= names
+    assert {"verify.lineage", "verify.forgetting"} <= names
+    assert all(v >= 0 for v in phases["seconds"].values())
+    # The dataset is read once per job, whatever the checks need.
+    assert phases["parquet_reads"] == 1
+    page = admin.get(f"/admin/jobs/{job_id}").text
+    section = page.split('data-testid="job-phases"', 1)[1].split("</section>", 1)[0]
+    for name in ("load", "compute", "verify.forgetting", "conclude"):
+        assert f'<td class="mono">{name}</td>' in section
+    assert "Dataset reads: 1" in section
