@@ -1,8 +1,11 @@
-"""Suite-wide guard only; fixtures live beside the tests that use them."""
+"""Suite-wide guard, and the shared fixtures (`tests.support.fixtures`); fixtures that
+only one suite uses live beside it."""
 
 from __future__ import annotations
 
 import pytest
+
+pytest_plugins = ["tests.support.fixtures"]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

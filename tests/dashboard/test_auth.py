@@ -78,7 +78,7 @@ def test_login_is_audited(env: AppEnv, keys: dict[str, str]) -> None:
             .where(AuditEvent.action == "dashboard.login")
             .order_by(AuditEvent.id.desc())
         ).first()
-        assert ev is not None and ev.actor == "key:dash-auditor"
+        assert ev is not None and ev.actor == "key:test-auditor"
 
 
 @pytest.mark.parametrize("key", ["portal", "bad", "", "x" * 5000])
@@ -118,7 +118,7 @@ def test_forged_expired_and_foreign_cookies_are_refused(env: AppEnv, keys: dict[
     body, mac = good.split(".")
     codec = SessionCodec(get_settings())
     with session_scope() as s:
-        admin_id = s.scalars(select(ApiKey.id).where(ApiKey.name == "dash-admin")).one()
+        admin_id = s.scalars(select(ApiKey.id).where(ApiKey.name == "test-admin")).one()
     expired, _ = codec.encode(admin_id, "admin", now=time.time() - 9 * 3600)
     other_secret = SessionCodec(get_settings().model_copy(update={"subject_pepper": "other"}))
     foreign, _ = other_secret.encode(admin_id, "admin")

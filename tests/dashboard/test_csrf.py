@@ -111,7 +111,7 @@ def test_admin_cancel_with_token(admin: TestClient) -> None:
             .where(AuditEvent.entity_id == rid, AuditEvent.action == "request.status_changed")
             .order_by(AuditEvent.id.desc())
         ).first()
-        assert ev is not None and ev.actor == "key:dash-admin" and ev.data["to"] == "cancelled"
+        assert ev is not None and ev.actor == "key:test-admin" and ev.data["to"] == "cancelled"
 
 
 def test_admin_extend_once_then_409(admin: TestClient) -> None:

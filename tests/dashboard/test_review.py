@@ -162,7 +162,7 @@ def test_admin_approve_promotes_then_the_certificate_verifies(
                 AuditEvent.entity_id == rid, AuditEvent.action == "request.reviewed"
             )
         ).one()
-        assert ev.actor == "key:dash-admin" and ev.data["note"] == "checked the report"
+        assert ev.actor == "key:test-admin" and ev.data["note"] == "checked the report"
     page = admin.get(r.headers["location"]).text
     assert 'data-testid="flash"' in page
     assert re.search(r'data-testid="certificate-status"[^>]*>none yet<', page)

@@ -4,24 +4,13 @@ run in-process, as the worker calls them; the API is real."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from app.core.db import session_scope
 from app.core.storage import get_store
 from app.pipeline import training, unlearning
 from app.requests import lifecycle
 from app.requests.lifecycle import EVENTS
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[AppEnv]:
-    with app_env(tmp_path) as e:
-        yield e
 
 
 def test_require_approval_holds_a_passing_candidate(env: AppEnv) -> None:

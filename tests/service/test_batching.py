@@ -4,12 +4,9 @@ worker calls them; the API is real."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
 from app.core.db import session_scope
@@ -19,14 +16,8 @@ from app.models.base import utcnow
 from app.pipeline import training, unlearning
 from app.requests import lifecycle
 from app.requests.lifecycle import EVENTS
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[AppEnv]:
-    with app_env(tmp_path) as e:
-        yield e
 
 
 def _model(env: AppEnv, admin: str, batching_policy: dict[str, Any] | None) -> None:

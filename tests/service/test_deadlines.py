@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 
 from app.core.db import session_scope
@@ -14,14 +11,8 @@ from app.models import AuditEvent, DeletionRequest
 from app.models.base import utcnow
 from app.models.webhooks import WebhookDelivery
 from app.requests import deadlines
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[AppEnv]:
-    with app_env(tmp_path) as e:
-        yield e
 
 
 def _announcements(action: str) -> int:

@@ -3,24 +3,13 @@ still reads the removed column is refused. Task bodies run in-process; the API i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from app.core.db import session_scope
 from app.core.storage import get_store
 from app.pipeline import training, unlearning
 from app.requests import lifecycle
 from app.requests.lifecycle import EVENTS
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from tests.support.factories import assert_error, auth, create_key, make_csv, upload_dataset
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[AppEnv]:
-    with app_env(tmp_path) as e:
-        yield e
 
 
 def test_rollback_to_a_version_using_a_removed_feature_is_refused(env: AppEnv) -> None:

@@ -4,10 +4,6 @@ migrated database; the API that enqueued them is real."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from sqlalchemy import func, select
 
 from app.core.db import session_scope
@@ -16,14 +12,8 @@ from app.models import AuditEvent, ModelVersion, Record, RequestModel
 from app.pipeline import training, unlearning
 from app.requests import lifecycle
 from app.requests.lifecycle import EVENTS
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[AppEnv]:
-    with app_env(tmp_path) as e:
-        yield e
 
 
 def _count(model: type, *where: object) -> int:

@@ -20,19 +20,19 @@ from app.models.base import new_id, utcnow
 from app.pipeline import start
 from app.pipeline.conclude import fail_job
 from app.requests.lifecycle import EVENTS
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AppEnv]:
-    with app_env(tmp_path) as e:
-        monkeypatch.setenv("PALIMPSEST_JOB_LEASE_SECONDS", "60")
-        monkeypatch.setenv("PALIMPSEST_JOB_SHARD_LEASE_SECONDS", "600")
-        from app.core.settings import get_settings
+@pytest.fixture(autouse=True)
+def leases(env: AppEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Known lease lengths, whatever the environment says."""
+    monkeypatch.setenv("PALIMPSEST_JOB_LEASE_SECONDS", "60")
+    monkeypatch.setenv("PALIMPSEST_JOB_SHARD_LEASE_SECONDS", "600")
+    from app.core.settings import get_settings
 
-        get_settings.cache_clear()
-        yield e
-        get_settings.cache_clear()
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 def _model() -> str:

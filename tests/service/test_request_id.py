@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 from app.core.db import PendingTask
 from app.core.logging import HEADER, JsonFormatter, new_request_id, request_id_var
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from workers.celery_app import _clear_request_id, _restore_request_id
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[AppEnv]:
-    with app_env(tmp_path) as e:
-        yield e
 
 
 def test_the_api_echoes_or_makes_a_request_id(env: AppEnv) -> None:

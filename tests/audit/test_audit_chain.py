@@ -4,8 +4,7 @@ located, by the service, `palimpsest audit verify` and `GET /v1/audit/verify`.""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,31 +12,29 @@ from sqlalchemy import Connection, text
 from typer.testing import CliRunner
 
 from app.cli import cli
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from tests.support.factories import auth, create_key
 
 N_EVENTS = 8
 runner = CliRunner()
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[AppEnv]:
-    """A fresh database per test (tampering is destructive) holding N_EVENTS events."""
+@pytest.fixture(autouse=True)
+def chain(env: AppEnv) -> None:
+    """Each test's fresh database (tampering is destructive) holds N_EVENTS events."""
     from app.audit import service as audit
     from app.core.db import session_scope
 
-    with app_env(tmp_path) as e:
-        for i in range(N_EVENTS):
-            with session_scope() as s:  # one transaction each, as in production
-                audit.record(
-                    s,
-                    actor=f"key:tester-{i % 3}",
-                    action="request.status_changed",
-                    entity_type="deletion_request",
-                    entity_id=f"req-{i}",
-                    data={"from": "planned", "to": "erasing", "n": i, "note": "é"},
-                )
-        yield e
+    for i in range(N_EVENTS):
+        with session_scope() as s:  # one transaction each, as in production
+            audit.record(
+                s,
+                actor=f"key:tester-{i % 3}",
+                action="request.status_changed",
+                entity_type="deletion_request",
+                entity_id=f"req-{i}",
+                data={"from": "planned", "to": "erasing", "n": i, "note": "é"},
+            )
 
 
 def _ids() -> list[int]:

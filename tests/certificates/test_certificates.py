@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from app.cli import cli
 from app.core import signing
 from app.core.security import subject_key
 from app.core.settings import DEV_PEPPER
-from tests.support.app_env import AppEnv, app_env, clear_caches
-from tests.support.factories import assert_error, auth, create_key
+from tests.support.app_env import AppEnv, clear_caches
+from tests.support.factories import assert_error, auth
 
 runner = CliRunner()
 
@@ -271,22 +270,6 @@ def test_cli_defaults_to_the_configured_signing_key(
 
 
 # -- issued by the service, served by the API ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppEnv]:
-    with app_env(tmp_path_factory.mktemp("certs")) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def keys(env: AppEnv) -> dict[str, str]:
-    return {
-        "admin": create_key("admin"),
-        "portal": create_key("portal", "portal-a"),
-        "portal_b": create_key("portal", "portal-b"),
-        "auditor": create_key("auditor"),
-    }
 
 
 def _seed_completed_request(env: AppEnv, portal_name: str, status: str = "erasing") -> str:

@@ -1,6 +1,7 @@
-"""Issue 3 through real HTTP and a real worker, on both deployment shapes: monolithic
-models forget approximately, certified logistic models report their budget, a feature
-request makes the production model structurally blind, and retraining runs on demand."""
+"""Monolithic models and feature requests through real HTTP and a real worker, on both
+deployment shapes: monolithic models forget approximately, certified logistic models
+report their budget, a feature request makes the production model structurally blind,
+and retraining runs on demand."""
 
 from __future__ import annotations
 

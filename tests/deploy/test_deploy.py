@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.core.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 APP_SERVICES = {"migrate", "api", "worker", "beat"}

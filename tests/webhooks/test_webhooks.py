@@ -14,11 +14,10 @@ import pytest
 from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.support.app_env import AppEnv, app_env
+from tests.support.app_env import AppEnv
 from tests.support.factories import (
     assert_error,
     auth,
-    create_key,
     make_csv,
     make_rows,
     upload_dataset,
@@ -65,17 +64,6 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppEnv]:
-    with app_env(tmp_path_factory.mktemp("webhooks")) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def keys(env: AppEnv) -> dict[str, str]:
-    return {r: create_key(r, f"wh-{r}") for r in ("admin", "portal", "auditor")}
 
 
 @pytest.fixture

@@ -1,0 +1,5 @@
+"""The webhook tests share one service per module (`env`) and a key per role."""
+
+from tests.support.module_env import env
+
+__all__ = ["env"]
