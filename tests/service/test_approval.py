@@ -6,36 +6,32 @@ from __future__ import annotations
 
 from app.core.db import session_scope
 from app.core.storage import get_store
-from app.pipeline import training, unlearning
 from app.requests import lifecycle
-from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv
-from tests.support.factories import auth, create_key, make_csv, upload_dataset
+from tests.support.factories import (
+    auth,
+    create_key,
+    create_model,
+    make_csv,
+    plan_and_run,
+    upload_dataset,
+)
 
 
 def test_require_approval_holds_a_passing_candidate(env: AppEnv) -> None:
     admin = create_key("admin")
     h = auth(admin)
     ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=40, rows_per_subject=3))
-    r = env.client.post(
-        "/v1/models",
-        headers=h,
-        json={
-            "name": "m",
-            "dataset_id": ds["id"],
-            "training": {"epochs": 2, "batch_size": 32},
-            "unlearning": {"mode": "sisa", "shards": 2, "slices": 2},
-            "verification": {"utility_max_drop": 1.0, "require_approval": True},
-        },
+    create_model(
+        env.client,
+        admin,
+        ds["id"],
+        verification={"utility_max_drop": 1.0, "require_approval": True},
     )
-    training.run_training(r.json()["job_id"])
     rid = env.client.post(
         "/v1/deletion-requests", headers=h, json={"kind": "subject", "subject_id": "subj-0001"}
     ).json()["id"]
-    with session_scope() as s:
-        lifecycle.plan(s, rid)
-    req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
-    unlearning.run_unlearning(req["models"][0]["job_id"], EVENTS)
+    plan_and_run(env.client, admin, rid)
     req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
     report = env.client.get(f"/v1/reports/{req['models'][0]['report_id']}", headers=h).json()
     assert report["passed"] and report["decision"] == "approval_required"

@@ -5,31 +5,32 @@ from __future__ import annotations
 
 from app.core.db import session_scope
 from app.core.storage import get_store
-from app.pipeline import training, unlearning
 from app.requests import lifecycle
-from app.requests.lifecycle import EVENTS
 from tests.support.app_env import AppEnv
-from tests.support.factories import assert_error, auth, create_key, make_csv, upload_dataset
+from tests.support.factories import (
+    assert_error,
+    auth,
+    create_key,
+    create_model,
+    make_csv,
+    plan_and_run,
+    upload_dataset,
+)
 
 
 def test_rollback_to_a_version_using_a_removed_feature_is_refused(env: AppEnv) -> None:
     admin = create_key("admin")
     h = auth(admin)
     ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=60, rows_per_subject=3))
-    r = env.client.post(
-        "/v1/models",
-        headers=h,
-        json={
-            "name": "m",
-            "dataset_id": ds["id"],
-            "architecture": {"kind": "logreg"},
-            "training": {"epochs": 3, "batch_size": 32},
-            "unlearning": {"mode": "monolithic"},
-            "verification": {"utility_max_drop": 1.0, "reference_models": 0},
-        },
+    create_model(
+        env.client,
+        admin,
+        ds["id"],
+        architecture={"kind": "logreg"},
+        training={"epochs": 3, "batch_size": 32},
+        unlearning={"mode": "monolithic"},
+        verification={"utility_max_drop": 1.0, "reference_models": 0},
     )
-    assert r.status_code == 202, r.text
-    training.run_training(r.json()["job_id"])
     r = env.client.post(
         "/v1/deletion-requests",
         headers=h,
@@ -37,11 +38,7 @@ def test_rollback_to_a_version_using_a_removed_feature_is_refused(env: AppEnv) -
     )
     assert r.status_code == 202, r.text
     rid = r.json()["id"]
-    with session_scope() as s:
-        lifecycle.plan(s, rid)
-    req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
-    unlearning.run_unlearning(req["models"][0]["job_id"], EVENTS)
-    req = env.client.get(f"/v1/deletion-requests/{rid}", headers=h).json()
+    req = plan_and_run(env.client, admin, rid)
     if req["status"] == "needs_review":
         assert (
             env.client.post(

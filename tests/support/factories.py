@@ -144,3 +144,47 @@ def assert_error(resp: Any, status: int | None = None, code: str | None = None) 
     if code is not None:
         assert err["code"] == code, body
     return dict(err)
+
+
+MODEL_DEFAULTS: dict[str, Any] = {
+    "training": {"epochs": 2, "batch_size": 32},
+    "unlearning": {"mode": "sisa", "shards": 2, "slices": 2},
+    "verification": {"utility_max_drop": 1.0},
+}
+
+
+def create_model(
+    client: Any, admin: str, dataset_id: str, name: str = "m", *, train: bool = True, **body: Any
+) -> dict[str, Any]:
+    """`POST /v1/models` with small defaults (any top-level field overridden by `body`);
+    with `train`, its first version is trained in-process, as the worker's task would.
+    Returns the 202 body."""
+    resp = client.post(
+        "/v1/models",
+        headers=auth(admin),
+        json={"name": name, "dataset_id": dataset_id, **MODEL_DEFAULTS, **body},
+    )
+    assert resp.status_code == 202, resp.text
+    created: dict[str, Any] = resp.json()
+    if train:
+        from app.pipeline import training
+
+        training.run_training(created["job_id"])
+    return created
+
+
+def plan_and_run(client: Any, admin: str, request_id: str) -> dict[str, Any]:
+    """Plan a request and run its first model's job in-process (the worker's task
+    bodies); returns the request's view afterwards."""
+    from app.core.db import session_scope
+    from app.pipeline import unlearning
+    from app.requests import lifecycle
+
+    with session_scope() as s:
+        lifecycle.plan(s, request_id)
+    view = client.get(f"/v1/deletion-requests/{request_id}", headers=auth(admin)).json()
+    unlearning.run_unlearning(view["models"][0]["job_id"], lifecycle.EVENTS)
+    out: dict[str, Any] = client.get(
+        f"/v1/deletion-requests/{request_id}", headers=auth(admin)
+    ).json()
+    return out
