@@ -7,7 +7,9 @@ test for each feature removed by the job.
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from app.core.db import session_scope
 from app.core.settings import get_settings
 from app.jobs import lease
 from app.jobs import service as jobs
+from app.ml.checkpoints import canonical_json
 from app.ml.data import TabularData
 from app.ml.device import derive_seed
 from app.ml.preprocess import PreprocessorState
@@ -31,6 +34,57 @@ from app.verification import service as verification
 from app.verification.fairness import fairness
 from app.verification.forgetting import forgetting
 from app.verification.injection import injection
+
+
+class ShardOutputs:
+    """Shard outputs computed once per (checkpoint, preprocessor, input rows) for one
+    verification: a candidate shares every unaffected shard with the baseline (the same
+    checkpoint), the checks score the same rows, and a SISA model's out-references are
+    the baseline's own shards, so each output is computed once for all of them."""
+
+    def __init__(self) -> None:
+        self._out: dict[tuple[str, int], torch.Tensor] = {}
+        # The inputs stay referenced while the cache lives, so their ids stay unique.
+        self._inputs: dict[int, Mapping[str, np.ndarray]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(
+        self, key: str, columns: Mapping[str, np.ndarray], compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        self._inputs.setdefault(id(columns), columns)
+        k = (key, id(columns))
+        if k in self._out:
+            self.hits += 1
+        else:
+            self.misses += 1
+            self._out[k] = compute()
+        return self._out[k]
+
+
+class SharedEnsemble(SisaEnsemble):
+    """A loaded ensemble whose shard outputs go through a `ShardOutputs` cache."""
+
+    outputs: ShardOutputs
+    _keys: dict[int, str]
+
+    @classmethod
+    def of(cls, ensemble: SisaEnsemble, outputs: ShardOutputs) -> SharedEnsemble:
+        shared = cls(ensemble.manifest, ensemble.models, ensemble.preprocessors, ensemble.device)
+        shared.outputs = outputs
+        shared._keys = {
+            e.shard: hashlib.sha256(
+                canonical_json([e.final_key, e.preprocessor]).encode()
+            ).hexdigest()
+            for e in ensemble.manifest.entries
+            if e.shard in ensemble.models
+        }
+        return shared
+
+    def shard_proba(self, columns: Mapping[str, np.ndarray], shard: int) -> torch.Tensor:
+        return self.outputs.get(
+            self._keys[shard], columns, lambda: SisaEnsemble.shard_proba(self, columns, shard)
+        )
 
 
 def verify_candidate(
@@ -60,8 +114,9 @@ def verify_candidate(
     t0 = time.perf_counter()
     test = inputs.test()
     forget = inputs.forget(forgotten) if len(forgotten) else None
-    candidate = SisaEnsemble.load(new_manifest, ckpt, dev)
-    baseline = SisaEnsemble.load(inputs.manifest, ckpt, dev)
+    outputs = ShardOutputs()
+    candidate = SharedEnsemble.of(SisaEnsemble.load(new_manifest, ckpt, dev), outputs)
+    baseline = SharedEnsemble.of(SisaEnsemble.load(inputs.manifest, ckpt, dev), outputs)
     inputs.phases.add("verify.load", time.perf_counter() - t0)
     checks: dict[str, verification.Check] = {}
     timed = inputs.phases.timed
@@ -94,6 +149,7 @@ def verify_candidate(
     for feature in features:
         with timed("verify.feature"):
             checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
+    result["verification_cache"] = {"shard_outputs": outputs.misses, "reused": outputs.hits}
     conclude(
         inputs,
         Candidate(
