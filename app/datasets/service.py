@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.core import outbox
+from app.core.chunks import in_chunks
 from app.core.errors import Conflict, NotFound
 from app.core.security import subject_key
 from app.core.settings import Settings
@@ -43,8 +44,7 @@ def _get_or_create_ids(
 ) -> dict[str, int]:
     wanted = sorted(set(values))
     found: dict[str, int] = {}
-    for chunk in range(0, len(wanted), 900):
-        part = wanted[chunk : chunk + 900]
+    for part in in_chunks(wanted):
         for row in session.execute(select(column, model.id).where(column.in_(part))):
             found[row[0]] = row[1]
     missing = [v for v in wanted if v not in found]

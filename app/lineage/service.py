@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.chunks import in_chunks
 from app.core.security import subject_key
 from app.core.settings import Settings
 from app.models import Dataset, DeletionRequest, Lineage, MLModel, ModelVersion, Record, Subject
@@ -26,7 +27,7 @@ def subject_lineage(session: Session, subject_id: str, settings: Settings) -> di
         for i, n in session.execute(select(Dataset.id, Dataset.name).where(Dataset.id.in_(ds_ids)))
     }
     models: dict[str, dict[str, Any]] = {}
-    for chunk in range(0, len(record_ids), 900):
+    for chunk in in_chunks(record_ids):
         for model_name, model_id, shard, lo, hi, split in session.execute(
             select(
                 MLModel.name,
@@ -37,7 +38,7 @@ def subject_lineage(session: Session, subject_id: str, settings: Settings) -> di
                 Lineage.split,
             )
             .join(MLModel, MLModel.id == Lineage.model_id)
-            .where(Lineage.record_id.in_(record_ids[chunk : chunk + 900]))
+            .where(Lineage.record_id.in_(chunk))
         ):
             entry = models.setdefault(
                 model_name,
