@@ -172,6 +172,7 @@ def build(
     rms = session.scalars(
         select(RequestModel).where(RequestModel.request_id == req.id).order_by(RequestModel.id)
     ).all()
+    held = bool(req.n_records) or bool(rms) or int(erasure.get("records", 0)) > 0
     return {
         "format": FORMAT,
         "request": {
@@ -189,6 +190,14 @@ def build(
         "subject": _target(req),
         "models": [_model_entry(session, store, rm) for rm in rms],
         "erasure": {
+            # A target the service never held is accepted like any other (intake reveals
+            # nothing about whose data exists); its certificate says so.
+            "data_held": held,
+            "statement": (
+                "the request's data was erased from every model and store that held it"
+                if held
+                else "no data of the request's target was held: nothing had to be erased"
+            ),
             "records_erased": int(erasure.get("records", 0)),
             "parquet_rows_removed": int(erasure.get("parquet_rows", 0)),
             "versions_purged": {

@@ -51,14 +51,14 @@ def list_requests(
 
 @router.get("/{request_id}", responses={404: {}})
 def get_request(request_id: str, caller: AnyRoleDep, session: SessionDep) -> DeletionRequestOut:
-    return service.to_out(session, service.get(session, request_id, caller))
+    return service.to_out(session, service.get(session, request_id, caller), caller)
 
 
 @router.post("/{request_id}/cancel", responses={404: {}, 409: {}})
 def cancel_request(request_id: str, caller: PortalDep, session: SessionDep) -> DeletionRequestOut:
     req = service.get(session, request_id, caller)
     service.cancel(session, req, caller)
-    return service.to_out(session, req)
+    return service.to_out(session, req, caller)
 
 
 @router.post("/{request_id}/extend", responses={404: {}, 409: {}, 422: {}})
@@ -67,7 +67,7 @@ def extend_request(
 ) -> DeletionRequestOut:
     req = service.get(session, request_id, caller)
     service.extend(session, req, caller, body.reason, body.days, settings)
-    return service.to_out(session, req)
+    return service.to_out(session, req, caller)
 
 
 @router.post("/{request_id}/review", responses={404: {}, 409: {}, 422: {}})
@@ -77,7 +77,7 @@ def review_request(
     """Settle a request in `needs_review`: approve, reject (retrain) or mitigate."""
     req = service.get(session, request_id, caller)
     service.review(session, req, caller, body.action, body.note)
-    return service.to_out(session, req)
+    return service.to_out(session, req, caller)
 
 
 @router.get("/{request_id}/certificate", responses={404: {}})

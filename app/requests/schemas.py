@@ -68,7 +68,10 @@ class DeletionRequestOut(BaseModel):
     due_at: datetime
     completed_at: datetime | None
     models: list[RequestModelOut]
-    n_records: int = 0
+    # For admins and auditors: the records the target covered at intake, and whether the
+    # service held any data for it at all (hidden from portals: no existence oracle).
+    n_records: int | None = 0
+    data_held: bool | None = None
     source: str | None = None
     feature: str | None = None
     model: str | None = None

@@ -94,36 +94,27 @@ def _body_fingerprint(body: DeletionRequestIn, settings: Settings) -> tuple[obje
 def _find_records(
     session: Session, body: DeletionRequestIn, settings: Settings
 ) -> tuple[str | None, int]:
-    """Check the target exists now; a request for data we do not hold is a clear 404."""
+    """The subject key and how many live records the target covers now. A target we do
+    not hold is not refused: the answer must not reveal whose data exists (the request
+    completes with nothing to erase, and its certificate says so)."""
     if body.kind == "subject":
         assert body.subject_id is not None
         key = subject_key(body.subject_id, settings.subject_pepper)
-        n = targets.count(session, targets.Target("subject", subject_key=key))
-        if not n:
-            raise NotFound("no records are held for this subject", code="subject_not_found")
-        return key, n
+        return key, targets.count(session, targets.Target("subject", subject_key=key))
     if body.kind == "records":
         assert body.record_ids is not None
         ids = sorted(set(body.record_ids))
         found = targets.matching_records(
             session, targets.Target("records", record_ids=tuple(ids), dataset_id=body.dataset_id)
         )
-        missing = sorted(set(ids) - {f[1] for f in found})
-        if missing:
-            raise NotFound(f"unknown record ids: {missing[:10]}", code="records_not_found")
-        if len(found) != len(ids):
+        if len(found) != len({f[1] for f in found}):
             raise Unprocessable(
                 "some record ids exist in several datasets; name the dataset with 'dataset_id'",
                 code="ambiguous_records",
             )
         return None, len(found)
     if body.kind == "source":
-        n = targets.count(session, targets.Target("source", source=body.source))
-        if not n:
-            raise NotFound(
-                f"no records are held from source {body.source!r}", code="source_not_found"
-            )
-        return None, n
+        return None, targets.count(session, targets.Target("source", source=body.source))
     assert body.kind == "feature" and body.feature is not None and body.model is not None
     model = session.scalars(select(MLModel).where(MLModel.name == body.model)).first()
     if model is None:
@@ -236,7 +227,11 @@ def get(session: Session, request_id: str, caller: Caller) -> DeletionRequest:
     return req
 
 
-def to_out(session: Session, req: DeletionRequest) -> DeletionRequestOut:
+def to_out(
+    session: Session, req: DeletionRequest, caller: Caller | None = None
+) -> DeletionRequestOut:
+    """The request's view. A portal does not see how many records its target covered
+    (that would tell it whether the service holds the person); admins and auditors do."""
     rows = session.execute(
         select(RequestModel, MLModel.name)
         .join(MLModel, MLModel.id == RequestModel.model_id)
@@ -264,7 +259,8 @@ def to_out(session: Session, req: DeletionRequest) -> DeletionRequestOut:
             )
             for rm, name in rows
         ],
-        n_records=req.n_records,
+        n_records=None if caller is not None and caller.role == "portal" else req.n_records,
+        data_held=None if caller is not None and caller.role == "portal" else req.n_records > 0,
         source=req.source,
         feature=req.feature,
         model=req.model_name,
@@ -303,7 +299,7 @@ def list_page(
             | ((DeletionRequest.received_at == at) & (DeletionRequest.id < rid))
         )
     rows = session.scalars(q.limit(limit + 1)).all()
-    items = [to_out(session, r) for r in rows[:limit]]
+    items = [to_out(session, r, caller) for r in rows[:limit]]
     return RequestPage(
         items=items, next_cursor=_cursor(rows[limit - 1]) if len(rows) > limit else None
     )

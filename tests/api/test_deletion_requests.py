@@ -52,7 +52,10 @@ def test_intake_sets_a_thirty_day_deadline(
     assert got["status"] == "received" and got["completed_at"] is None
     assert datetime.fromisoformat(got["due_at"]) == due
     assert isinstance(got["models"], list)
-    assert got["n_records"] == 2
+    # A portal is not told how much of the person the service holds; an admin is.
+    assert got["n_records"] is None and got["data_held"] is None
+    seen = env.client.get(f"/v1/deletion-requests/{body['id']}", headers=auth(keys["admin"]))
+    assert seen.json()["n_records"] == 2 and seen.json()["data_held"] is True
 
 
 @pytest.mark.parametrize(
@@ -164,9 +167,6 @@ def test_extend_once(env: AppEnv, keys: dict[str, str], dataset: dict[str, Any])
         ({"kind": "subject", "subject_id": "   "}, 422, None),
         ({"kind": "erase-everything", "subject_id": "dr-0001"}, 422, None),
         ({"kind": "subject", "subject_id": "dr-0001", "source": "clinic-a"}, 422, None),
-        ({"kind": "subject", "subject_id": "no-such-person"}, 404, "subject_not_found"),
-        ({"kind": "source", "source": "no-such-source"}, 404, "source_not_found"),
-        ({"kind": "records", "record_ids": ["0", "no-such-record"]}, 404, "records_not_found"),
         ({"kind": "records", "record_ids": []}, 422, None),
         ({"kind": "subject", "subject_id": "dr-0001", "dataset_id": "x"}, 422, None),
     ],
@@ -180,6 +180,35 @@ def test_refused_intake(
     code: str | None,
 ) -> None:
     assert_error(create(env, keys["portal"], body), status, code)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"kind": "subject", "subject_id": "no-such-person"},
+        {"kind": "source", "source": "no-such-source"},
+        {"kind": "records", "record_ids": ["no-such-record", "nor-this-one"]},
+    ],
+)
+def test_a_target_not_held_is_accepted_like_any_other(
+    env: AppEnv, keys: dict[str, str], dataset: dict[str, Any], body: dict[str, Any]
+) -> None:
+    """No existence oracle: the answer to a portal is the same whether or not the service
+    holds the person, records or source; only admins see that nothing was held."""
+    held = create(env, keys["portal"], {"kind": "subject", "subject_id": subject(3)})
+    unheld = create(env, keys["portal"], body)
+    assert held.status_code == unheld.status_code == 202
+    assert set(held.json()) == set(unheld.json())
+    assert unheld.json()["status"] == held.json()["status"] == "received"
+    rid = unheld.json()["id"]
+    portal_view = env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(keys["portal"]))
+    held_view = env.client.get(
+        f"/v1/deletion-requests/{held.json()['id']}", headers=auth(keys["portal"])
+    )
+    assert set(portal_view.json()) == set(held_view.json())
+    assert portal_view.json()["n_records"] is None and portal_view.json()["data_held"] is None
+    admin_view = env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(keys["admin"]))
+    assert admin_view.json()["n_records"] == 0 and admin_view.json()["data_held"] is False
 
 
 def test_feature_requests_are_admin_only(

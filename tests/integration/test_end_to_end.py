@@ -168,9 +168,12 @@ def test_erase_subject_and_source_end_to_end(stack: LocalStack) -> None:
     assert portal.get(f"/v1/deletion-requests/{done['id']}").json()["completed_at"]
     _check_certificate(stack, portal, done["id"], key)
     assert admin.get("/v1/audit/verify").json()["intact"] is True
-    # The erased subject is unknown now: a clear 404, not a silent success.
+    # The erased subject is unknown now: a new request is accepted like any other (the
+    # answer reveals nothing) and completes with nothing to erase, which its certificate
+    # and the admin's view state.
     again = portal.post("/v1/deletion-requests", json={"kind": "subject", "subject_id": "p0007"})
-    assert again.status_code == 404 and again.json()["error"]["code"] == "subject_not_found"
+    assert again.status_code == 202, again.text
+    assert admin.get(f"/v1/deletion-requests/{again.json()['id']}").json()["data_held"] is False
     pred = admin.post(
         "/v1/models/pass-predictor/predict",
         json={"records": [{"age": 16, "score": 1.2, "home_language": "en", "track": "a"}]},
