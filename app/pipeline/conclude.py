@@ -210,3 +210,57 @@ def fail_job(job_id: str, error: str, events: RequestEvents, token: int | None =
             data={"kind": job.kind, "error": error[:500]},
         )
         webhooks.job_failed(s, job, request_ids)
+
+
+def fall_back_to_retrain(
+    inputs: JobInputs, events: RequestEvents, method: str, error: BaseException
+) -> None:
+    """A fast method failed on this model (a bad setting, a numerical fault): erasure is
+    a legal duty, so no setting may block it. The job concludes by handing its requests to
+    an exact retraining job of their own, and the failure is on record."""
+    if isinstance(error, lease.LeaseLost):
+        raise error
+    reason = f"{method} failed: {type(error).__name__}: {error}"[:500]
+    log.warning("job %s: %s; falling back to exact retraining", inputs.job_id, reason)
+    with session_scope() as s:
+        job = jobs.claim(s, inputs.job_id, inputs.attempt)
+        retrain = routing.create_retrain(s, inputs.model_id, reason)
+        job.result = {
+            **job.result,
+            "version": inputs.base_version,
+            "decision": "retrain",
+            "method": method,
+            "method_error": reason,
+            "retrain_job": retrain.id,
+            "phases": inputs.phases.to_dict(),
+        }
+        jobs.finish(
+            s,
+            job,
+            ok=True,
+            wall_seconds=max(0.0, time.time() - inputs.started),
+            device="cpu",
+            device_seconds=0.0,
+            retrain_estimate_seconds=inputs.retrain_estimate,
+        )
+        jobs.unlock(s, inputs.model_id, inputs.job_id)
+        audit.record(
+            s,
+            actor=WORKER,
+            action="job.fell_back",
+            entity_type="job",
+            entity_id=inputs.job_id,
+            data={"method": method, "error": reason, "retrain_job": retrain.id},
+        )
+        events.concluded(
+            s,
+            Outcome(
+                job_id=inputs.job_id,
+                model_id=inputs.model_id,
+                request_ids=inputs.request_ids,
+                decision="retrain",
+                version=inputs.base_version,
+                method=method,
+                retrain_job_id=retrain.id,
+            ),
+        )

@@ -10,6 +10,7 @@ import time
 from app.core.db import session_scope
 from app.jobs import service as jobs
 from app.pipeline import fanout, methods
+from app.pipeline.conclude import fall_back_to_retrain
 from app.pipeline.inputs import build
 from app.pipeline.outcome import RequestEvents
 from app.pipeline.start import begin, device
@@ -44,30 +45,35 @@ def run_feature(job_id: str, events: RequestEvents) -> None:
     retained = inputs.retained()
     progress = jobs.ProgressReporter(job_id).sub(0.0, 0.8)
     t_compute = time.perf_counter()
-    if feature in manifest.feature_spec.removed:
-        new_manifest, result = manifest, {"method": "none", "approximate": False}
-    elif u.is_sisa:
-        new_manifest, result = methods.approximate_sisa_feature(
-            manifest,
-            retained,
-            inputs.shard[mask],
-            feature,
-            job_id=job_id,
-            store=ckpt,
-            device=dev,
-            progress=progress,
-        )
-    else:
-        new_manifest, result = methods.feature_unlearn(
-            manifest,
-            retained,
-            feature,
-            u=u,
-            job_id=job_id,
-            store=ckpt,
-            device=dev,
-            progress=progress,
-        )
+    try:
+        if feature in manifest.feature_spec.removed:
+            new_manifest, result = manifest, {"method": "none", "approximate": False}
+        elif u.is_sisa:
+            new_manifest, result = methods.approximate_sisa_feature(
+                manifest,
+                retained,
+                inputs.shard[mask],
+                feature,
+                job_id=job_id,
+                store=ckpt,
+                device=dev,
+                progress=progress,
+            )
+        else:
+            new_manifest, result = methods.feature_unlearn(
+                manifest,
+                retained,
+                feature,
+                u=u,
+                job_id=job_id,
+                store=ckpt,
+                device=dev,
+                progress=progress,
+            )
+    except Exception as exc:
+        # The retraining job drops the feature too (it is attached to its requests).
+        fall_back_to_retrain(inputs, events, "feature", exc)
+        return
     inputs.phases.add("compute", time.perf_counter() - t_compute)
     result["feature"] = feature
     new_manifest.weighting = manifest.weighting

@@ -13,7 +13,7 @@ from app.jobs.energy import EnergyMeter
 from app.ml.sisa import unlearn_sisa
 from app.models import Job
 from app.pipeline import fanout, methods
-from app.pipeline.conclude import nothing_to_forget
+from app.pipeline.conclude import fall_back_to_retrain, nothing_to_forget
 from app.pipeline.features import run_feature
 from app.pipeline.inputs import JobInputs, build
 from app.pipeline.outcome import RequestEvents
@@ -61,16 +61,20 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
     meter = EnergyMeter(dev)
     t_compute = time.perf_counter()
     if not u.is_sisa:
-        new_manifest, result = methods.approximate_unlearn(
-            manifest,
-            retained,
-            inputs.forget(),
-            u=u,
-            job_id=job_id,
-            store=ckpt,
-            device=dev,
-            progress=progress,
-        )
+        try:
+            new_manifest, result = methods.approximate_unlearn(
+                manifest,
+                retained,
+                inputs.forget(),
+                u=u,
+                job_id=job_id,
+                store=ckpt,
+                device=dev,
+                progress=progress,
+            )
+        except Exception as exc:
+            fall_back_to_retrain(inputs, events, u.method, exc)
+            return
     else:
         mask = inputs.retained_mask
         new_manifest, stats = unlearn_sisa(

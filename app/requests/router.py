@@ -70,6 +70,14 @@ def extend_request(
     return service.to_out(session, req, caller)
 
 
+@router.post("/{request_id}/retry", responses={404: {}, 409: {}})
+def retry_request(request_id: str, caller: AdminDep, session: SessionDep) -> DeletionRequestOut:
+    """Beyond API.md: retry a failed request (its failed models retrain from scratch)."""
+    req = service.get(session, request_id, caller)
+    service.retry(session, req, caller)
+    return service.to_out(session, req, caller)
+
+
 @router.post("/{request_id}/review", responses={404: {}, 409: {}, 422: {}})
 def review_request(
     request_id: str, body: ReviewIn, caller: AdminDep, session: SessionDep

@@ -305,6 +305,45 @@ def list_page(
     )
 
 
+def retry(session: Session, req: DeletionRequest, caller: Caller) -> None:
+    """An admin retries a failed request: every model whose job failed retrains from
+    scratch (the exact method, which no setting can block), or a request that failed
+    before reaching any model is planned again. Its records stayed quarantined."""
+    if req.status != "failed":
+        raise Conflict(
+            f"only a failed request can be retried (it is {req.status!r})", code="not_failed"
+        )
+    rms = session.scalars(select(RequestModel).where(RequestModel.request_id == req.id)).all()
+    failed = [rm for rm in rms if rm.status == "failed"]
+    jobs: dict[str, str] = {}
+    for rm in failed:
+        model = session.get(MLModel, rm.model_id, with_for_update=True)
+        assert model is not None
+        if model.production_version is None:
+            raise Conflict(f"model {model.name!r} has no production version", code="not_ready")
+        if rm.model_id not in jobs:
+            jobs[rm.model_id] = routing.create_retrain(
+                session, rm.model_id, f"retry of failed request {req.id}"
+            ).id
+        rm.status, rm.job_id = "retraining", jobs[rm.model_id]
+    audit.record(
+        session,
+        actor=caller.actor,
+        action="request.retried",
+        entity_type="deletion_request",
+        entity_id=req.id,
+        data={"error": req.error, "retrain_jobs": sorted(jobs.values())},
+    )
+    req.error = None
+    if failed:
+        transition(session, req, "retraining", caller.actor, reopen=True, retry=True)
+    elif not rms:
+        transition(session, req, "received", caller.actor, reopen=True, retry=True)
+        enqueue(session, "palimpsest.plan_request", req.id)
+    else:
+        raise Conflict("no model of this request failed; nothing to retry", code="not_failed")
+
+
 def cancel(session: Session, req: DeletionRequest, caller: Caller) -> None:
     if req.status not in CANCELLABLE:
         raise Conflict(

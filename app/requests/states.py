@@ -15,7 +15,8 @@ LEGAL: dict[str, frozenset[str]] = {
     # A request whose records no model trained on goes straight to erasure.
     "planned": frozenset({"unlearning", "erasing", "cancelled", "failed"}),
     # A batch-mate's job may already have removed the records: nothing left to verify.
-    "unlearning": frozenset({"verifying", "erasing", "failed"}),
+    # A fast method that errors hands the request to exact retraining.
+    "unlearning": frozenset({"verifying", "erasing", "retraining", "failed"}),
     "verifying": frozenset({"erasing", "needs_review", "retraining", "failed"}),
     "retraining": frozenset({"verifying", "erasing", "needs_review", "failed"}),
     # approve -> erasing (once every model is promoted); reject/mitigate -> retraining.
@@ -26,9 +27,19 @@ LEGAL: dict[str, frozenset[str]] = {
 
 STATUSES = tuple(LEGAL)
 
+# The one way out of a terminal state: an admin retries a failed request (a fix of the
+# model's settings, a transient fault), which reopens it for retraining or, when it
+# failed before reaching any model, for planning again.
+REOPEN: dict[str, frozenset[str]] = {"failed": frozenset({"retraining", "received"})}
+
 
 class IllegalTransition(RuntimeError):
     """A code path tried a status change the lifecycle does not allow."""
+
+
+def check_reopen(previous: str, new: str) -> None:
+    if new not in REOPEN.get(previous, frozenset()):
+        raise IllegalTransition(f"a {previous!r} request cannot be reopened as {new!r}")
 
 
 def check(previous: str, new: str) -> None:

@@ -13,12 +13,22 @@ from app.webhooks import service as webhooks
 
 
 def transition(
-    session: Session, req: DeletionRequest, status: str, actor: str, **data: object
+    session: Session,
+    req: DeletionRequest,
+    status: str,
+    actor: str,
+    *,
+    reopen: bool = False,
+    **data: object,
 ) -> None:
-    """Every status change is checked against the lifecycle and is an audit event."""
+    """Every status change is checked against the lifecycle and is an audit event;
+    `reopen` is an admin's retry of a failed request (`states.REOPEN`)."""
     if req.status == status:
         return
-    states.check(req.status, status)
+    if reopen:
+        states.check_reopen(req.status, status)
+    else:
+        states.check(req.status, status)
     previous = req.status
     req.status = status
     if status == "completed":

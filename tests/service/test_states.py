@@ -6,7 +6,14 @@ import itertools
 
 import pytest
 
-from app.requests.states import LEGAL, STATUSES, TERMINAL, IllegalTransition, check
+from app.requests.states import (
+    LEGAL,
+    STATUSES,
+    TERMINAL,
+    IllegalTransition,
+    check,
+    check_reopen,
+)
 
 API_STATUSES = {
     "received",
@@ -33,6 +40,17 @@ def test_terminal_states_have_no_way_out() -> None:
         for t in API_STATUSES:
             with pytest.raises(IllegalTransition):
                 check(s, t)
+
+
+def test_only_an_admin_retry_reopens_a_failed_request() -> None:
+    check_reopen("failed", "retraining")
+    check_reopen("failed", "received")
+    for s in TERMINAL - {"failed"}:
+        for t in API_STATUSES:
+            with pytest.raises(IllegalTransition):
+                check_reopen(s, t)
+    with pytest.raises(IllegalTransition):
+        check_reopen("failed", "completed")
 
 
 @pytest.mark.parametrize(
