@@ -140,8 +140,7 @@ def sisa_finish(
 @shared_task(name="palimpsest.plan_request", bind=True, acks_late=True, max_retries=5)
 def plan_request(self: Task, request_id: str) -> None:
     try:
-        with session_scope() as s:
-            lifecycle.plan(s, request_id)
+        lifecycle.plan_in_steps(request_id)
     except Exception as exc:
         raise self.retry(countdown=2, exc=exc) from exc
 

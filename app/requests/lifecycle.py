@@ -5,6 +5,7 @@ API's own actions (cancel, review)."""
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.audit import service as audit
 from app.certificates import service as certificates
 from app.core.chunks import in_chunks
-from app.core.db import enqueue
+from app.core.db import enqueue, session_scope
 from app.core.storage import ArtifactStore
 from app.datasets import service as datasets
 from app.jobs import batching, routing
@@ -43,36 +44,71 @@ def target_record_ids(session: Session, req: DeletionRequest) -> list[int]:
     return targets.record_ids(session, targets.Target.of(req))
 
 
-def plan(session: Session, request_id: str) -> None:
-    """received -> planned: quarantine the records, find every model they reach, attach
-    each model to an unlearning job (joining a pending one: that is batching, and the
-    model's batching policy decides when the job is sent)."""
+# Planning a large target runs in steps of this many records, each its own short
+# transaction, so the database's write lock (SQLite has one) is never held for long.
+PLAN_STEP = 5000
+# SQLite's busy handler polls (up to every 100 ms): a pause between steps lets waiting
+# writers in rather than the next step taking the lock straight back.
+SQLITE_PAUSE = 0.15
+
+
+def _between_steps(session: Session) -> None:
+    if session.get_bind().dialect.name == "sqlite":
+        time.sleep(SQLITE_PAUSE)
+
+
+def _open(session: Session, request_id: str) -> DeletionRequest | None:
+    """The request, locked, while it still waits to be planned."""
     req = session.get(DeletionRequest, request_id, with_for_update=True)
     if req is None or req.status != "received":
-        return  # idempotent: already planned, cancelled or gone
-    if req.kind == "feature":
-        _plan_feature(session, req)
-        return
-    ids = target_record_ids(session, req)
-    datasets_hit = set()
+        return None  # idempotent: already planned, cancelled or gone
+    return req
+
+
+def _reject_ambiguous(session: Session, req: DeletionRequest) -> bool:
+    """Record ids found in several datasets must be narrowed with `dataset_id`."""
+    if req.kind != "records":
+        return False
+    found = targets.matching_records(session, targets.Target.of(req))
+    if len(found) == len({f[1] for f in found}):
+        return False
+    req.error = "some record ids exist in several datasets; name the dataset with 'dataset_id'"
+    transition(session, req, "rejected", WORKER, reason=req.error)
+    return True
+
+
+def _datasets_of(session: Session, ids: list[int]) -> set[str]:
+    out: set[str] = set()
     for chunk in in_chunks(ids):
-        datasets_hit |= set(
+        out |= set(
             session.scalars(select(Record.dataset_id).where(Record.id.in_(chunk)).distinct())
         )
+    return out
+
+
+def _still_training(session: Session, datasets_hit: set[str]) -> bool:
     # A model still training on these datasets read its data before the quarantine:
-    # wait for it, so its first version is planned like any other.
-    training = session.scalars(
-        select(MLModel.id).where(MLModel.dataset_id.in_(datasets_hit), MLModel.status == "training")
-    ).first()
-    if training is not None:
-        enqueue(session, "palimpsest.plan_request", req.id, countdown=2.0)
-        return
+    # planning waits for it, so its first version is planned like any other.
+    return (
+        session.scalars(
+            select(MLModel.id).where(
+                MLModel.dataset_id.in_(datasets_hit), MLModel.status == "training"
+            )
+        ).first()
+        is not None
+    )
+
+
+def _quarantine(session: Session, req: DeletionRequest, ids: list[int]) -> None:
     for chunk in in_chunks(ids):
         session.execute(
             update(Record)
             .where(Record.id.in_(chunk), Record.status == "active")
             .values(status="quarantined", quarantined_by=req.id)
         )
+
+
+def _models_reached(session: Session, ids: list[int]) -> set[str]:
     models: set[str] = set()
     for chunk in in_chunks(ids):
         models |= set(
@@ -86,6 +122,95 @@ def plan(session: Session, request_id: str) -> None:
                 .distinct()
             )
         )
+    return models
+
+
+def plan_in_steps(request_id: str) -> None:
+    """What the planning task runs: `plan` in one transaction for an ordinary target; a
+    large one is resolved and quarantined in steps of `PLAN_STEP` records, each step in a
+    transaction of its own that first checks the request is still waiting (a cancel in
+    between wins), then attached to its models in a last short transaction."""
+    with session_scope() as s:
+        req = _open(s, request_id)
+        if req is None or req.kind == "feature":
+            big = False
+        elif req.kind == "records":
+            big = len(req.record_ids or []) > PLAN_STEP
+        else:
+            big = targets.count(s, targets.Target.of(req)) > PLAN_STEP
+        target = targets.Target.of(req) if req is not None else None
+    if not big or target is None:
+        with session_scope() as s:
+            plan(s, request_id)
+        return
+    ids: list[int] = []
+    names = list(target.record_ids)
+    if target.kind == "records":
+        for i in range(0, len(names), PLAN_STEP):
+            with session_scope() as s:
+                _between_steps(s)
+                part = targets.Target(
+                    "records",
+                    record_ids=tuple(names[i : i + PLAN_STEP]),
+                    dataset_id=target.dataset_id,
+                )
+                found = targets.matching_records(s, part)
+                if len(found) != len({f[1] for f in found}):
+                    req = _open(s, request_id)
+                    if req is not None:
+                        _reject_ambiguous(s, req)
+                    return
+                ids.extend(f[0] for f in found)
+        ids.sort()
+    else:
+        with session_scope() as s:
+            ids = targets.record_ids(s, target)
+    datasets_hit: set[str] = set()
+    for i in range(0, len(ids), PLAN_STEP):
+        with session_scope() as s:
+            _between_steps(s)
+            datasets_hit |= _datasets_of(s, ids[i : i + PLAN_STEP])
+    with session_scope() as s:
+        if _still_training(s, datasets_hit):
+            enqueue(s, "palimpsest.plan_request", request_id, countdown=2.0)
+            return
+    models: set[str] = set()
+    for i in range(0, len(ids), PLAN_STEP):
+        with session_scope() as s:
+            _between_steps(s)
+            req = _open(s, request_id)
+            if req is None:
+                return  # cancelled meanwhile: its cancel released what was quarantined
+            _quarantine(s, req, ids[i : i + PLAN_STEP])
+            models |= _models_reached(s, ids[i : i + PLAN_STEP])
+    with session_scope() as s:
+        req = _open(s, request_id)
+        if req is not None:
+            _attach(s, req, ids, models)
+
+
+def plan(session: Session, request_id: str) -> None:
+    """received -> planned: quarantine the records, find every model they reach, attach
+    each model to an unlearning job (joining a pending one: that is batching, and the
+    model's batching policy decides when the job is sent). One transaction: the caller's;
+    `plan_in_steps` splits a large target."""
+    req = _open(session, request_id)
+    if req is None:
+        return
+    if req.kind == "feature":
+        _plan_feature(session, req)
+        return
+    if _reject_ambiguous(session, req):
+        return
+    ids = target_record_ids(session, req)
+    if _still_training(session, _datasets_of(session, ids)):
+        enqueue(session, "palimpsest.plan_request", req.id, countdown=2.0)
+        return
+    _quarantine(session, req, ids)
+    _attach(session, req, ids, _models_reached(session, ids))
+
+
+def _attach(session: Session, req: DeletionRequest, ids: list[int], models: set[str]) -> None:
     for model_id in sorted(models):
         model = session.get(MLModel, model_id)
         assert model is not None

@@ -68,8 +68,9 @@ class DeletionRequestOut(BaseModel):
     due_at: datetime
     completed_at: datetime | None
     models: list[RequestModelOut]
-    # For admins and auditors: the records the target covered at intake, and whether the
-    # service held any data for it at all (hidden from portals: no existence oracle).
+    # For admins and auditors: the records the target covers (counted when it is planned),
+    # and whether the service held any data for it at all (known once planned). Hidden
+    # from portals: no existence oracle.
     n_records: int | None = 0
     data_held: bool | None = None
     source: str | None = None

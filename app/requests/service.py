@@ -102,17 +102,9 @@ def _find_records(
         key = subject_key(body.subject_id, settings.subject_pepper)
         return key, targets.count(session, targets.Target("subject", subject_key=key))
     if body.kind == "records":
-        assert body.record_ids is not None
-        ids = sorted(set(body.record_ids))
-        found = targets.matching_records(
-            session, targets.Target("records", record_ids=tuple(ids), dataset_id=body.dataset_id)
-        )
-        if len(found) != len({f[1] for f in found}):
-            raise Unprocessable(
-                "some record ids exist in several datasets; name the dataset with 'dataset_id'",
-                code="ambiguous_records",
-            )
-        return None, len(found)
+        # Not looked up here: a list of 100,000 ids is resolved by planning, in steps
+        # (ids found in several datasets reject the request there).
+        return None, 0
     if body.kind == "source":
         return None, targets.count(session, targets.Target("source", source=body.source))
     assert body.kind == "feature" and body.feature is not None and body.model is not None
@@ -260,7 +252,11 @@ def to_out(
             for rm, name in rows
         ],
         n_records=None if caller is not None and caller.role == "portal" else req.n_records,
-        data_held=None if caller is not None and caller.role == "portal" else req.n_records > 0,
+        data_held=(
+            None
+            if (caller is not None and caller.role == "portal") or req.status == "received"
+            else req.n_records > 0
+        ),
         source=req.source,
         feature=req.feature,
         model=req.model_name,

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from app.core.db import session_scope
+from app.requests import lifecycle
 from tests.support.app_env import AppEnv
 from tests.support.factories import assert_error, auth, make_csv, make_rows, upload_dataset
 
@@ -54,6 +56,8 @@ def test_intake_sets_a_thirty_day_deadline(
     assert isinstance(got["models"], list)
     # A portal is not told how much of the person the service holds; an admin is.
     assert got["n_records"] is None and got["data_held"] is None
+    with session_scope() as s:
+        lifecycle.plan(s, body["id"])
     seen = env.client.get(f"/v1/deletion-requests/{body['id']}", headers=auth(keys["admin"]))
     assert seen.json()["n_records"] == 2 and seen.json()["data_held"] is True
 
@@ -207,6 +211,10 @@ def test_a_target_not_held_is_accepted_like_any_other(
     )
     assert set(portal_view.json()) == set(held_view.json())
     assert portal_view.json()["n_records"] is None and portal_view.json()["data_held"] is None
+    admin_view = env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(keys["admin"]))
+    assert admin_view.json()["data_held"] is None  # not known before planning
+    with session_scope() as s:
+        lifecycle.plan(s, rid)
     admin_view = env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(keys["admin"]))
     assert admin_view.json()["n_records"] == 0 and admin_view.json()["data_held"] is False
 
