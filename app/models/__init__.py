@@ -1,5 +1,6 @@
 """ORM models. Importing this package registers every table on `Base.metadata`."""
 
+from app.integrations.models import RequestCallback
 from app.models.base import Base
 from app.models.catalog import Dataset, Record, Source, Subject
 from app.models.certificates import Certificate
@@ -21,6 +22,7 @@ __all__ = [
     "ModelVersion",
     "Record",
     "Report",
+    "RequestCallback",
     "RequestModel",
     "Source",
     "Subject",

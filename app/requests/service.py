@@ -17,6 +17,7 @@ from app.core.db import enqueue
 from app.core.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from app.core.security import subject_key
 from app.core.settings import Settings
+from app.integrations import service as integrations
 from app.models import (
     DeletionRequest,
     Job,
@@ -62,6 +63,7 @@ def transition(
         data={"from": previous, "to": status, **data},
     )
     webhooks.request_status_changed(session, req, previous, data)
+    integrations.on_status(session, req, status)
 
 
 def request_cost(costs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
@@ -310,6 +312,7 @@ def to_out(session: Session, req: DeletionRequest) -> DeletionRequestOut:
         overdue=req.status not in TERMINAL and req.due_at <= utcnow(),
         cost=request_cost(costs),
         error=req.error,
+        callback=integrations.view(session, req),
     )
 
 
