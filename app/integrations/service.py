@@ -6,8 +6,10 @@ delivery task is sent only after commit, so a rolled-back completion reports not
 
 from __future__ import annotations
 
+import contextlib
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -43,11 +45,15 @@ def attach(
     settings: Settings,
     actor: str,
 ) -> RequestCallback:
-    """Store (or, on a replayed intake, replace) the request's callback. A replay of a
-    request that already ended reports that end again with the new credentials: the
-    platform sent it again because it is still waiting."""
+    """Store (or, on a replayed intake, replace) the request's callback. A replay with a
+    new token (Fides re-ran its task, which waits again) of a request that already ended
+    reports that end again; the very same call repeated changes nothing."""
     cb = _of(session, req.id)
     now = utcnow()
+    if cb is not None and cb.status == "delivered" and cb.url == url:
+        with contextlib.suppress(ValueError, InvalidTag):
+            if sealing.unseal(cb.token_sealed, settings.subject_pepper, req.id) == token:
+                return cb  # the same call again (a network retry): already answered
     if cb is None:
         cb = RequestCallback(request_id=req.id, kind=kind, created_at=now)
         session.add(cb)

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import select, update
 
 from app.core.db import session_scope
+from app.core.settings import DEV_PEPPER
 from app.core.storage import get_store
-from app.integrations import delivery
+from app.integrations import delivery, sealing
 from app.integrations.models import RequestCallback
 from app.models import AuditEvent
 from app.models.base import utcnow
@@ -160,7 +162,11 @@ def test_unheld_subject_completes_with_zero_rows_after_fides_is_ready(
         "next_attempt_at": None,
         "delivered_at": None,
     }
-    assert TOKEN not in json.dumps(view) and TOKEN not in _callback(rid).token_sealed
+    sealed = _callback(rid).token_sealed
+    assert TOKEN not in json.dumps(view) and TOKEN not in sealed
+    assert sealing.unseal(sealed, DEV_PEPPER, rid) == TOKEN
+    with pytest.raises(InvalidTag):  # bound to its request: useless on another row
+        sealing.unseal(sealed, DEV_PEPPER, "another-request")
 
     _finish(rid)
     cb = _callback(rid)
@@ -211,6 +217,10 @@ def test_a_replayed_intake_reports_again_with_the_new_token(env: AppEnv, fides: 
     cb = _callback(rid)
     assert cb.status == "pending" and cb.failures == 0
     assert delivery.deliver(cb.id) == "delivered"
+    # The same call repeated (a network retry of Fides's request) sends nothing more.
+    assert _submit(env, portal, fides.url, "someone@example.org", ref="pri_2", token=TOKEN + "2")
+    assert _callback(rid).status == "delivered"
+    assert delivery.sweep(grace=timedelta(0)) == 0
     assert [h["authorization"] for h, _ in fides.received] == [
         f"Bearer {TOKEN}",
         f"Bearer {TOKEN}2",
