@@ -68,6 +68,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
             },
             # Re-sends webhook deliveries whose countdown task was lost.
             "webhook-sweep": {"task": "palimpsest.sweep_webhooks", "schedule": 30.0},
+            # Re-sends platform callbacks (Fides) whose countdown task was lost.
+            "integration-callback-sweep": {
+                "task": "palimpsest.sweep_integration_callbacks",
+                "schedule": 30.0,
+            },
             "deadline-watchdog": {"task": "palimpsest.deadline_watchdog", "schedule": 300.0},
             # Batching: send held jobs when their window, maximum wait or a deadline comes.
             "release-batches": {
@@ -78,6 +83,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         timezone="UTC",
     )
     app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+    app.autodiscover_tasks(["workers"], related_name="integrations", force=True)
     return app
 
 

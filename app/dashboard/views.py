@@ -20,6 +20,7 @@ from app.core.settings import Settings
 from app.dashboard import charts
 from app.dashboard.reports import ReportView, report_view
 from app.dashboard.rows import ACTIVE_JOB, JobRow, RequestRow, as_float, job_rows, request_row
+from app.integrations.schemas import CallbackOut
 from app.models import (
     AuditEvent,
     Certificate,
@@ -339,6 +340,8 @@ class RequestDetail:
     timeline: list[TimelineEvent]
     certificate: CertificateStatus
     reviews: list[ReportView]
+    # A privacy platform's callback (Fides), when the request came with one.
+    callback: CallbackOut | None = None
 
     @property
     def can_review(self) -> bool:
@@ -417,6 +420,7 @@ def request_detail(
         timeline=timeline(session, req.id),
         certificate=certificate_status(session, req.id, settings),
         reviews=reviews,
+        callback=out.callback,
     )
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 from app.api.deps import AdminDep, AnyRoleDep, PortalDep, SessionDep, SettingsDep
 from app.certificates import service as certificates
 from app.certificates.schemas import SignedCertificate
-from app.requests import service, states
+from app.requests import callbacks, service, states
 from app.requests.schemas import (
     DeletionRequestIn,
     DeletionRequestOut,
@@ -31,8 +31,17 @@ def create_request(
     settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    reply_to: Annotated[str | None, Header(alias="Reply-To", max_length=2000)] = None,
+    reply_to_token: Annotated[str | None, Header(alias="Reply-To-Token")] = None,
 ) -> RequestAccepted:
-    accepted, created = service.create(session, body, caller, settings, idempotency_key)
+    """`Reply-To` and `Reply-To-Token` (Fides's asynchronous callback): Palimpsest calls
+    that URL with that token when the request completes; see docs/fides.md."""
+    if reply_to is not None or reply_to_token is not None:
+        accepted, created = callbacks.create_with_callback(
+            session, body, caller, settings, idempotency_key, reply_to, reply_to_token
+        )
+    else:
+        accepted, created = service.create(session, body, caller, settings, idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return accepted

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.integrations.schemas import CallbackOut
+
 RequestKind = Literal["subject", "records", "source", "feature"]
 
 
@@ -83,6 +85,8 @@ class DeletionRequestOut(BaseModel):
     # The request's jobs summed, and the compute saved against full retraining.
     cost: dict[str, float | None] = {}
     error: str | None = None
+    # A privacy platform's callback (Fides), when the request came with one.
+    callback: CallbackOut | None = None
 
 
 class RequestPage(BaseModel):

@@ -17,6 +17,7 @@ from app.core.db import enqueue
 from app.core.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from app.core.security import subject_key
 from app.core.settings import Settings
+from app.integrations import service as integrations
 from app.jobs import routing
 from app.models import (
     DeletionRequest,
@@ -265,6 +266,7 @@ def to_out(
         overdue=req.status not in TERMINAL and req.due_at <= utcnow(),
         cost=request_cost(costs),
         error=req.error,
+        callback=integrations.view(session, req),
     )
 
 

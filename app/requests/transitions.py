@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.integrations import service as integrations
 from app.models import DeletionRequest
 from app.models.base import utcnow
 from app.requests import states
@@ -42,3 +43,5 @@ def transition(
         data={"from": previous, "to": status, **data},
     )
     webhooks.request_status_changed(session, req, previous, data)
+    # Integrations that wait on the request's end (a Fides callback) hear of it here.
+    integrations.on_status(session, req, status)
