@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from app.core.security import subject_key
 from app.core.settings import DEV_PEPPER
 from app.stack import LocalStack
-from tests.integration.flows import erase, ingest, make_csv, train
+from tests.integration.flows import erase, ingest, make_csv, train, wait_for
 
 
 def _parquet_rows(root: Path) -> tuple[list[str], list[str]]:
@@ -173,7 +173,13 @@ def test_erase_subject_and_source_end_to_end(stack: LocalStack) -> None:
     # and the admin's view state.
     again = portal.post("/v1/deletion-requests", json={"kind": "subject", "subject_id": "p0007"})
     assert again.status_code == 202, again.text
-    assert admin.get(f"/v1/deletion-requests/{again.json()['id']}").json()["data_held"] is False
+    gone = wait_for(
+        lambda: admin.get(f"/v1/deletion-requests/{again.json()['id']}").json(),
+        lambda v: v["status"] == "completed",
+    )
+    assert gone["data_held"] is False and gone["models"] == []
+    cert = portal.get(f"/v1/deletion-requests/{gone['id']}/certificate").json()
+    assert cert["certificate"]["erasure"]["data_held"] is False
     pred = admin.post(
         "/v1/models/pass-predictor/predict",
         json={"records": [{"age": 16, "score": 1.2, "home_language": "en", "track": "a"}]},
