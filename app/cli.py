@@ -101,7 +101,7 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 @cli.command("worker")
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "gpu,default",
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "gpu,default,webhooks",
     concurrency: Annotated[int | None, typer.Option()] = None,
     pool: Annotated[str | None, typer.Option(help="solo | threads | prefork")] = None,
     loglevel: str = "INFO",

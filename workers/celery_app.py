@@ -49,7 +49,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     settings.ensure_local_dirs()
     app = Celery("palimpsest", broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
-        task_queues=(Queue("default"), Queue("gpu")),
+        task_queues=(Queue("default"), Queue("gpu"), Queue("webhooks")),
         task_default_queue="default",
         # Tasks are idempotent, so a redelivery after a crash is safe: ack only when done.
         task_acks_late=True,

@@ -179,6 +179,15 @@ def deliver_webhook(delivery_id: str) -> str:
     return delivery.deliver(delivery_id)
 
 
+@shared_task(name="palimpsest.fan_out_webhook", acks_late=True)
+def fan_out_webhook(event_id: str) -> int:
+    """One webhook event to one delivery per subscribed endpoint (idempotent), on the
+    `webhooks` queue: the API request wrote a single outbox row."""
+    from app.webhooks import delivery
+
+    return delivery.fan_out(event_id)
+
+
 @shared_task(name="palimpsest.sweep_webhooks")
 def sweep_webhooks() -> int:
     """Beat: re-send webhook deliveries whose attempt is overdue (a lost task)."""

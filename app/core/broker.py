@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-QUEUES = ("gpu", "default")
+QUEUES = ("gpu", "default", "webhooks")
 
 
 def queue_depth(broker_url: str) -> dict[str, int]:

@@ -7,7 +7,7 @@ from app.models.integrations import RequestCallback
 from app.models.ops import ApiKey, AuditEvent, Job, Report
 from app.models.registry import Lineage, MLModel, ModelVersion
 from app.models.requests import DeletionRequest, RequestModel
-from app.models.webhooks import WebhookDelivery, WebhookEndpoint
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "ApiKey",
@@ -28,4 +28,5 @@ __all__ = [
     "Subject",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "WebhookEvent",
 ]

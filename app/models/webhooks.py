@@ -1,5 +1,7 @@
-"""Webhook endpoints and their deliveries. A delivery row is the outbox: it is written in
-the same transaction as the change it announces and sent by a worker after commit."""
+"""Webhook endpoints, events and their deliveries. An event row is the outbox: it is
+written in the same transaction as the change it announces (one row, however many
+endpoints listen); a worker fans it out to one delivery per subscribed endpoint and
+sends those, on the `webhooks` queue."""
 
 from __future__ import annotations
 
@@ -52,3 +54,15 @@ class WebhookDelivery(Base):
     history: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookEvent(Base):
+    """One announced event, fanned out by a worker (`fanned_out_at` once done)."""
+
+    __tablename__ = "webhook_events"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    event_type: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    fanned_out_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)

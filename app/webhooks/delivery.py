@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook
 
 from app.core.db import enqueue, session_scope
 from app.models.base import utcnow
-from app.models.webhooks import WebhookDelivery, WebhookEndpoint
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from app.webhooks import service
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,39 @@ def deliver(delivery_id: str) -> str:
             else:
                 wait = RETRY_SCHEDULE[d.failures - 1]
                 d.next_attempt_at = now + wait
-                enqueue(s, service.DELIVER_TASK, d.id, countdown=wait.total_seconds())
+                enqueue(
+                    s,
+                    service.DELIVER_TASK,
+                    d.id,
+                    queue=service.QUEUE,
+                    countdown=wait.total_seconds(),
+                )
         log.info("webhook delivery %s: %s (%s)", d.id, d.status, error or code)
         return d.status
 
 
-def sweep(grace: timedelta = timedelta(seconds=30), limit: int = 500) -> int:
-    """Beat: re-send pending deliveries whose attempt is overdue by more than `grace`
-    (their task was lost: broker down at commit, a worker crash, a dropped ETA)."""
+def fan_out(event_id: str) -> int:
+    """The worker's side of `service.emit`: the event's deliveries, sent after commit."""
     with session_scope() as s:
+        return len(service.fan_out(s, event_id))
+
+
+def sweep(grace: timedelta = timedelta(seconds=30), limit: int = 500) -> int:
+    """Beat: re-send pending deliveries whose attempt is overdue by more than `grace`, and
+    events not fanned out within it (their task was lost: broker down at commit, a worker
+    crash, a dropped ETA)."""
+    with session_scope() as s:
+        events = s.scalars(
+            select(WebhookEvent.id)
+            .where(
+                WebhookEvent.fanned_out_at.is_(None),
+                WebhookEvent.created_at < utcnow() - grace,
+            )
+            .order_by(WebhookEvent.created_at)
+            .limit(limit)
+        ).all()
+        for event_id in events:
+            enqueue(s, service.FAN_OUT_TASK, event_id, queue=service.QUEUE)
         ids = s.scalars(
             select(WebhookDelivery.id)
             .where(
@@ -161,5 +185,5 @@ def sweep(grace: timedelta = timedelta(seconds=30), limit: int = 500) -> int:
             .limit(limit)
         ).all()
         for delivery_id in ids:
-            enqueue(s, service.DELIVER_TASK, delivery_id)
-        return len(ids)
+            enqueue(s, service.DELIVER_TASK, delivery_id, queue=service.QUEUE)
+        return len(ids) + len(events)

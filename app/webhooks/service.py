@@ -1,5 +1,7 @@
-"""Endpoints and the outbox. `emit` only adds rows to the caller's transaction and asks
-for their delivery after commit: a rolled-back change announces nothing.
+"""Endpoints and the outbox. `emit` adds one event row to the caller's transaction,
+whatever the number of endpoints, and asks a worker to fan it out after commit (queue
+`webhooks`, so deliveries never wait in front of unlearning or erasure): a rolled-back
+change announces nothing.
 
 Payloads never carry raw personal data: requests are described by ids, statuses and at
 most the pseudonymous subject key.
@@ -8,8 +10,8 @@ most the pseudonymous subject key.
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
-import uuid
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -20,10 +22,12 @@ from app.core.db import enqueue
 from app.core.errors import Conflict, NotFound
 from app.models import DeletionRequest, Job, MLModel
 from app.models.base import utcnow
-from app.models.webhooks import WebhookDelivery, WebhookEndpoint
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from app.webhooks.schemas import DeliveryOut, WebhookIn, WebhookOut
 
 DELIVER_TASK = "palimpsest.deliver_webhook"
+FAN_OUT_TASK = "palimpsest.fan_out_webhook"
+QUEUE = "webhooks"
 
 
 def new_secret() -> str:
@@ -159,7 +163,7 @@ def redeliver(session: Session, webhook_id: str, delivery_id: str, actor: str) -
         entity_id=ep.id,
         data={"delivery_id": d.id, "msg_id": d.msg_id},
     )
-    enqueue(session, DELIVER_TASK, d.id)
+    enqueue(session, DELIVER_TASK, d.id, queue=QUEUE)
     return delivery_out(d)
 
 
@@ -196,32 +200,55 @@ def disable_endpoint(session: Session, ep: WebhookEndpoint, reason: str) -> None
 # -- the outbox -----------------------------------------------------------------------
 
 
-def emit(session: Session, event_type: str, data: dict[str, Any]) -> int:
-    """One delivery per enabled endpoint subscribed to `event_type`, in this transaction;
-    each is sent after commit. Returns how many were written."""
-    endpoints = session.scalars(
-        select(WebhookEndpoint).where(WebhookEndpoint.disabled_at.is_(None))
-    ).all()
+def emit(session: Session, event_type: str, data: dict[str, Any]) -> WebhookEvent:
+    """One outbox row for the event, fanned out to its subscribers after commit."""
     now = utcnow()
     payload = {"type": event_type, "timestamp": now.isoformat(), "data": data}
-    n = 0
+    event = WebhookEvent(event_type=event_type, payload=payload, created_at=now)
+    session.add(event)
+    session.flush()
+    enqueue(session, FAN_OUT_TASK, event.id, queue=QUEUE)
+    return event
+
+
+def msg_id(event_id: str, endpoint_id: str) -> str:
+    """The `webhook-id` of an event's message to one endpoint: the same however often the
+    event is fanned out, so a repeated fan-out cannot send a second message."""
+    return "msg_" + hashlib.sha256(f"{event_id}:{endpoint_id}".encode()).hexdigest()[:32]
+
+
+def fan_out(session: Session, event_id: str) -> list[str]:
+    """One pending delivery per enabled endpoint subscribed to the event (idempotent);
+    each is sent after commit. Returns the new deliveries' ids."""
+    event = session.get(WebhookEvent, event_id, with_for_update=True)
+    if event is None or event.fanned_out_at is not None:
+        return []
+    endpoints = session.scalars(
+        select(WebhookEndpoint)
+        .where(WebhookEndpoint.disabled_at.is_(None))
+        .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+    ).all()
+    now = utcnow()
+    ids: list[str] = []
     for ep in endpoints:
-        if event_type not in ep.events:
+        if event.event_type not in ep.events:
             continue
         d = WebhookDelivery(
             endpoint_id=ep.id,
-            msg_id=f"msg_{uuid.uuid4().hex}",
-            event_type=event_type,
-            payload=payload,
+            msg_id=msg_id(event.id, ep.id),
+            event_type=event.event_type,
+            payload=event.payload,
             status="pending",
             next_attempt_at=now,
             history=[],
         )
         session.add(d)
         session.flush()
-        enqueue(session, DELIVER_TASK, d.id)
-        n += 1
-    return n
+        enqueue(session, DELIVER_TASK, d.id, queue=QUEUE)
+        ids.append(d.id)
+    event.fanned_out_at = now
+    event.deliveries = len(ids)
+    return ids
 
 
 def _request_data(req: DeletionRequest) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from app.core.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-APP_SERVICES = {"migrate", "api", "worker", "beat"}
+APP_SERVICES = {"migrate", "api", "worker", "webhooks", "beat"}
 
 try:  # PyYAML is not a dependency; the tiny reader covers our subset when it is absent.
     import yaml as _yaml
@@ -112,11 +112,13 @@ def test_api_listens_on_all_interfaces(compose: dict[str, Any]) -> None:
     assert any(str(p).endswith(f":{port}") for p in compose["services"]["api"].get("ports", []))
 
 
-def test_worker_consumes_every_queue(compose: dict[str, Any], tmp_path: Path) -> None:
+def test_the_workers_consume_every_queue(compose: dict[str, Any], tmp_path: Path) -> None:
     from workers.celery_app import create_celery
 
-    args = as_args(compose["services"]["worker"]["command"])
-    queues = set(args[args.index("--queues") + 1].split(","))
+    queues: set[str] = set()
+    for service in ("worker", "webhooks"):  # between them, the workers consume every queue
+        args = as_args(compose["services"][service]["command"])
+        queues |= set(args[args.index("--queues") + 1].split(","))
     # Local paths in tmp: building the Celery app creates the folders settings name.
     settings = Settings(
         broker_url="memory://",

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from app.models.webhooks import WebhookDelivery, WebhookEvent
 from tests.support.app_env import AppEnv
 from tests.support.factories import (
     assert_error,
@@ -78,7 +79,7 @@ def sent(env: AppEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """Tasks sent after commit (PendingTask), captured; every endpoint removed after."""
     import app.core.db as db
     from app.core import outbox
-    from app.models.webhooks import WebhookDelivery, WebhookEndpoint
+    from app.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
     captured: list[Any] = []
 
@@ -93,6 +94,7 @@ def sent(env: AppEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     yield captured
     with db.session_scope() as s:
         s.execute(delete(WebhookDelivery))
+        s.execute(delete(WebhookEvent))
         s.execute(delete(WebhookEndpoint))
 
 
@@ -119,7 +121,14 @@ def emit(event_type: str, data: dict[str, Any]) -> None:
 
 
 def deliver_ids(sent: list[Any]) -> list[str]:
+    """The deliveries sent, after fanning out every event sent (as the worker does)."""
+    from app.webhooks import delivery
+
+    for t in [t for t in sent if t.name == "palimpsest.fan_out_webhook"]:
+        assert t.queue == "webhooks"
+        delivery.fan_out(t.args[0])
     ids = [t.args[0] for t in sent if t.name == "palimpsest.deliver_webhook"]
+    assert all(t.queue == "webhooks" for t in sent if t.name == "palimpsest.deliver_webhook")
     sent.clear()
     return ids
 
@@ -391,13 +400,75 @@ def test_a_rolled_back_change_announces_nothing(
     env: AppEnv, keys: dict[str, str], sent: list[Any]
 ) -> None:
     from app.core.db import session_scope
-    from app.models.webhooks import WebhookDelivery
+    from app.models.webhooks import WebhookDelivery, WebhookEvent
     from app.webhooks import service
 
     register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
     with pytest.raises(RuntimeError), session_scope() as s:
-        assert service.emit(s, "job.failed", {"job_id": "x"}) == 1
+        assert service.emit(s, "job.failed", {"job_id": "x"}).event_type == "job.failed"
         raise RuntimeError("the change failed")
     assert sent == []
     with session_scope() as s:
         assert s.scalars(select(WebhookDelivery)).all() == []
+        assert s.scalars(select(WebhookEvent)).all() == []
+
+
+def test_an_event_is_one_outbox_row_however_many_endpoints(
+    env: AppEnv, keys: dict[str, str], sent: list[Any], receiver: Receiver
+) -> None:
+    """The API request writes one event row and one fan-out task whatever the number of
+    endpoints; the worker's fan-out makes one delivery each, once, on the `webhooks`
+    queue (so deliveries never wait in front of unlearning or erasure)."""
+    from app.core.db import session_scope
+    from app.webhooks import delivery
+
+    hooks = [register(env, keys["admin"], receiver.url, ["request.received"]) for _ in range(20)]
+    register(env, keys["admin"], receiver.url, ["job.failed"])  # not subscribed
+    sent.clear()
+    upload_dataset(env.client, keys["admin"], "fan-ds", make_csv(make_rows(n_subjects=3)))
+    sent.clear()
+    r = env.client.post(
+        "/v1/deletion-requests",
+        headers=auth(keys["portal"]),
+        json={"kind": "subject", "subject_id": "subj-0001"},
+    )
+    assert r.status_code == 202
+    fan = [t for t in sent if t.name == "palimpsest.fan_out_webhook"]
+    assert len(fan) == 1 and fan[0].queue == "webhooks"
+    assert [t.name for t in sent if "webhook" in t.name] == ["palimpsest.fan_out_webhook"]
+    with session_scope() as s:
+        assert len(s.scalars(select(WebhookEvent)).all()) == 1
+        assert s.scalars(select(WebhookDelivery)).all() == []
+    sent.clear()
+    assert delivery.fan_out(fan[0].args[0]) == 20
+    assert delivery.fan_out(fan[0].args[0]) == 0  # a redelivered fan-out adds nothing
+    assert [t.queue for t in sent] == ["webhooks"] * 20
+    with session_scope() as s:
+        rows = s.scalars(select(WebhookDelivery)).all()
+        assert sorted(d.endpoint_id for d in rows) == sorted(h["id"] for h in hooks)
+        assert len({d.msg_id for d in rows}) == 20
+
+
+def test_the_sweep_fans_out_a_lost_event(
+    env: AppEnv, keys: dict[str, str], sent: list[Any]
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.core.db import session_scope
+    from app.models.base import utcnow
+    from app.webhooks import delivery, service
+
+    register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
+    with session_scope() as s:
+        event_id = service.emit(s, "job.failed", {"job_id": "y"}).id
+    sent.clear()  # the fan-out task was lost with the broker
+    with session_scope() as s:
+        s.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id)
+            .values(created_at=utcnow() - timedelta(minutes=5))
+        )
+    assert delivery.sweep() >= 1
+    assert [(t.name, t.args) for t in sent] == [("palimpsest.fan_out_webhook", (event_id,))]
