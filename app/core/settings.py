@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,8 @@ class Settings(BaseSettings):
     signing_key_file: str = "palimpsest-data/signing-key.pem"
     beat_schedule_file: str = "palimpsest-data/celerybeat-schedule"
     subject_pepper: str = DEV_PEPPER
+    # `palimpsest api` processes (uvicorn workers): one per core the process may use.
+    api_workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
     # Worker shape: CUDA does not survive fork, so the GPU queue runs `solo` by default.
     worker_pool: Literal["solo", "threads", "prefork"] = "solo"
     worker_concurrency: int = Field(default=1, ge=1)
