@@ -169,7 +169,8 @@ def main(quick: bool = False, device: str = "cuda") -> dict[str, Any]:
     dev = resolve_device(device)
     r = run(dev, 4_000 if quick else 50_000, 2_000 if quick else 10_000, 16, 8, 1 if quick else 3)
     print(
-        f"B1 on {r['device']} ({r['gpu'] or 'no GPU'}), S={r['shards']} R={r['slices']}, {r['rows']} rows"
+        f"B1 on {r['device']} ({r['gpu'] or 'no GPU'}),"
+        f" S={r['shards']} R={r['slices']}, {r['rows']} rows"
     )
     print(
         f"  SISA training      {r['sisa_train_seconds']:8.1f} s  "
@@ -185,7 +186,8 @@ def main(quick: bool = False, device: str = "cuda") -> dict[str, Any]:
     )
     print(
         f"  unlearning ratio   {r['ratio']:.1f}x (theoretical {r['theoretical_ratio']:.1f}x);"
-        f" accuracy ensemble {r['ensemble_accuracy']:.4f}, monolithic {r['monolithic_accuracy']:.4f}"
+        f" accuracy ensemble {r['ensemble_accuracy']:.4f},"
+        f" monolithic {r['monolithic_accuracy']:.4f}"
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(r, indent=2))

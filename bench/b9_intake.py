@@ -63,6 +63,7 @@ class Result:
     p99_ms: float
     errors: int
     statuses: dict[str, int]
+    api_cpu_ms_per_request: float
     generator_cpu_cores: float
     generator_cpu_share: float
     retry_keys: int
@@ -86,6 +87,29 @@ def _cpu_ticks() -> int:
         fields = fh.readline().split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
     return user + nice + system + irq + softirq
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        stats[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
 
 
 def _dataset(n_subjects: int) -> bytes:
@@ -209,9 +233,11 @@ def run(
                     _ingest(admin, n_subjects)
                 # Warm every process's connection pools before measuring.
                 loadgen_warm = _load(stack.port, portal_key, clients, 2.0, n_subjects, "warm")
+                api_cpu0 = _tree_cpu(stack.procs[0].pid)
                 tally, wall, created, cores, share = _load(
                     stack.port, portal_key, clients, seconds, n_subjects, run_id
                 )
+                api_cpu = _tree_cpu(stack.procs[0].pid) - api_cpu0
                 rtally, ids = _retries(
                     stack.port, portal_key, clients, retry_keys, 10, n_subjects, run_id
                 )
@@ -267,6 +293,7 @@ def run(
         p99_ms=round(tally.percentile(0.99) * 1000, 1),
         errors=errors,
         statuses={str(k): v for k, v in sorted(tally.statuses.items())},
+        api_cpu_ms_per_request=round(1000 * api_cpu / max(1, n), 2),
         generator_cpu_cores=round(cores, 2),
         generator_cpu_share=round(share, 3),
         retry_keys=retry_keys,
@@ -287,6 +314,7 @@ def print_table(r: Result) -> None:
         ("requests in the load", f"{r.requests} in {r.seconds} s"),
         ("requests/s", f"{r.requests_per_second}"),
         ("latency p50 / p99", f"{r.p50_ms} ms / {r.p99_ms} ms"),
+        ("API CPU per request", f"{r.api_cpu_ms_per_request} ms"),
         ("errors (non-202 + transport)", f"{r.errors} {r.statuses}"),
         (
             "load generator CPU",

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core import broker
 from app.core.logging import HEADER as REQUEST_ID_HEADER
 from app.core.logging import request_id_var
 from app.core.settings import Settings, get_settings
@@ -138,27 +139,25 @@ _SEND_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "i
 
 
 def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
-    """Publish on a connection of its own: the API sends from a thread pool, and kombu's
-    pooled producers are not safe to share between threads on every transport (the
-    SQLAlchemy one loses its channel). A transient failure is retried; a task that still
-    cannot be sent is re-sent by the beat's resume sweep (tasks are idempotent)."""
+    """Publish on this thread's broker connection (app/core/broker.py). A transient
+    failure is retried; a task that still cannot be sent is re-sent by the beat's resume
+    sweep (tasks are idempotent)."""
     for attempt in range(1, attempts + 1):
         try:
-            with app.connection_for_write(
-                connect_timeout=2, transport_options={"max_retries": 1}
-            ) as conn:
-                app.send_task(
-                    task.name,
-                    args=list(task.args),
-                    queue=task.queue,
-                    countdown=task.countdown,
-                    connection=conn,
-                    headers={REQUEST_ID_HEADER: task.request_id} if task.request_id else None,
-                    retry_policy=_SEND_RETRY,
+            broker.publish(
+                app,
+                task.name,
+                send={
+                    "args": list(task.args),
+                    "queue": task.queue,
+                    "countdown": task.countdown,
+                    "headers": {REQUEST_ID_HEADER: task.request_id} if task.request_id else None,
+                    "retry_policy": _SEND_RETRY,
                     # Nobody waits on these results: no subscription to the result store
                     # (which would block on it too when Redis is down).
-                    ignore_result=True,
-                )
+                    "ignore_result": True,
+                },
+            )
             return
         except Exception:
             if attempt == attempts:
