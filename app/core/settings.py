@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     broker_url: str = "sqla+sqlite:///palimpsest-broker.sqlite"
     result_backend: str = "db+sqlite:///palimpsest-results.sqlite"
     artifact_root: str = "palimpsest-data/artifacts"
+    # fsspec options for the artifact root's filesystem, as JSON: for S3 (s3fs) e.g.
+    # {"endpoint_url": "https://minio.internal:9000"}. Credentials come from the usual
+    # AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the instance's role.
+    artifact_options: dict[str, Any] = Field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     signing_key_file: str = "palimpsest-data/signing-key.pem"
     beat_schedule_file: str = "palimpsest-data/celerybeat-schedule"

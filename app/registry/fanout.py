@@ -21,6 +21,7 @@ from sqlalchemy import update
 from app.core.db import session_scope
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
+from app.jobs import lease
 from app.jobs import service as jobs
 from app.ml.config import FeatureSpec
 from app.ml.device import runtime_fingerprint
@@ -185,6 +186,7 @@ def train_one_shard(job_id: str, shard: int, attempt: int | None = None) -> dict
         "entry": ShardEntry.from_result(res).to_dict(),
         "seconds": res.seconds,
         "slices_trained": res.slices_trained,
+        "worker": lease.worker_id(),  # which worker trained it (host:pid), for operators
     }
 
 
@@ -222,6 +224,7 @@ def assemble(
         "weighted": base.weighting is not None,
         "shard_seconds": shard_seconds,
         "device_seconds": sum(shard_seconds),
+        "shard_workers": {str(s): by_shard[s].get("worker") for s in sorted(by_shard)},
     }
     if snap.purpose == "feature":
         result |= {"method": "feature_retrain", "shards": len(trained)}
