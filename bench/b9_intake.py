@@ -32,6 +32,7 @@ import os
 import random
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -75,6 +76,9 @@ class Result:
     planned: int
     planning_seconds: float
     planned_per_second: float
+    audit_appends_per_s_1_chain: float
+    audit_appends_per_s_16_chains: float
+    audit_chain_intact: bool
 
 
 def _plain(url: str) -> str:
@@ -192,6 +196,45 @@ def _retries(
     return tally, ids
 
 
+def chain_appends(db_url: str, chains: int, seconds: float = 4.0, threads: int = 12) -> float:
+    """Audit events appended per second by `threads` concurrent one-event transactions
+    with the log split into `chains` chains (1 is the old single chain): what the chain
+    locks alone allow, in one process, apart from the rest of the request."""
+    from sqlalchemy.orm import sessionmaker
+
+    from app.audit import service as audit
+    from app.core.db import make_engine
+
+    engine = make_engine(db_url)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    saved, audit.CHAINS = audit.CHAINS, chains
+    done = [0]
+    stop = time.perf_counter() + seconds
+
+    def writer() -> None:
+        while time.perf_counter() < stop:
+            with factory() as s, s.begin():
+                audit.record(
+                    s,
+                    actor="bench:b9",
+                    action="bench.append",
+                    entity_type="bench",
+                    entity_id=uuid.uuid4().hex,
+                )
+            done[0] += 1
+
+    try:
+        pool = [threading.Thread(target=writer) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        audit.CHAINS = saved
+        engine.dispose()
+    return done[0] / seconds
+
+
 def _count(db_url: str, sql: str, *params: Any) -> int:
     with psycopg.connect(_plain(db_url)) as conn:
         row = conn.execute(sql, params).fetchone()
@@ -277,6 +320,12 @@ def run(
                 plan_s = time.perf_counter() - t0
             finally:
                 stack.stop()
+            one_chain = chain_appends(db_url, 1)
+            many_chains = chain_appends(db_url, 16)
+            try:  # the whole log: intake, planning, and the appends just made
+                intact = "intact" in stack.cli("audit", "verify")
+            except RuntimeError:
+                intact = False
     finally:
         with psycopg.connect(_plain(pg), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -305,6 +354,9 @@ def run(
         planned=stored - left,
         planning_seconds=round(plan_s, 1),
         planned_per_second=round((stored - left) / plan_s, 1),
+        audit_appends_per_s_1_chain=round(one_chain, 1),
+        audit_appends_per_s_16_chains=round(many_chains, 1),
+        audit_chain_intact=intact,
     )
 
 
@@ -327,6 +379,11 @@ def print_table(r: Result) -> None:
         ),
         ("every request stored exactly once", "yes" if r.stored_once else "NO"),
         ("planned afterwards", f"{r.planned} in {r.planning_seconds} s"),
+        (
+            "audit appends/s, 12 writers: 1 chain / 16",
+            f"{r.audit_appends_per_s_1_chain} / {r.audit_appends_per_s_16_chains}"
+            f" (log intact: {'yes' if r.audit_chain_intact else 'NO'})",
+        ),
     ]
     width = max(len(a) for a, _ in rows)
     print("B9 intake: POST /v1/deletion-requests on PostgreSQL + Redis")
