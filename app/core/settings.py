@@ -13,6 +13,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_PEPPER = "palimpsest-development-pepper-change-me"
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set), where the OS tells."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """Everything configurable. Paths without a scheme are relative to the current folder."""
 
@@ -32,7 +39,7 @@ class Settings(BaseSettings):
     beat_schedule_file: str = "palimpsest-data/celerybeat-schedule"
     subject_pepper: str = DEV_PEPPER
     # `palimpsest api` processes (uvicorn workers): one per core the process may use.
-    api_workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
+    api_workers: int = Field(default_factory=_usable_cores, ge=1)
     # Worker shape: CUDA does not survive fork, so the GPU queue runs `solo` by default.
     worker_pool: Literal["solo", "threads", "prefork"] = "solo"
     worker_concurrency: int = Field(default=1, ge=1)
