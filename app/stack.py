@@ -63,6 +63,7 @@ class LocalStack:
         return self.cli("keys", "create", "--role", role, "--name", name).strip().splitlines()[-1]
 
     def _spawn(self, name: str, *args: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         log = self.folder / f"{name}.log"
         self.logs.append(log)
         fh = log.open("wb")
