@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core import broker
+from app.core import producers
 from app.core.logging import HEADER as REQUEST_ID_HEADER
 from app.core.logging import request_id_var
 from app.core.settings import Settings, get_settings
@@ -139,12 +139,12 @@ _SEND_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "i
 
 
 def _send(app: Any, task: PendingTask, attempts: int = 3) -> None:
-    """Publish on this thread's broker connection (app/core/broker.py). A transient
+    """Publish on this thread's broker connection (app/core/producers.py). A transient
     failure is retried; a task that still cannot be sent is re-sent by the beat's resume
     sweep (tasks are idempotent)."""
     for attempt in range(1, attempts + 1):
         try:
-            broker.publish(
+            producers.publish(
                 app,
                 task.name,
                 send={

@@ -1,6 +1,6 @@
 """audit_events: several hash chains (concurrent writers on PostgreSQL)
 
-Revision ID: 0006
+Revision ID: 0006_audit_chains
 Revises: 0005
 Create Date: 2026-12-01 14:30:00.000000
 """
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
+revision: str = "0006_audit_chains"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
