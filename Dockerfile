@@ -25,7 +25,8 @@ COPY workers ./workers
 COPY app ./app
 # A regular install: the migrations ship as a package, so `palimpsest db upgrade` finds
 # them in site-packages.
-RUN pip install . \
+# The `s3` extra: artifacts may live on S3 or an S3-compatible store (README).
+RUN pip install '.[s3]' \
     && python -c "import app.cli, migrations, workers.celery_app"
 
 # Unprivileged user; the beat schedule is written under palimpsest-data/ in the workdir,
@@ -46,4 +47,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"]
 
 ENTRYPOINT ["palimpsest"]
+# One API process per core by default; PALIMPSEST_API_WORKERS (or --workers) sets it.
 CMD ["api", "--host", "0.0.0.0", "--port", "8000"]

@@ -77,9 +77,28 @@ def keys_create(
     typer.echo(raw)
 
 
+def served_app() -> object:
+    """The factory each API process calls: with several workers uvicorn spawns fresh
+    interpreters, so each sets up our logging itself."""
+    from app.core.logging import configure_logging
+    from app.core.settings import get_settings
+    from app.main import create_app
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app()
+
+
 @cli.command("api")
-def api(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the HTTP API (uvicorn)."""
+def api(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="processes; default PALIMPSEST_API_WORKERS (the core count)"),
+    ] = None,
+) -> None:
+    """Serve the HTTP API (uvicorn, several processes sharing the port)."""
     import uvicorn
 
     from app.core.logging import configure_logging
@@ -89,10 +108,11 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     settings.ensure_local_dirs()
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
-        "app.main:create_app",
+        "app.cli:served_app",
         factory=True,
         host=host,
         port=port,
+        workers=workers or settings.api_workers,
         log_level="info",
         log_config=None,  # keep our JSON handler: uvicorn's records flow through root
         access_log=False,  # app.main logs each request, with its id and redacted paths

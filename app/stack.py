@@ -63,6 +63,7 @@ class LocalStack:
         return self.cli("keys", "create", "--role", role, "--name", name).strip().splitlines()[-1]
 
     def _spawn(self, name: str, *args: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         log = self.folder / f"{name}.log"
         self.logs.append(log)
         fh = log.open("wb")
@@ -77,11 +78,19 @@ class LocalStack:
             )
         )
 
-    def start(self, worker_args: tuple[str, ...] = ()) -> LocalStack:
+    def start(
+        self,
+        worker_args: tuple[str, ...] = (),
+        *,
+        api_args: tuple[str, ...] = (),
+        worker: bool = True,
+    ) -> LocalStack:
+        """`worker=False` starts the API alone (`start_worker` adds one later)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cli("db", "upgrade")
-        self._spawn("api", "api", "--host", "127.0.0.1", "--port", str(self.port))
-        self._spawn("worker", "worker", "--loglevel", "WARNING", "--beat", *worker_args)
+        self._spawn("api", "api", "--host", "127.0.0.1", "--port", str(self.port), *api_args)
+        if worker:
+            self.start_worker(*worker_args)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -94,6 +103,11 @@ class LocalStack:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError("the API did not come up:\n" + self.tail())
+
+    def start_worker(self, *args: str, name: str = "worker", beat: bool = True) -> None:
+        """A `palimpsest worker` (its log is `<name>.log`), by default with the embedded
+        beat; a stack runs one beat, however many workers."""
+        self._spawn(name, "worker", "--loglevel", "WARNING", *(["--beat"] if beat else []), *args)
 
     def tail(self, n: int = 4000) -> str:
         return "\n".join(

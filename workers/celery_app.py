@@ -21,6 +21,7 @@ from app.core import outbox
 from app.core.logging import HEADER as REQUEST_ID_HEADER
 from app.core.outbox import PendingTask
 from app.core.settings import Settings, get_settings
+from workers import producers
 
 log = logging.getLogger(__name__)
 
@@ -110,32 +111,28 @@ class CelerySender:
         }
 
     def send(self, task: PendingTask, attempts: int = 3) -> None:
-        """Publish on a connection of its own: the API sends from a thread pool, and
-        kombu's pooled producers are not safe to share between threads on every transport
-        (the SQLAlchemy one loses its channel). A transient failure is retried; a task
-        that still cannot be sent is re-sent by the resume sweep (tasks are idempotent)."""
+        """Publish on this thread's broker connection (workers/producers.py). A transient
+        failure is retried; a task that still cannot be sent is re-sent by the resume
+        sweep (tasks are idempotent)."""
         app = get_celery()
         for attempt in range(1, attempts + 1):
             try:
-                with app.connection_for_write(
-                    connect_timeout=2, transport_options={"max_retries": 1}
-                ) as conn:
-                    app.send_task(
-                        task.name,
-                        args=list(task.args),
-                        connection=conn,
-                        retry_policy=_SEND_RETRY,
+                producers.publish(
+                    app,
+                    task.name,
+                    send={
+                        "args": list(task.args),
+                        "retry_policy": _SEND_RETRY,
                         # Nobody waits on these results: no subscription to the result
                         # store (which would block on it too when Redis is down).
-                        ignore_result=True,
+                        "ignore_result": True,
                         **self._options(task),
-                    )
+                    },
+                )
                 return
             except Exception:
                 if attempt == attempts:
-                    log.exception(
-                        "could not send task %s%s; it will be resumed", task.name, task.args
-                    )
+                    log.exception("could not send %s%s; it will be resumed", task.name, task.args)
 
     def chord(self, header: Sequence[PendingTask], callback: PendingTask) -> None:
         """Shard tasks joined by their callback (the chord's results live in the result

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
 from app.models import AuditEvent
@@ -37,6 +38,51 @@ def _digest(
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+# PostgreSQL writers append to one of CHAINS chains. One chain serialises every writer
+# from its append to its commit (the next writer must see the predecessor's hash), and a
+# commit waits for its WAL flush: a single chain caps intake at one fsync per request.
+# With several, concurrent transactions commit together (PostgreSQL's group commit).
+# Within a chain the order is the id order (ids are drawn under the chain's lock); across
+# chains it is the hashed timestamps'. SQLite has one writer at a time: chain 0 only.
+CHAINS = 16
+_LOCK = 7316001  # the advisory lock space: (_LOCK, chain)
+_CHAIN_KEY = "audit_chain"
+
+
+def _chain(session: Session) -> int:
+    """This transaction's chain, locked until it ends: the lowest free one (so a lone
+    writer always appends to chain 0, and more chains fill only under concurrency), else
+    wait for a random one. A transaction waits only while it holds no chain lock, and
+    holds one at most, so chain locks never deadlock."""
+    chain: int | None = session.info.get(_CHAIN_KEY)
+    if chain is not None:
+        return chain
+    if session.get_bind().dialect.name != "postgresql":
+        chain = 0
+    else:
+        chain = session.scalar(
+            text(
+                "SELECT c FROM unnest(CAST(:chains AS integer[])) AS c"
+                " WHERE pg_try_advisory_xact_lock(:lock, c) LIMIT 1"
+            ),
+            {"chains": list(range(CHAINS)), "lock": _LOCK},
+        )
+        if chain is None:
+            chain = secrets.randbelow(CHAINS)
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(:lock, :c)"), {"lock": _LOCK, "c": chain}
+            )
+    session.info[_CHAIN_KEY] = chain
+    return chain
+
+
+@event.listens_for(Session, "after_commit")
+@event.listens_for(Session, "after_rollback")
+def _release_chain(session: Session) -> None:
+    # The transaction's advisory lock ended with it; the next one picks again.
+    session.info.pop(_CHAIN_KEY, None)
+
+
 def record(
     session: Session,
     *,
@@ -46,16 +92,18 @@ def record(
     entity_id: str,
     data: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one event chained to the last one. Writers are serialised so the chain
-    never forks: a transaction-scoped advisory lock on PostgreSQL; SQLite's write lock
-    (every transaction begins IMMEDIATE) does the same there."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(7316001)"))
-    last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(1)).first()
-    prev = last.hash if last is not None else GENESIS
+    """Append one event chained to the last one of this transaction's chain."""
+    chain = _chain(session)
+    last = session.scalar(
+        select(AuditEvent.hash)
+        .where(AuditEvent.chain == chain)
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    prev = last if last is not None else GENESIS
     at = utcnow()
     payload = json.loads(json.dumps(data or {}, default=str))
-    event = AuditEvent(
+    ev = AuditEvent(
         at=at,
         actor=actor,
         action=action,
@@ -64,10 +112,11 @@ def record(
         data=payload,
         prev_hash=prev,
         hash=_digest(prev, at, actor, action, entity_type, entity_id, payload),
+        chain=chain,
     )
-    session.add(event)
+    session.add(ev)
     session.flush()
-    return event
+    return ev
 
 
 @dataclass
@@ -79,8 +128,9 @@ class ChainCheck:
 
 
 def verify_chain(session: Session, batch: int = 5000) -> ChainCheck:
-    """Recompute every hash in order; report the first event that does not match."""
-    prev = GENESIS
+    """Recompute every hash in order, each chain from its genesis; report the first
+    event that does not match."""
+    prev: dict[int, str] = {}
     count = 0
     last_id = 0
     while True:
@@ -90,15 +140,15 @@ def verify_chain(session: Session, batch: int = 5000) -> ChainCheck:
         if not rows:
             return ChainCheck(True, count)
         for ev in rows:
-            if ev.prev_hash != prev:
+            if ev.prev_hash != prev.get(ev.chain, GENESIS):
                 return ChainCheck(
                     False, count, ev.id, "prev_hash does not match the previous event"
                 )
             expected = _digest(
-                prev, ev.at, ev.actor, ev.action, ev.entity_type, ev.entity_id, ev.data
+                ev.prev_hash, ev.at, ev.actor, ev.action, ev.entity_type, ev.entity_id, ev.data
             )
             if expected != ev.hash:
                 return ChainCheck(False, count, ev.id, "event content does not match its hash")
-            prev = ev.hash
+            prev[ev.chain] = ev.hash
             count += 1
             last_id = ev.id

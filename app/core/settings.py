@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_PEPPER = "palimpsest-development-pepper-change-me"
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set), where the OS tells."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -22,10 +30,16 @@ class Settings(BaseSettings):
     broker_url: str = "sqla+sqlite:///palimpsest-broker.sqlite"
     result_backend: str = "db+sqlite:///palimpsest-results.sqlite"
     artifact_root: str = "palimpsest-data/artifacts"
+    # fsspec options for the artifact root's filesystem, as JSON: for S3 (s3fs) e.g.
+    # {"endpoint_url": "https://minio.internal:9000"}. Credentials come from the usual
+    # AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the instance's role.
+    artifact_options: dict[str, Any] = Field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     signing_key_file: str = "palimpsest-data/signing-key.pem"
     beat_schedule_file: str = "palimpsest-data/celerybeat-schedule"
     subject_pepper: str = DEV_PEPPER
+    # `palimpsest api` processes (uvicorn workers): one per core the process may use.
+    api_workers: int = Field(default_factory=_usable_cores, ge=1)
     # Worker shape: CUDA does not survive fork, so the GPU queue runs `solo` by default.
     worker_pool: Literal["solo", "threads", "prefork"] = "solo"
     worker_concurrency: int = Field(default=1, ge=1)

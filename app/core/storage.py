@@ -1,8 +1,10 @@
-"""The artifact store: a local folder or any fsspec URL (s3://bucket/prefix...)."""
+"""The artifact store: a local folder or any fsspec URL (s3://bucket/prefix... with the
+`s3` extra, s3fs), with PALIMPSEST_ARTIFACT_OPTIONS for the filesystem's options."""
 
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 import uuid
 from typing import Any
@@ -17,9 +19,9 @@ from app.core.settings import Settings, get_settings
 class ArtifactStore:
     """Paths are relative to the root; writes go to a temporary name, then move."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, options: dict[str, Any] | None = None) -> None:
         self.fs: Any
-        self.fs, path = fsspec.core.url_to_fs(root)
+        self.fs, path = fsspec.core.url_to_fs(root, **_options(root, options or {}))
         self.root = path.rstrip("/")
         self.fs.makedirs(self.root, exist_ok=True)
 
@@ -68,11 +70,21 @@ class ArtifactStore:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)))
 
 
-_stores: dict[str, ArtifactStore] = {}
+def _options(root: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The filesystem's options. On object stores the API and the workers write the same
+    prefixes from different processes, so a cached listing would go stale: s3fs and
+    gcsfs list afresh unless told otherwise."""
+    if root.startswith(("s3://", "s3a://", "gs://", "gcs://")):
+        return {"use_listings_cache": False, **options}
+    return options
+
+
+_stores: dict[tuple[str, str], ArtifactStore] = {}
 
 
 def get_store(settings: Settings | None = None) -> ArtifactStore:
-    root = (settings or get_settings()).artifact_root
-    if root not in _stores:
-        _stores[root] = ArtifactStore(root)
-    return _stores[root]
+    settings = settings or get_settings()
+    key = (settings.artifact_root, json.dumps(settings.artifact_options, sort_keys=True))
+    if key not in _stores:
+        _stores[key] = ArtifactStore(settings.artifact_root, settings.artifact_options)
+    return _stores[key]

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, new_id, utcnow
@@ -54,9 +64,11 @@ class Report(Base):
 
 
 class AuditEvent(Base):
-    """Append-only log; `hash` = sha256(prev_hash + canonical event), a chain."""
+    """Append-only log; `hash` = sha256(prev_hash + canonical event), and `prev_hash` is
+    the hash of the previous event of the same `chain` (app/audit/service.py)."""
 
     __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_chain_id", "chain", "id"),)
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     actor: Mapped[str] = mapped_column(String(100))
@@ -66,6 +78,7 @@ class AuditEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+    chain: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0")
 
 
 class ApiKey(Base):

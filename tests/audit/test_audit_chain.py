@@ -178,3 +178,72 @@ def test_reordered_events_are_located(env: AppEnv, a: int, b: int) -> None:
     _tamper(lambda c: _swap(c, ids[a], ids[b]))
     # The earlier position now holds an event whose predecessor is not the one before it.
     _assert_broken_at(env, ids[a], "prev_hash does not match")
+
+
+def test_concurrent_writers_on_postgres_fill_several_chains_and_stay_intact(
+    env: AppEnv,
+) -> None:
+    """Writers whose transactions overlap append to different chains (a lone writer
+    keeps to chain 0); every chain verifies, and a change in any chain is located."""
+    import threading
+    import time
+
+    from app.audit import service as audit
+    from app.core.db import session_scope
+    from tests.support.database import postgres_admin_url
+
+    if postgres_admin_url() is None:
+        pytest.skip("needs PostgreSQL: PALIMPSEST_TEST_POSTGRES_URL is unset")
+    # The shared env is on PostgreSQL here, holding the N_EVENTS seeded events.
+    barrier = threading.Barrier(6)
+
+    def writer(w: int) -> None:
+        for i in range(10):
+            barrier.wait(timeout=30)  # every round, all six transactions overlap
+            with session_scope() as s:
+                for part in range(2):  # two events, one transaction, one chain
+                    audit.record(
+                        s,
+                        actor=f"key:w{w}",
+                        action="request.received",
+                        entity_type="deletion_request",
+                        entity_id=f"w{w}-{i}-{part}",
+                        data={"i": i},
+                    )
+                time.sleep(0.02)  # hold the chain until commit, as a request does
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    with env_connection() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT id, chain, entity_id FROM audit_events"
+                " WHERE entity_id LIKE 'w%' ORDER BY id"
+            )
+        ).all()
+    assert len(rows) == 120
+    chains = {c for _, c, _ in rows}
+    assert len(chains) > 1, chains
+    by_entity: dict[str, set[int]] = {}
+    for _, c, e in rows:
+        by_entity.setdefault(e.rsplit("-", 1)[0], set()).add(c)
+    assert all(len(cs) == 1 for cs in by_entity.values())  # one transaction, one chain
+    check = _check()
+    assert check.intact and check.events == 120 + N_EVENTS, check
+
+    victim = next(i for i, c, _ in rows if c != 0)
+    _tamper(
+        lambda c: c.execute(
+            text("UPDATE audit_events SET actor = 'key:mallory' WHERE id = :i"), {"i": victim}
+        )
+    )
+    _assert_broken_at(env, victim, "event content does not match its hash")
+
+
+def env_connection() -> Any:
+    from app.core.db import get_engine
+
+    return get_engine().connect()

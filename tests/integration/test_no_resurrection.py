@@ -64,21 +64,26 @@ def _database_hits(url: str, needles: list[str]) -> list[str]:
 
 
 def _file_hits(root: Path, needles: list[str], numbers: list[float]) -> list[str]:
+    """Every file under a local artifact root, searched by `blob_hits`."""
+    hits = []
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        hits += blob_hits(f.name, f.read_bytes(), needles, numbers)
+    return hits
+
+
+def blob_hits(name: str, data: bytes, needles: list[str], numbers: list[float]) -> list[str]:
     """Parquet files are read (their pages are compressed); every other file is searched
     byte for byte, for the text and for the IEEE-754 doubles of the numbers."""
     hits = []
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        if f.suffix == ".parquet":
-            table = pq.read_table(f).to_pylist()
-            for row in table:
-                values = [str(v) for v in row.values()]
-                hits += [f"{f.name}: {n}" for n in needles if n in values]
-                hits += [f"{f.name}: {x}" for x in numbers if x in row.values()]
-            continue
-        data = f.read_bytes()
-        hits += [f"{f.name}: {n}" for n in needles if n.encode() in data]
-        hits += [f"{f.name}: {x} (text)" for x in numbers if repr(x).encode() in data]
-        hits += [f"{f.name}: {x} (double)" for x in numbers if struct.pack("<d", x) in data]
+    if name.endswith(".parquet"):
+        for row in pq.read_table(io.BytesIO(data)).to_pylist():
+            values = [str(v) for v in row.values()]
+            hits += [f"{name}: {n}" for n in needles if n in values]
+            hits += [f"{name}: {x}" for x in numbers if x in row.values()]
+        return hits
+    hits += [f"{name}: {n}" for n in needles if n.encode() in data]
+    hits += [f"{name}: {x} (text)" for x in numbers if repr(x).encode() in data]
+    hits += [f"{name}: {x} (double)" for x in numbers if struct.pack("<d", x) in data]
     return hits
 
 
