@@ -23,9 +23,13 @@ synthetic data:
   checkpoint chain, load the checkpoint before the earliest affected slice, retrain
   forward, write the new checkpoints). Timed retrain: fit the preprocessor on all
   retained rows, transform, initialise, train E epochs, write the checkpoint. Both get
-  the retained rows and the persisted layout prepared beforehand. Each measurement is
-  repeated (the new checkpoints deleted in between) and the fastest run kept, since on
-  a shared machine other processes only ever add time; CPU time is reported beside.
+  the retained rows and the persisted layout prepared beforehand. A round times the
+  monolithic retrain and then the R unlearnings (the new checkpoints are deleted after
+  a round, so the next recomputes them), so both sides of a round's ratio ran under
+  the same load from other processes; the median round is reported, in wall-clock and
+  in CPU time. The verdict uses CPU time: the work is single-threaded, so its CPU time
+  is its wall time on an idle machine, while on a shared one wall time mostly measures
+  the other tenants.
 * Theory: for one record in a uniformly random slice of one of S shards, the
   expected speed-up in sample-gradient steps is S*R*sum((i+1)e_i) / sum((i+1)^2 e_i)
   (`app.ml.schedule.theoretical_speedup`), S*3R/(2R+1) = 22.6x at S=16, R=8 with equal
@@ -59,7 +63,7 @@ from app.ml.metrics import accuracy
 from app.ml.preprocess import fit_preprocessor
 from app.ml.schedule import mean_passes_per_record, stage_epochs, theoretical_speedup
 from app.ml.sharding import assign_shards, assign_slices
-from app.ml.sisa import SisaEnsemble, SisaManifest, train_sisa, unlearn_sisa
+from app.ml.sisa import SisaEnsemble, SisaManifest, UnlearnStats, train_sisa, unlearn_sisa
 from app.ml.training import fit, init_model_, predict_proba
 
 EPOCHS = 45
@@ -75,6 +79,10 @@ LEVELS = {"region": 5, "plan": 8, "channel": 12}
 TRAINING = TrainingConfig(epochs=EPOCHS, batch_size=256, lr=0.01, seed=SEED, schedule="per_record")
 TARGET = (16, 8)
 TARGET_SHARE = 0.9
+# The verdict uses CPU time: the computation is single-threaded, so its CPU time is its
+# wall time on an idle machine, while wall time on a shared one mostly measures the
+# other tenants (wall-clock figures are printed beside it).
+SHARE_FIELD = "share_of_theory_cpu"
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ class Settings:
     repeats: int
 
 
-FULL = Settings(50_000, 10_000, ((1, 1), (4, 8), (8, 8), (16, 1), (16, 4), (16, 8)), 3)
+FULL = Settings(50_000, 10_000, ((4, 8), (8, 8), (16, 1), (16, 4), (16, 8)), 3)
 ONLY_TARGET = Settings(50_000, 10_000, (TARGET,), 3)
 QUICK = Settings(4_000, 2_000, ((1, 1), (1, 4), (4, 1), (4, 4)), 1)
 
@@ -98,18 +106,10 @@ class Timing:
     cpu: float
 
 
-def timed(fn: Callable[[], Any], repeats: int, reset: Callable[[Any], None]) -> tuple[Any, Timing]:
-    """Fastest of `repeats` runs (wall and CPU each); `reset` undoes a run's effects."""
-    best_wall = best_cpu = math.inf
-    out: Any = None
-    for r in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = fn()
-        best_wall = min(best_wall, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-        if r + 1 < repeats:
-            reset(out)
-    return out, Timing(best_wall, best_cpu)
+def timed(fn: Callable[[], Any]) -> tuple[Any, Timing]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, Timing(time.perf_counter() - t0, time.process_time() - c0)
 
 
 def synth(n_rows: int, seed: int, id_offset: int = 0) -> TabularData:
@@ -166,7 +166,7 @@ def _steps(rows_per_stage: list[int], stages: tuple[int, ...], earliest: int) ->
 def run_layout(
     train: TabularData,
     test: TabularData,
-    mono: dict[str, Any],
+    mono: Monolithic,
     shards: int,
     slices: int,
     root: Path,
@@ -195,57 +195,83 @@ def run_layout(
         device=device,
     )
     initial_train_s = time.perf_counter() - t0
+    original = {k for e in manifest.entries for k in e.checkpoint_keys}
 
     rng = np.random.default_rng(derive_seed(SEED, "requests", shards, slices) % 2**32)
+    rows = [int(rng.choice(np.flatnonzero(slice_of == k))) for k in range(slices)]
+    # Rounds interleave the monolithic retrain with the R unlearnings, so both sides of
+    # a round's ratio ran under the same load from other processes; the median round
+    # is reported. Between rounds the new checkpoints are deleted, so each unlearning
+    # recomputes what it did the first time.
+    rounds: list[tuple[Timing, list[Timing]]] = []
     runs: list[dict[str, Any]] = []
     first_manifest = manifest
-    for k in range(slices):
-        row = int(rng.choice(np.flatnonzero(slice_of == k)))
-        ids = train.record_ids[[row]]
-        keep = np.ones(len(train), dtype=bool)
-        keep[row] = False
-        retained = train.take(keep)
+    for rnd in range(repeats):
+        mono_t = mono.time_retrain()
+        times: list[Timing] = []
+        for k, row in enumerate(rows):
+            ids = train.record_ids[[row]]
+            keep = np.ones(len(train), dtype=bool)
+            keep[row] = False
+            retained = train.take(keep)
 
-        def unlearn(
-            retained: TabularData = retained, keep: np.ndarray = keep, ids: np.ndarray = ids
-        ) -> tuple[SisaManifest, Any]:
-            return unlearn_sisa(
-                manifest, retained, shard_of[keep], slice_of[keep], ids, store=store, device=device
+            def unlearn(
+                retained: TabularData = retained, keep: np.ndarray = keep, ids: np.ndarray = ids
+            ) -> tuple[SisaManifest, UnlearnStats]:
+                return unlearn_sisa(
+                    manifest,
+                    retained,
+                    shard_of[keep],
+                    slice_of[keep],
+                    ids,
+                    store=store,
+                    device=device,
+                )
+
+            (new, stats), t = timed(unlearn)
+            times.append(t)
+            if rnd + 1 < repeats:
+                for e in new.entries:
+                    for key in set(e.checkpoint_keys) - original:
+                        store.delete(key)
+                continue
+            if k == 0:
+                first_manifest = new
+            (shard,) = stats.affected_shards
+            earliest = stats.earliest_affected_slice[shard]
+            in_shard = slice_of[keep][shard_of[keep] == shard]
+            rows_per_stage = [int(np.count_nonzero(in_shard <= i)) for i in range(slices)]
+            runs.append(
+                {
+                    "slice": k,
+                    "shard": shard,
+                    "earliest_slice": earliest,
+                    "slices_retrained": stats.slices_retrained[shard],
+                    "seconds": [r[1][k].wall for r in rounds] + [t.wall],
+                    "cpu_seconds": [r[1][k].cpu for r in rounds] + [t.cpu],
+                    "redo_work": _redo_work(stages, earliest),
+                    "steps": _steps(rows_per_stage, stages, earliest),
+                }
             )
+        rounds.append((mono_t, times))
 
-        def forget_new_checkpoints(out: tuple[SisaManifest, Any]) -> None:
-            old = {k for e in manifest.entries for k in e.checkpoint_keys}
-            for e in out[0].entries:
-                for key in set(e.checkpoint_keys) - old:
-                    store.delete(key)
+    def summary(field: str) -> dict[str, float]:
+        ratios = [
+            getattr(m, field) / float(np.mean([getattr(t, field) for t in ts])) for m, ts in rounds
+        ]
+        mid = int(np.argsort(ratios)[len(ratios) // 2])
+        m, ts = rounds[mid]
+        return {
+            "ratio": ratios[mid],
+            "unlearn": float(np.mean([getattr(t, field) for t in ts])),
+            "retrain": getattr(m, field),
+        }
 
-        (new, stats), t = timed(unlearn, repeats, forget_new_checkpoints)
-        (shard,) = stats.affected_shards
-        earliest = stats.earliest_affected_slice[shard]
-        in_shard = slice_of[keep][shard_of[keep] == shard]
-        rows_per_stage = [int(np.count_nonzero(in_shard <= i)) for i in range(slices)]
-        runs.append(
-            {
-                "slice": k,
-                "shard": shard,
-                "earliest_slice": earliest,
-                "slices_retrained": stats.slices_retrained[shard],
-                "seconds": t.wall,
-                "cpu_seconds": t.cpu,
-                "redo_work": _redo_work(stages, earliest),
-                "steps": _steps(rows_per_stage, stages, earliest),
-            }
-        )
-        if len(runs) == 1:
-            first_manifest = new
-
+    wall, cpu = summary("wall"), summary("cpu")
     ens = SisaEnsemble.load(first_manifest, store, device)
     ens_acc = accuracy(ens.predict_proba(test.columns), test.labels)
-    unlearn_s = float(np.mean([r["seconds"] for r in runs]))
-    unlearn_cpu = float(np.mean([r["cpu_seconds"] for r in runs]))
     work = _redo_work(stages, 0)
     theory = theoretical_speedup(stages, shards)
-    ratio = mono["seconds"] / unlearn_s
     return {
         "shards": shards,
         "slices": slices,
@@ -253,41 +279,42 @@ def run_layout(
         "mean_passes_per_record": mean_passes_per_record(stages),
         "monolithic_epochs": EPOCHS,
         "initial_sisa_train_s": initial_train_s,
-        "unlearn_s": unlearn_s,
-        "unlearn_cpu_s": unlearn_cpu,
-        "retrain_s": mono["seconds"],
-        "retrain_cpu_s": mono["cpu_seconds"],
-        "ratio": ratio,
-        "ratio_cpu": mono["cpu_seconds"] / unlearn_cpu,
-        "ratio_min": min(mono["seconds"] / r["seconds"] for r in runs),
-        "ratio_max": max(mono["seconds"] / r["seconds"] for r in runs),
+        "unlearn_s": wall["unlearn"],
+        "retrain_s": wall["retrain"],
+        "ratio": wall["ratio"],
+        "unlearn_cpu_s": cpu["unlearn"],
+        "retrain_cpu_s": cpu["retrain"],
+        "ratio_cpu": cpu["ratio"],
+        "round_ratios": [m.wall / float(np.mean([t.wall for t in ts])) for m, ts in rounds],
+        "round_ratios_cpu": [m.cpu / float(np.mean([t.cpu for t in ts])) for m, ts in rounds],
         "theoretical_ratio": theory,
-        "share_of_theory": ratio / theory,
+        "share_of_theory": wall["ratio"] / theory,
+        "share_of_theory_cpu": cpu["ratio"] / theory,
         # The cost model on the requests as they fell (a preprocessor change restarts
         # a shard from slice 0), and the same counted in optimiser steps.
         "model_ratio": shards * work / float(np.mean([r["redo_work"] for r in runs])),
-        "steps_ratio": mono["steps"] / float(np.mean([r["steps"] for r in runs])),
+        "steps_ratio": mono.steps / float(np.mean([r["steps"] for r in runs])),
         "ensemble_accuracy": ens_acc,
-        "monolithic_accuracy": mono["accuracy"],
+        "monolithic_accuracy": mono.accuracy,
         "requests": runs,
     }
 
 
-def measure_monolithic(
-    train: TabularData, test: TabularData, root: Path, repeats: int
-) -> dict[str, Any]:
+class Monolithic:
     """The monolithic retrain after forgetting one record (any: the cost is the same)."""
-    retained = train.take(np.arange(1, len(train)))
-    store = FsspecCheckpointStore.local(str(root / "mono"))
-    (model, prep), t = timed(
-        lambda: monolithic_retrain(retained, TRAINING, store), repeats, lambda _: None
-    )
-    return {
-        "seconds": t.wall,
-        "cpu_seconds": t.cpu,
-        "steps": EPOCHS * math.ceil(len(retained) / TRAINING.batch_size),
-        "accuracy": accuracy(predict_proba(model, prep.transform(test.columns)), test.labels),
-    }
+
+    def __init__(self, train: TabularData, test: TabularData, root: Path) -> None:
+        self.retained = train.take(np.arange(1, len(train)))
+        self.store = FsspecCheckpointStore.local(str(root / "mono"))
+        self.steps = EPOCHS * math.ceil(len(self.retained) / TRAINING.batch_size)
+        self.test = test
+        self.accuracy = math.nan
+
+    def time_retrain(self) -> Timing:
+        (model, prep), t = timed(lambda: monolithic_retrain(self.retained, TRAINING, self.store))
+        proba = predict_proba(model, prep.transform(self.test.columns))
+        self.accuracy = accuracy(proba, self.test.labels)
+        return t
 
 
 def main(quick: bool = False, out: Path | None = None, target_only: bool = False) -> dict[str, Any]:
@@ -301,7 +328,7 @@ def main(quick: bool = False, out: Path | None = None, target_only: bool = False
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="b1-") as tmp:
-        mono = measure_monolithic(train, test, Path(tmp), settings.repeats)
+        mono = Monolithic(train, test, Path(tmp))
         for shards, slices in settings.layouts:
             rows.append(run_layout(train, test, mono, shards, slices, Path(tmp), settings.repeats))
     total_s = time.perf_counter() - t0
@@ -310,7 +337,7 @@ def main(quick: bool = False, out: Path | None = None, target_only: bool = False
     met: bool | None = None
     if target is not None:
         gap = 100 * (target["monolithic_accuracy"] - target["ensemble_accuracy"])
-        met = bool(target["share_of_theory"] >= TARGET_SHARE and gap <= 1.5)
+        met = bool(target[SHARE_FIELD] >= TARGET_SHARE and gap <= 1.5)
     result: dict[str, Any] = {
         "benchmark": "B1",
         "quick": quick,
@@ -324,7 +351,7 @@ def main(quick: bool = False, out: Path | None = None, target_only: bool = False
         "repeats": settings.repeats,
         "rows": rows,
         "target": "one-record unlearning at S=16, R=8 >= 90% of the schedule's theoretical "
-        "speed-up, ensemble accuracy within 1.5 points of the monolithic model",
+        "speed-up (CPU time), ensemble accuracy within 1.5 points of the monolithic model",
         "target_met": met,
         "total_seconds": total_s,
     }
@@ -344,8 +371,8 @@ def _print(result: dict[str, Any], path: Path) -> None:
         f"({result['n_train']:,} rows, {result['torch_threads']} thread, "
         f"E={result['monolithic_epochs']} passes per record)"
     )
-    cols = ("S", "R", "e/stage", "unlearn s", "retrain s", "ratio", "cpu", "theory", "share")
-    for col in (*cols, "steps", "acc SISA", "acc mono"):
+    cols = ("S", "R", "e/stage", "unlearn s", "retrain s", "ratio", "cpu", "theory")
+    for col in (*cols, "share", "share wall", "steps", "acc SISA", "acc mono"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
         stages = r["stage_epochs"]
@@ -353,11 +380,12 @@ def _print(result: dict[str, Any], path: Path) -> None:
             str(r["shards"]),
             str(r["slices"]),
             str(stages[0]) if len(set(stages)) == 1 else ",".join(map(str, stages)),
-            f"{r['unlearn_s']:.3f}",
-            f"{r['retrain_s']:.3f}",
+            f"{r['unlearn_cpu_s']:.3f}",
+            f"{r['retrain_cpu_s']:.3f}",
             f"{r['ratio']:.1f}x",
             f"{r['ratio_cpu']:.1f}x",
             f"{r['theoretical_ratio']:.1f}x",
+            f"{100 * r['share_of_theory_cpu']:.0f}%",
             f"{100 * r['share_of_theory']:.0f}%",
             f"{r['steps_ratio']:.1f}x",
             f"{100 * r['ensemble_accuracy']:.2f}",
@@ -369,9 +397,10 @@ def _print(result: dict[str, Any], path: Path) -> None:
     verdict = "n/a (S=16, R=8 not run)" if met is None else ("MET" if met else "NOT MET")
     console.print(f"Target ({result['target']}): {verdict}")
     console.print(
-        "ratio: wall-clock, fastest of the repeats; cpu: the same in CPU time; theory: "
-        "expected speed-up in sample-gradient steps; share: ratio / theory; steps: the "
-        "speed-up counted in optimiser steps"
+        "unlearn s / retrain s: CPU seconds; ratio: retrain / mean unlearning, wall-clock, "
+        "median round; cpu: the same in CPU time; theory: expected speed-up in "
+        "sample-gradient steps; share: cpu / theory; share wall: ratio / theory; steps: "
+        "the speed-up counted in optimiser steps (partial batches)"
     )
     console.print(f"Total {result['total_seconds']:.0f} s; JSON written to {path}")
 
