@@ -152,10 +152,11 @@ def test_unlearning_a_subject_is_bit_identical_to_training_from_scratch(tmp_path
     assert_same_weights(store, new.entry(shard).final_key, scratch, key)
 
 
-def test_training_is_deterministic_across_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("training", [TRAIN, PER_RECORD], ids=["per_stage", "per_record"])
+def test_training_is_deterministic_across_runs(tmp_path: Path, training: TrainingConfig) -> None:
     data = make_data(n_subjects=60, seed=3)
-    m1 = train_all(data, store_at(tmp_path / "a"))
-    m2 = train_all(data.take(np.arange(len(data))[::-1]), store_at(tmp_path / "b"))
+    m1 = train_all(data, store_at(tmp_path / "a"), training)
+    m2 = train_all(data.take(np.arange(len(data))[::-1]), store_at(tmp_path / "b"), training)
     assert m1.to_dict() == m2.to_dict()
     for e in m1.entries:
         for k in e.checkpoint_keys:
