@@ -96,7 +96,7 @@ class Settings:
 
 
 FULL = Settings(50_000, 10_000, ((4, 8), (8, 8), (16, 1), (16, 4), (16, 8)), 3)
-ONLY_TARGET = Settings(50_000, 10_000, (TARGET,), 3)
+ONLY_TARGET = Settings(50_000, 10_000, (TARGET,), 5)
 QUICK = Settings(4_000, 2_000, ((1, 1), (1, 4), (4, 1), (4, 4)), 1)
 
 
