@@ -8,6 +8,10 @@ from typing import Any, Literal
 ArchitectureKind = Literal["logreg", "mlp"]
 ShardingKind = Literal["subject", "source", "random"]
 UnlearningMode = Literal["sisa", "monolithic"]
+# How a SISA model reads `epochs` (app.ml.schedule): `per_stage` is the legacy meaning,
+# `per_record` the meaning of every model created since issue 10.
+EpochSchedule = Literal["per_stage", "per_record"]
+SCHEDULES: tuple[EpochSchedule, ...] = ("per_stage", "per_record")
 
 
 @dataclass(frozen=True)
@@ -27,22 +31,36 @@ class ArchitectureConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Optimisation settings. `epochs` is per slice stage for SISA, total for monolithic."""
+    """Optimisation settings.
+
+    `epochs` is what `schedule` says (see app.ml.schedule): with `per_record` the passes
+    over each record in every mode; with `per_stage` (legacy) the epochs of every SISA
+    slice stage. A monolithic model (one slice) trains `epochs` epochs under either.
+    A stored dict without `schedule` is legacy, and `to_dict` leaves `per_stage` out, so
+    a legacy model's dict, and every checkpoint key hashed from it, is as it always was.
+    """
 
     epochs: int = 10
     batch_size: int = 256
     lr: float = 0.01
     weight_decay: float = 1e-4
     seed: int = 0
+    schedule: EpochSchedule = "per_stage"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown epoch schedule {self.schedule!r}; known: {SCHEDULES}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.schedule == "per_stage":
+            del d["schedule"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
-        return cls(
-            **{k: d[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed") if k in d}
-        )
+        keys = ("epochs", "batch_size", "lr", "weight_decay", "seed", "schedule")
+        return cls(**{k: d[k] for k in keys if k in d})
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -107,17 +108,7 @@ class PreprocessorState:
         pos = len(self.numeric)
         for name, vocab in self.categorical:
             if name not in removed:
-                index = {v: j for j, v in enumerate(vocab)}
-                # Strings (the usual case) skip the normalising call; one pass in C-speed
-                # generator code instead of per-cell indexing.
-                codes = np.fromiter(
-                    (
-                        index.get(v, -1) if type(v) is str else index.get(_cat(v), -1)
-                        for v in columns[name]
-                    ),
-                    dtype=np.int64,
-                    count=n,
-                )
+                codes = _codes(columns[name], {v: j for j, v in enumerate(vocab)}, n)
                 hit = codes >= 0
                 out[np.nonzero(hit)[0], pos + codes[hit]] = 1.0
             pos += len(vocab)
@@ -128,6 +119,26 @@ def _n_rows(columns: Mapping[str, np.ndarray]) -> int:
     for v in columns.values():
         return len(v)
     return 0
+
+
+def _codes(values: np.ndarray, index: dict[str, int], n: int) -> np.ndarray:
+    """Vocabulary position of each value (-1: unknown), values normalised by `_cat`."""
+    cells = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    # Strings (the usual case): dict look-ups mapped in C; anything else is normalised
+    # cell by cell, which gives the same codes for strings, only slower.
+    if set(map(type, cells)) <= {str}:
+        return np.fromiter(map(index.get, cells, repeat(-1)), dtype=np.int64, count=n)
+    return np.fromiter((index.get(_cat(v), -1) for v in cells), dtype=np.int64, count=n)
+
+
+def _vocabulary(values: np.ndarray) -> tuple[str, ...]:
+    """Sorted distinct `_cat` values, without the empty string."""
+    cells = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    distinct = set(cells)
+    if set(map(type, distinct)) <= {str}:
+        return tuple(sorted(distinct - {""}))
+    # Not the distinct values: 1, 1.0 and True are one set element but three strings.
+    return tuple(sorted({_cat(v) for v in cells} - {""}))
 
 
 def _cat(value: object) -> str:
@@ -152,6 +163,6 @@ def fit_preprocessor(spec: FeatureSpec, columns: Mapping[str, np.ndarray]) -> Pr
         if name in spec.fixed_categories:
             vocab = tuple(spec.fixed_categories[name])
         else:
-            vocab = tuple(sorted({_cat(v) for v in columns[name]} - {""}))
+            vocab = _vocabulary(columns[name])
         categorical.append((name, vocab))
     return PreprocessorState(tuple(numeric), tuple(categorical), tuple(spec.removed))

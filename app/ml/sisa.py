@@ -1,13 +1,14 @@
 """Exact unlearning with SISA: sharded, isolated, sliced, aggregated training.
 
 Each shard trains slice stages cumulatively (stage i sees slices 0..i, records sorted by
-id) with seeds derived from (model key, shard, stage), and saves a checkpoint after each
-stage under a content address: a hash chain over the configuration, the shard's
-preprocessor and the record ids of every slice so far. Unlearning is then just training
-again with reuse: the checkpoints before the earliest affected slice have unchanged keys
-and are loaded, everything after is recomputed. Because training is deterministic, the
-result is bit-identical (on CPU) to training the shard from scratch on its retained
-records, which is what the tests assert.
+id) for the epochs its schedule gives it (app.ml.schedule: `training.epochs` read as
+passes per record, or per stage for legacy models), with seeds derived from (model key,
+shard, stage), and saves a checkpoint after each stage under a content address: a hash
+chain over the configuration, the shard's preprocessor and the record ids of every slice
+so far. Unlearning is then just training again with reuse: the checkpoints before the
+earliest affected slice have unchanged keys and are loaded, everything after is
+recomputed. Because training is deterministic, the result is bit-identical (on CPU) to
+training the shard from scratch on its retained records, which is what the tests assert.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingC
 from app.ml.data import TabularData
 from app.ml.device import derive_seed, runtime_fingerprint
 from app.ml.preprocess import PreprocessorState, fit_preprocessor
+from app.ml.schedule import stage_epochs
 from app.ml.training import fit, init_model_
 
 ProgressFn = Callable[[float], None]
@@ -159,8 +162,9 @@ def train_shard(
         raise ValueError(f"slice indices must lie in [0, {sisa.slices})")
     # Data order is defined on record ids alone, never on how the caller assembled rows.
     order = np.argsort(data.record_ids, kind="stable")
-    data = data.take(order)
-    slice_of = slice_of[order]
+    if np.any(order != np.arange(len(order))):
+        data = data.take(order)
+        slice_of = slice_of[order]
     weights: np.ndarray | None = None
     if sample_weight is not None:
         weights = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
@@ -202,7 +206,9 @@ def train_shard(
         model.to(device)
         x = prep.transform(data.columns)
         y = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
-        counts = [int(np.count_nonzero(slice_of <= i)) for i in range(sisa.slices)]
+        epochs = stage_epochs(training, sisa.slices)
+        # Progress counts sample-gradient steps: stage i costs its rows x its epochs.
+        counts = [int(np.count_nonzero(slice_of <= i)) * epochs[i] for i in range(sisa.slices)]
         total_work = max(1, sum(counts[start:]))
         done_work = 0
         base_meta = {
@@ -225,6 +231,7 @@ def train_shard(
                 y[idx],
                 training,
                 _stage_seed(training, model_key, shard, i),
+                epochs=epochs[i],
                 progress=stage_progress,
                 sample_weight=None if weights is None else torch.from_numpy(weights[rows]),
             )
@@ -266,6 +273,11 @@ class ShardEntry:
     n_records: int
     record_ids: list[int]
 
+    @cached_property
+    def ids(self) -> np.ndarray:
+        """`record_ids` as int64, built once (entries are never changed in place)."""
+        return np.asarray(self.record_ids, dtype=np.int64)
+
     @classmethod
     def from_result(cls, r: ShardResult) -> ShardEntry:
         return cls(
@@ -274,7 +286,7 @@ class ShardEntry:
             checkpoint_keys=list(r.checkpoint_keys),
             preprocessor=r.preprocessor.to_dict(),
             n_records=r.n_records,
-            record_ids=[int(v) for v in r.record_ids],
+            record_ids=np.asarray(r.record_ids, dtype=np.int64).tolist(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -324,11 +336,7 @@ class SisaManifest:
     def shards_containing(self, record_ids: Iterable[int]) -> set[int]:
         """Shards whose final model saw any of `record_ids`."""
         wanted = np.asarray(list(record_ids), dtype=np.int64)
-        return {
-            e.shard
-            for e in self.entries
-            if np.isin(np.asarray(e.record_ids, dtype=np.int64), wanted).any()
-        }
+        return {e.shard for e in self.entries if np.isin(e.ids, wanted).any()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -528,15 +536,19 @@ def unlearn_sisa(
     t0 = time.perf_counter()
     forgotten = np.unique(np.asarray(forgotten_ids, dtype=np.int64))
     keep = ~np.isin(np.asarray(data_retained.record_ids, dtype=np.int64), forgotten)
-    data = data_retained.take(keep)
-    shard_of = np.asarray(shard_of, dtype=np.int64)[keep]
-    slice_of = np.asarray(slice_of, dtype=np.int64)[keep]
-    weights = None if sample_weight is None else np.asarray(sample_weight)[keep]
+    shard_of = np.asarray(shard_of, dtype=np.int64)
+    slice_of = np.asarray(slice_of, dtype=np.int64)
+    weights = None if sample_weight is None else np.asarray(sample_weight)
+    data = data_retained
+    if not keep.all():  # the usual caller has dropped them already: no copy of the table
+        data = data_retained.take(keep)
+        shard_of, slice_of = shard_of[keep], slice_of[keep]
+        weights = None if weights is None else weights[keep]
 
     affected: list[int] = []
     found = 0
     for e in manifest.entries:
-        hit = int(np.isin(np.asarray(e.record_ids, dtype=np.int64), forgotten).sum())
+        hit = int(np.isin(e.ids, forgotten).sum())
         if hit:
             affected.append(e.shard)
             found += hit

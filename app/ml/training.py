@@ -55,6 +55,13 @@ def fit(
     estimate of the full weighted objective sum(w loss) / sum(w), so a batch that happens
     to hold many upweighted rows pushes harder, as it should. Batch order is unchanged,
     and without weights the computation is exactly the unweighted one.
+
+    Small models are bound by per-step overhead, not arithmetic, so the loop does no
+    per-step work beyond the step itself: data, labels and weights move to the device
+    once, each epoch's permutation is drawn once and split into batch index views, and
+    on CPU the update is `_ExactAdam`. Every tensor operation is the one the plain loop
+    (`x[idx]`, `torch.optim.Adam`) performs, in the same order, so the weights are
+    bit-identical to it (tests/ml/test_training.py holds the plain loop and asserts it).
     """
     n = x.shape[0]
     epochs = cfg.epochs if epochs is None else epochs
@@ -66,7 +73,7 @@ def fit(
     w: torch.Tensor | None = None
     if sample_weight is not None:
         w = _normalised_weights(sample_weight, n).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _optimiser(model, cfg)
     gen = torch.Generator().manual_seed(derive_seed(seed, "order"))
     mask: torch.Tensor | None = None
     first: nn.Linear | None = None
@@ -76,6 +83,7 @@ def fit(
         first = input_layer(model)
         mask = torch.ones_like(first.weight)
         mask[:, frozen_input_columns] = 0.0
+        keep = mask.bool()
         frozen_values = first.weight.detach().clone()
     model.train()
     bs = max(1, cfg.batch_size)
@@ -84,25 +92,79 @@ def fit(
     done = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n, bs):
-            idx = order[start : start + bs]
+        for idx in torch.split(order, bs):
             opt.zero_grad(set_to_none=True)
+            xb = x.index_select(0, idx)
+            yb = y.index_select(0, idx)
             if w is None:
-                loss = loss_fn(model(x[idx]), y[idx])
+                loss = loss_fn(model(xb), yb)
             else:
-                loss = _weighted_loss(model(x[idx]), y[idx], w[idx])
+                loss = _weighted_loss(model(xb), yb, w.index_select(0, idx))
             loss.backward()  # type: ignore[no-untyped-call]
             if mask is not None and first is not None and first.weight.grad is not None:
                 first.weight.grad.mul_(mask)
             opt.step()
             if mask is not None and first is not None:
                 with torch.no_grad():
-                    first.weight.copy_(torch.where(mask.bool(), first.weight, frozen_values))
+                    first.weight.copy_(torch.where(keep, first.weight, frozen_values))
             done += 1
             if progress is not None and (done % 20 == 0 or done == total):
                 progress(done / total)
     model.eval()
     return model
+
+
+class _ExactAdam:
+    """`torch.optim.Adam`'s update as torch runs it on CPU (the single-tensor path, no
+    amsgrad, float hyper-parameters), op for op, without its per-step bookkeeping
+    (hooks, profiler ranges, state look-ups, group re-collection), which costs more than
+    the arithmetic of a small model. Parameters without a gradient are skipped and keep
+    their own step count, as in torch."""
+
+    betas = (0.9, 0.999)
+    eps = 1e-8
+
+    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> None:
+        self.params = params
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.steps = [0] * len(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if grad is None:
+                continue
+            self.steps[i] += 1
+            # torch keeps the count in a float32 tensor and reads it back as a float.
+            step = float(self.steps[i])
+            if self.weight_decay != 0:
+                grad = grad.add(p, alpha=self.weight_decay)
+            exp_avg, exp_avg_sq = self.exp_avg[i], self.exp_avg_sq[i]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size = self.lr / bias_correction1
+            bias_correction2_sqrt = bias_correction2**0.5
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _optimiser(model: nn.Module, cfg: TrainingConfig) -> _ExactAdam | torch.optim.Adam:
+    params = list(model.parameters())
+    # Elsewhere torch may pick its multi-tensor or fused kernels, whose rounding differs.
+    if all(p.device.type == "cpu" and p.dtype.is_floating_point for p in params):
+        return _ExactAdam(params, cfg.lr, cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _normalised_weights(sample_weight: torch.Tensor, n: int) -> torch.Tensor:

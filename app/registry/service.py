@@ -89,6 +89,9 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         categorical=tuple(f for f in features if f in schema["categorical_columns"]),
     )
     config: dict[str, Any] = body.model_dump(mode="json")
+    # A new model's `epochs` are passes over each record (app.ml.schedule); a stored
+    # config without `schedule` is a model created before, trained per stage.
+    config["training"]["schedule"] = "per_record"
     config["feature_columns"] = features
     config["group_columns"] = groups
     config["resolved"] = {

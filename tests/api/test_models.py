@@ -85,3 +85,29 @@ def test_unknown_model_and_version(env: AppEnv, keys: dict[str, str]) -> None:
     assert_error(resp, 404)
     resp = env.client.post("/v1/models/nope/versions/abc/promote", headers=h)
     assert_error(resp, 422)
+
+
+def test_a_new_model_stores_epochs_as_passes_per_record(
+    env: AppEnv, keys: dict[str, str], dataset: dict[str, Any]
+) -> None:
+    """Its stored `training` names the schedule; a config without one is a model from
+    before, whose SISA stages each train `epochs` epochs (app.ml.schedule)."""
+    from app.core.db import session_scope
+    from app.ml.config import TrainingConfig
+    from app.ml.schedule import stage_epochs
+    from app.models import MLModel
+
+    resp = post(
+        env,
+        keys["admin"],
+        {"name": "per-record", "dataset_id": dataset["id"], "training": {"epochs": 20}},
+    )
+    assert resp.status_code == 202, resp.text
+    with session_scope() as s:
+        model = s.get(MLModel, resp.json()["id"])
+        assert model is not None
+        stored = dict(model.config["training"])
+    assert stored["schedule"] == "per_record"
+    assert stage_epochs(TrainingConfig.from_dict(stored), 8) == (5, 4, 4, 4, 4, 4, 5, 5)
+    del stored["schedule"]
+    assert stage_epochs(TrainingConfig.from_dict(stored), 8) == (20,) * 8

@@ -428,6 +428,8 @@ def test_certificate_is_issued_signed_and_served(env: AppEnv, keys: dict[str, st
     assert "person-42" not in json.dumps(signed)  # never the raw subject id
     assert cert["issuer"]["key_id"] == key_info["key_id"] == signed["signature"]["key_id"]
     assert cert["erasure"] == {
+        "data_held": True,
+        "statement": "the request's data was erased from every model and store that held it",
         "records_erased": 5,
         "parquet_rows_removed": 5,
         "versions_purged": {"m": [1]},

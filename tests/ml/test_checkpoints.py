@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import fsspec
@@ -32,7 +33,11 @@ def test_round_trip_and_deterministic_bytes(tmp_path: object) -> None:
     assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store.root)) == [
         "k2.json",
         "k2.safetensors",
+        "k2.sha256",
     ]
+    # The digest recorded at write time is the bytes' own, and goes with the checkpoint.
+    assert store.digest("k2") == hashlib.sha256(store.read_bytes("k2")).hexdigest()
+    assert store.digest("k1") is None
 
 
 def test_memory_filesystem_and_bad_keys() -> None:

@@ -49,3 +49,20 @@ def test_quantised_statistics_survive_a_small_removal() -> None:
     without = fit_preprocessor(SPEC, {"age": age[3:], "colour": colour[3:]})
     assert "violet" in dict(with_violet.categorical)["colour"]
     assert "violet" not in dict(without.categorical)["colour"]
+
+
+def test_string_fast_path_matches_cell_by_cell_normalisation() -> None:
+    """Codes and vocabularies from all-string columns (mapped in C) equal those of the
+    same columns with one non-string cell (normalised cell by cell)."""
+    rng = np.random.default_rng(0)
+    words = np.array([f"w{i}" for i in range(40)] + [""], dtype=object)
+    strings = rng.choice(words, size=500)
+    mixed = strings.copy()
+    mixed[7] = np.str_(str(mixed[7]))  # a str subclass takes the general path
+    spec = FeatureSpec(categorical=("c",))
+    fast, slow = fit_preprocessor(spec, {"c": strings}), fit_preprocessor(spec, {"c": mixed})
+    assert fast == slow and "" not in dict(fast.categorical)["c"]
+    assert torch.equal(fast.transform({"c": strings}), slow.transform({"c": mixed}))
+    # 1, 1.0 and True are one set element but three categories.
+    odd = fit_preprocessor(spec, {"c": np.array([1, 1.0, True, None, "x"], dtype=object)})
+    assert dict(odd.categorical)["c"] == ("1", "1.0", "True", "x")

@@ -27,6 +27,9 @@ CPU = torch.device("cpu")
 SPEC = FeatureSpec(numeric=("x0", "x1", "x2"), categorical=("colour",))
 ARCH = ArchitectureConfig(kind="mlp", hidden=(8,))
 TRAIN = TrainingConfig(epochs=3, batch_size=32, lr=0.02, seed=7)
+# The same body read as passes per record: stages (1, 0, 1, 1) at R=4, so one stage
+# trains no epoch at all (its checkpoint is the stage before's weights).
+PER_RECORD = TrainingConfig(epochs=2, batch_size=32, lr=0.02, seed=7, schedule="per_record")
 SISA = SisaConfig(shards=3, slices=4, sharding="subject")
 
 
@@ -54,7 +57,9 @@ def store_at(path: Path) -> FsspecCheckpointStore:
     return FsspecCheckpointStore.local(str(path))
 
 
-def train_all(data: TabularData, store: FsspecCheckpointStore) -> SisaManifest:
+def train_all(
+    data: TabularData, store: FsspecCheckpointStore, training: TrainingConfig = TRAIN
+) -> SisaManifest:
     shard_of = assign_shards(data, SISA, seed=1)
     slice_of = assign_slices(data.record_ids, SISA.slices, seed=1)
     return train_sisa(
@@ -63,7 +68,7 @@ def train_all(data: TabularData, store: FsspecCheckpointStore) -> SisaManifest:
         slice_of,
         feature_spec=SPEC,
         arch=ARCH,
-        training=TRAIN,
+        training=training,
         sisa=SISA,
         n_classes=2,
         model_key="m1",
@@ -84,7 +89,11 @@ def assert_same_weights(
 
 
 def from_scratch(
-    data: TabularData, shard: int, tmp: Path, spec: FeatureSpec = SPEC
+    data: TabularData,
+    shard: int,
+    tmp: Path,
+    spec: FeatureSpec = SPEC,
+    training: TrainingConfig = TRAIN,
 ) -> tuple[FsspecCheckpointStore, str, int]:
     """Train one shard on the given retained records in a brand-new store."""
     store = store_at(tmp / f"scratch-{shard}")
@@ -96,7 +105,7 @@ def from_scratch(
         shard=shard,
         feature_spec=spec,
         arch=ARCH,
-        training=TRAIN,
+        training=training,
         sisa=SISA,
         n_classes=2,
         model_key="m1",
@@ -143,10 +152,11 @@ def test_unlearning_a_subject_is_bit_identical_to_training_from_scratch(tmp_path
     assert_same_weights(store, new.entry(shard).final_key, scratch, key)
 
 
-def test_training_is_deterministic_across_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("training", [TRAIN, PER_RECORD], ids=["per_stage", "per_record"])
+def test_training_is_deterministic_across_runs(tmp_path: Path, training: TrainingConfig) -> None:
     data = make_data(n_subjects=60, seed=3)
-    m1 = train_all(data, store_at(tmp_path / "a"))
-    m2 = train_all(data.take(np.arange(len(data))[::-1]), store_at(tmp_path / "b"))
+    m1 = train_all(data, store_at(tmp_path / "a"), training)
+    m2 = train_all(data.take(np.arange(len(data))[::-1]), store_at(tmp_path / "b"), training)
     assert m1.to_dict() == m2.to_dict()
     for e in m1.entries:
         for k in e.checkpoint_keys:
@@ -301,3 +311,73 @@ def test_train_subset_of_shards_reuses_previous_entries(tmp_path: Path) -> None:
             device=CPU,
             shards_to_train={1},
         )
+
+
+@pytest.mark.parametrize("training", [TRAIN, PER_RECORD], ids=["per_stage", "per_record"])
+def test_unlearning_is_bit_identical_to_retraining_under_either_schedule(
+    tmp_path: Path, training: TrainingConfig
+) -> None:
+    data = make_data()
+    store = store_at(tmp_path / "ckpt")
+    manifest = train_all(data, store, training)
+    assert manifest.training == training
+    slice_of = assign_slices(data.record_ids, SISA.slices, seed=1)
+    shard_of = assign_shards(data, SISA, seed=1)
+    # Records of slices 1 and 2 of one shard whose removal leaves the preprocessor as it
+    # was, so the earlier stages are reused (stage 1 trains 0 epochs per record).
+    in_shard = np.flatnonzero(shard_of == 0)
+    prep = fit_preprocessor(SPEC, data.take(in_shard).columns)
+    for k in (1, 2):
+        target = next(
+            data.record_ids[[r]]
+            for r in in_shard
+            if slice_of[r] == k
+            and fit_preprocessor(SPEC, data.take(in_shard[in_shard != r]).columns) == prep
+        )
+        new, stats, retained = forget(manifest, data, target, store)
+        assert stats.affected_shards == [0]
+        assert stats.earliest_affected_slice == {0: k}
+        assert stats.slices_retrained == {0: SISA.slices - k}
+        assert new.entry(0).checkpoint_keys[:k] == manifest.entry(0).checkpoint_keys[:k]
+        scratch, key, _ = from_scratch(retained, 0, tmp_path / f"k{k}", training=training)
+        assert new.entry(0).final_key == key
+        # Every stage, reused or retrained, is the from-scratch stage byte for byte.
+        for stage_key in new.entry(0).checkpoint_keys:
+            assert_same_weights(store, stage_key, scratch, stage_key)
+
+
+def test_each_stage_trains_the_epochs_of_its_schedule(tmp_path: Path) -> None:
+    """Stage by stage, a shard's checkpoints are the plain training loop run for the
+    schedule's epochs: `epochs` for a legacy config (what every stored model trained
+    with), the per-record stages for a new one. The two never share a checkpoint."""
+    from test_training import plain_fit
+
+    from app.ml.architectures import build_model
+    from app.ml.device import derive_seed
+    from app.ml.schedule import stage_epochs
+    from app.ml.training import init_model_
+
+    data = make_data(n_subjects=80, seed=2)
+    store = store_at(tmp_path / "ckpt")
+    keys: dict[str, set[str]] = {}
+    for training in (TRAIN, PER_RECORD):
+        manifest = train_all(data, store, training)
+        keys[training.schedule] = {k for e in manifest.entries for k in e.checkpoint_keys}
+        shard_of = assign_shards(data, SISA, seed=1)
+        part = data.take(np.flatnonzero(shard_of == 1)).sorted_by_id()
+        slice_of = assign_slices(part.record_ids, SISA.slices, seed=1)
+        prep = fit_preprocessor(SPEC, part.columns)
+        x, y = prep.transform(part.columns), torch.from_numpy(part.labels)
+        model = build_model(ARCH, prep.n_inputs, 2)
+        init_model_(model, derive_seed(training.seed, "m1", 1, "init"))
+        epochs = stage_epochs(training, SISA.slices)
+        assert epochs == ((3, 3, 3, 3) if training is TRAIN else (1, 0, 1, 1))
+        for i, key in enumerate(manifest.entry(1).checkpoint_keys):
+            rows = torch.from_numpy(np.flatnonzero(slice_of <= i))
+            seed = derive_seed(training.seed, "m1", 1, i)
+            plain_fit(model, x[rows], y[rows], training, seed, epochs=epochs[i])
+            tensors, meta = store.load(key)
+            assert meta["training"] == training.to_dict()
+            for name, value in model.state_dict().items():
+                assert torch.equal(tensors[name], value), (training.schedule, i, name)
+    assert not keys["per_stage"] & keys["per_record"]

@@ -10,6 +10,7 @@ from pathlib import Path
 # pytest only puts test directories on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from app.ml.schedule import mean_passes_per_record, theoretical_speedup
 from bench.b1_sisa import main
 
 
@@ -18,11 +19,17 @@ def test_b1_quick_run_writes_consistent_results(tmp_path: Path) -> None:
     result = main(quick=True, out=out)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert {(r["shards"], r["slices"]) for r in result["rows"]} == {(1, 1), (1, 4), (4, 1), (4, 4)}
+    assert result["training"]["schedule"] == "per_record"
     for r in result["rows"]:
-        assert r["stage_epochs"] * (r["slices"] + 1) == 2 * r["monolithic_epochs"]
+        stages = r["stage_epochs"]
+        assert len(stages) == r["slices"]
+        # Passes over each record (on average over slices) are the monolithic epochs.
+        assert mean_passes_per_record(stages) == r["monolithic_epochs"]
         assert r["ratio"] > 0 and r["unlearn_s"] > 0 and r["retrain_s"] > 0
-        assert r["theoretical_ratio"] == r["shards"] * 2 * r["slices"] / (r["slices"] + 1)
+        assert r["theoretical_ratio"] == theoretical_speedup(stages, r["shards"])
         assert r["ensemble_accuracy"] > 0.75 and r["monolithic_accuracy"] > 0.75
+        # One request per slice, so the mean is the uniform-slice expectation.
+        assert sorted(q["slice"] for q in r["requests"]) == list(range(r["slices"]))
         for req in r["requests"]:
             assert req["slices_retrained"] == r["slices"] - req["earliest_slice"]
     assert result["target_met"] is None  # S=16, R=8 is not part of the quick run
