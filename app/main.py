@@ -11,9 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.openapi import install as install_openapi
 from app.core.db import get_engine
 from app.core.errors import AppError
 from app.core.logging import new_request_id, request_id_var
@@ -29,8 +32,20 @@ def redact_path(path: str) -> str:
     return _SUBJECT_PATH.sub(r"\1[redacted]", path)
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+# How long a client should wait before retrying when the database is busy.
+BUSY_RETRY_AFTER_SECONDS = 5
+
+
+def _busy(message: str) -> JSONResponse:
+    return _error(503, "busy", message, headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -81,12 +96,26 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI document lists for the template `path` matches."""
+    methods: set[str] = set()
+    for template, item in app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods |= {m.upper() for m in item if m in _HTTP_METHODS}
+    return sorted(methods)
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+
+
 def create_app() -> FastAPI:
     from app.audit.router import router as audit_router
     from app.certificates.router import router as certificates_router
     from app.dashboard.router import mount as mount_dashboard
     from app.datasets.router import router as datasets_router
     from app.jobs.router import router as jobs_router
+    from app.keys.router import router as keys_router
     from app.lineage.router import router as lineage_router
     from app.registry.router import router as registry_router
     from app.requests.router import router as requests_router
@@ -109,11 +138,49 @@ def create_app() -> FastAPI:
         return _error(422, "invalid", _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            # Every method the path serves, not only those of the route that matched
+            # (FastAPI makes one route per method).
+            headers = {"Allow": ", ".join(_allowed_methods(app, request.url.path))}
+        return _error(exc.status_code, code, str(exc.detail), headers=headers)
+
+    # A busy database is not the caller's fault and not a bug: a JSON 503 with
+    # Retry-After, so that clients (and their idempotency keys) simply try again.
+    # SQLite: another writer held the lock past the busy timeout ("database is
+    # locked"); any database: no pooled connection came free in time, or the server
+    # was unreachable or dropped the connection.
+    @app.exception_handler(PoolTimeoutError)
+    async def pool_timeout(_: Request, exc: PoolTimeoutError) -> JSONResponse:
+        log.warning("database connection pool exhausted: %s", exc)
+        return _busy("the service is busy (no database connection free); retry shortly")
+
+    @app.exception_handler(OperationalError)
+    async def operational_error(_: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", str(exc.orig or exc).splitlines()[0][:200])
+        return _busy("the database is busy or unavailable; retry shortly")
+
+    @app.exception_handler(DBAPIError)
+    async def dbapi_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return _busy("the database connection was lost; retry shortly")
+        return await internal_error(request, exc)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # Only input nests this deeply (a JSON body or spec of thousands of levels).
+        return _error(422, "invalid", "the input is nested too deeply")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, but still the contract's error shape (the traceback goes to the log).
+        log.error("unhandled error", exc_info=exc)
+        return _error(500, "internal_error", "internal error; it has been logged")
 
     for r in (
+        keys_router,
         datasets_router,
         registry_router,
         requests_router,
@@ -137,13 +204,29 @@ def create_app() -> FastAPI:
             with get_engine().connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:  # readiness reports the dependency, it does not crash
-            return _error(503, "not_ready", f"database unreachable: {type(exc).__name__}")
+            return _error(
+                503,
+                "not_ready",
+                f"database unreachable: {type(exc).__name__}",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)},
+            )
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     def metrics() -> Response:
         # The process's own metrics plus the service's, read from the database.
         body = generate_latest() + generate_latest(metrics_registry())
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app)
     return app

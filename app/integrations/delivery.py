@@ -49,7 +49,7 @@ def _claim(callback_id: str) -> _Attempt | None:
         if cb.next_attempt_at is not None and cb.next_attempt_at > now + EARLY:
             return None
         cb.next_attempt_at = now + LEASE
-        token = sealing.unseal(cb.token_sealed, get_settings().subject_pepper, cb.request_id)
+        token = sealing.unseal(cb.token_sealed, get_settings().pepper, cb.request_id)
         body = json.dumps({"rows_masked": int(cb.rows_masked or 0)})
         return _Attempt(cb.url, token, body)
 

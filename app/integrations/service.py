@@ -52,13 +52,13 @@ def attach(
     now = utcnow()
     if cb is not None and cb.status == "delivered" and cb.url == url:
         with contextlib.suppress(ValueError, InvalidTag):
-            if sealing.unseal(cb.token_sealed, settings.subject_pepper, req.id) == token:
+            if sealing.unseal(cb.token_sealed, settings.pepper, req.id) == token:
                 return cb  # the same call again (a network retry): already answered
     if cb is None:
         cb = RequestCallback(request_id=req.id, kind=kind, created_at=now)
         session.add(cb)
     cb.url = url
-    cb.token_sealed = sealing.seal(token, settings.subject_pepper, req.id)
+    cb.token_sealed = sealing.seal(token, settings.pepper, req.id)
     cb.updated_at = now
     cb.status = "waiting"
     cb.failures = 0

@@ -44,7 +44,10 @@ class BatchingIn(BaseModel):
     first request once it holds `min_batch` requests, or `max_wait_seconds` after it in
     any case; a request due within `deadline_margin_hours` starts it at once. Several
     requests in one job blur which record changed the model, and each job retrains the
-    shards of all of them once."""
+    shards of all of them once.
+
+    Rules across fields (a 422 otherwise): `max_batch`, when set, is at least
+    `min_batch`, and `max_wait_seconds` is at least `window_seconds`."""
 
     model_config = ConfigDict(extra="forbid")
     window_seconds: float = Field(default=0.0, ge=0, le=30 * 86400)

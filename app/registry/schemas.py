@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.jobs.schemas import BatchingIn
 
@@ -15,13 +15,10 @@ __all__ = ["BatchingIn"]
 class ArchitectureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["logreg", "mlp"] = "logreg"
-    hidden: list[int] = Field(default_factory=lambda: [64], min_length=1, max_length=6)
-
-    @model_validator(mode="after")
-    def _sizes(self) -> ArchitectureIn:
-        if any(h < 1 or h > 4096 for h in self.hidden):
-            raise ValueError("hidden sizes must be between 1 and 4096")
-        return self
+    # Hidden layer widths (MLP), each between 1 and 4096.
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [64], min_length=1, max_length=6
+    )
 
 
 class TrainingIn(BaseModel):
@@ -77,11 +74,24 @@ class VerificationIn(BaseModel):
     require_approval: bool = False
 
 
-class ModelPatch(BaseModel):
-    """`PATCH /v1/models/{name}`: settings that may change after creation."""
+class UnlearningPatch(BaseModel):
+    """The parts of the unlearning block that may change after training: how later jobs
+    unlearn. Mode, shards, slices, sharding, aggregation and the certified settings shaped
+    the trained versions and stay as they were created (unknown keys are a 422)."""
 
     model_config = ConfigDict(extra="forbid")
-    batching: BatchingIn
+    strategy: str | None = Field(default=None, min_length=1, max_length=40)
+    strategy_params: dict[str, Any] | None = None
+    feature_mode: Literal["exact", "approximate"] | None = None
+
+
+class ModelPatch(BaseModel):
+    """`PATCH /v1/models/{name}`: settings that may change after creation. Each block
+    given replaces the model's (`unlearning`: only the keys given); none changes nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+    batching: BatchingIn | None = None
+    unlearning: UnlearningPatch | None = None
 
 
 class ModelCreate(BaseModel):

@@ -30,7 +30,11 @@ def create_request(
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    # The length rule is stated here and enforced by the service (a 400).
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", json_schema_extra={"minLength": 1, "maxLength": 200}),
+    ] = None,
     reply_to: Annotated[str | None, Header(alias="Reply-To", max_length=2000)] = None,
     reply_to_token: Annotated[str | None, Header(alias="Reply-To-Token")] = None,
 ) -> RequestAccepted:

@@ -78,7 +78,7 @@ def _fingerprint(req: DeletionRequest) -> tuple[object, ...]:
 
 
 def _body_fingerprint(body: DeletionRequestIn, settings: Settings) -> tuple[object, ...]:
-    key = subject_key(body.subject_id, settings.subject_pepper) if body.subject_id else None
+    key = subject_key(body.subject_id, settings.pepper) if body.subject_id else None
     return (
         body.kind,
         key,
@@ -100,7 +100,7 @@ def _find_records(
     completes with nothing to erase, and its certificate says so)."""
     if body.kind == "subject":
         assert body.subject_id is not None
-        key = subject_key(body.subject_id, settings.subject_pepper)
+        key = subject_key(body.subject_id, settings.pepper)
         return key, targets.count(session, targets.Target("subject", subject_key=key))
     if body.kind == "records":
         # Not looked up here: a list of 100,000 ids is resolved by planning, in steps

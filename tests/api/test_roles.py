@@ -44,6 +44,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/deletion-requests/{request_id}/cancel"): PORTAL,
     ("POST", "/v1/deletion-requests/{request_id}/extend"): ADMIN,
     ("POST", "/v1/deletion-requests/{request_id}/review"): ADMIN,
+    ("POST", "/v1/deletion-requests/{request_id}/retry"): ADMIN,
     ("GET", "/v1/deletion-requests/{request_id}/certificate"): EVERYONE,
     ("GET", "/v1/jobs/{job_id}"): READERS,
     ("GET", "/v1/reports/{report_id}"): READERS,
@@ -59,6 +60,9 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): ADMIN,
     ("POST", "/v1/webhooks/{webhook_id}/rotate-secret"): ADMIN,
     ("POST", "/v1/webhooks/{webhook_id}/enable"): ADMIN,
+    ("GET", "/v1/keys"): ADMIN,
+    ("POST", "/v1/keys"): ADMIN,
+    ("POST", "/v1/keys/{key_id}/revoke"): ADMIN,
 }
 
 

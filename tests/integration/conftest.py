@@ -58,7 +58,12 @@ def _drop_postgres_database(admin_url: str, name: str) -> None:
 
 @pytest.fixture(params=["embedded", "postgres-redis"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack]:
-    env: dict[str, str] = {"PALIMPSEST_DEVICE": "cpu", "PALIMPSEST_TORCH_THREADS": "1"}
+    env: dict[str, str] = {
+        "PALIMPSEST_DEVICE": "cpu",
+        "PALIMPSEST_TORCH_THREADS": "1",
+        # The tests' webhook receivers listen on loopback, which is refused by default.
+        "PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+    }
     cleanup = None
     if request.param == "postgres-redis":
         pg = os.environ.get("PALIMPSEST_TEST_POSTGRES_URL", "")
@@ -76,6 +81,9 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack
         # A private Redis database number per run keeps parallel runs apart.
         db_index = 1 + uuid.uuid4().int % 15
         env |= {
+            # A server database is production: it refuses to start without secrets.
+            "PALIMPSEST_SUBJECT_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
+            "PALIMPSEST_DASHBOARD_SESSION_SECRET": f"test-session-{uuid.uuid4().hex}",
             "PALIMPSEST_DATABASE_URL": f"{base}/{name}",
             "PALIMPSEST_BROKER_URL": f"{redis_url.rstrip('/')}/{db_index}",
             "PALIMPSEST_RESULT_BACKEND": f"{redis_url.rstrip('/')}/{db_index}",

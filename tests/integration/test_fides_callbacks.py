@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from sqlalchemy import select, update
 
 from app.core.db import session_scope
-from app.core.settings import DEV_PEPPER
+from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.integrations import delivery, sealing
 from app.models import AuditEvent
@@ -164,9 +164,9 @@ def test_unheld_subject_completes_with_zero_rows_after_fides_is_ready(
     }
     sealed = _callback(rid).token_sealed
     assert TOKEN not in json.dumps(view) and TOKEN not in sealed
-    assert sealing.unseal(sealed, DEV_PEPPER, rid) == TOKEN
+    assert sealing.unseal(sealed, get_settings().pepper, rid) == TOKEN
     with pytest.raises(InvalidTag):  # bound to its request: useless on another row
-        sealing.unseal(sealed, DEV_PEPPER, "another-request")
+        sealing.unseal(sealed, get_settings().pepper, "another-request")
 
     _finish(rid)
     cb = _callback(rid)

@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 from app.core.db import session_scope
 from app.models import AuditEvent, DeletionRequest
 from app.models.base import utcnow
-from app.models.webhooks import WebhookDelivery
+from app.models.webhooks import WebhookDelivery, WebhookEvent
 from app.requests import deadlines
+from app.webhooks import delivery
 from tests.support.app_env import AppEnv
 from tests.support.factories import auth, create_key, make_csv, upload_dataset
 
@@ -55,7 +56,13 @@ def test_watchdog_announces_once_and_marks_overdue(env: AppEnv) -> None:
             counts = deadlines.sweep(s, warn_days=3, now=now)
     assert counts == {"due_soon": 0, "overdue": 0}
     assert _announcements("request.overdue") == 1 and _announcements("request.due_soon") == 1
-    with session_scope() as s:  # and subscribers are told, once
+    # Subscribers are told, once: each announcement is one outbox event, whose fan-out
+    # (the worker's) reaches only the endpoint subscribed to it.
+    with session_scope() as s:
+        event_ids = s.scalars(select(WebhookEvent.id)).all()
+    for event_id in event_ids:
+        delivery.fan_out(event_id)
+    with session_scope() as s:
         events = s.scalars(select(WebhookDelivery.payload)).all()
     assert [e["type"] for e in events] == ["request.overdue"]
     assert events[0]["data"]["request_id"] == ids[0]

@@ -181,9 +181,9 @@ def test_invalid_registrations_are_422(
 
 
 def test_only_admins_manage_webhooks(env: AppEnv, keys: dict[str, str], sent: list[Any]) -> None:
-    hook = register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
+    hook = register(env, keys["admin"], "http://127.0.0.1:9/h", ["job.failed"])
     calls = [
-        ("POST", "/v1/webhooks", {"url": "https://example.invalid/h", "events": ["job.failed"]}),
+        ("POST", "/v1/webhooks", {"url": "http://127.0.0.1:9/h", "events": ["job.failed"]}),
         ("GET", "/v1/webhooks", None),
         ("GET", f"/v1/webhooks/{hook['id']}/deliveries", None),
         ("POST", f"/v1/webhooks/{hook['id']}/deliveries/x/redeliver", None),
@@ -199,7 +199,7 @@ def test_only_admins_manage_webhooks(env: AppEnv, keys: dict[str, str], sent: li
 
 
 def test_create_returns_the_secret_once(env: AppEnv, keys: dict[str, str], sent: list[Any]) -> None:
-    hook = register(env, keys["admin"], "https://example.invalid/h", ["job.failed", "job.failed"])
+    hook = register(env, keys["admin"], "http://127.0.0.1:9/h", ["job.failed", "job.failed"])
     assert hook["secret"].startswith("whsec_") and hook["events"] == ["job.failed"]
     Webhook(hook["secret"])  # the library accepts it
     listed = env.client.get("/v1/webhooks", headers=auth(keys["admin"])).json()["items"]
@@ -403,7 +403,7 @@ def test_a_rolled_back_change_announces_nothing(
     from app.models.webhooks import WebhookDelivery, WebhookEvent
     from app.webhooks import service
 
-    register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
+    register(env, keys["admin"], "http://127.0.0.1:9/h", ["job.failed"])
     with pytest.raises(RuntimeError), session_scope() as s:
         assert service.emit(s, "job.failed", {"job_id": "x"}).event_type == "job.failed"
         raise RuntimeError("the change failed")
@@ -460,7 +460,7 @@ def test_the_sweep_fans_out_a_lost_event(
     from app.models.base import utcnow
     from app.webhooks import delivery, service
 
-    register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
+    register(env, keys["admin"], "http://127.0.0.1:9/h", ["job.failed"])
     with session_scope() as s:
         event_id = service.emit(s, "job.failed", {"job_id": "y"}).id
     sent.clear()  # the fan-out task was lost with the broker
