@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # progress write, so that tests can crash a worker in the middle of one.
     test_slow_unlearning_seconds: float = Field(default=0.0, ge=0)
     torch_threads: int = Field(default=0, ge=0)  # 0 = torch's default
+    # Uploads (`POST /v1/datasets`) stream to the artifact store and are refused (413)
+    # once they pass the maximum. Files up to the inline size are ingested inside the
+    # request (201, as before); larger ones by a worker job (202, `status: ingesting`).
+    max_upload_bytes: int = Field(default=512 * 2**20, gt=0)
+    inline_ingest_bytes: int = Field(default=4 * 2**20, ge=0)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
