@@ -128,7 +128,9 @@ def scan(upload: UploadFile, spec: DatasetSpec, progress: Callable[[float], None
                 raise Unprocessable(f"column {required!r} has empty values", code="invalid_file")
         with upload._errors():
             cast_columns(batch, columns)
-        classes.update(str(v) for v in pc.unique(_as_strings(batch.column(spec.label_column))).to_pylist())
+        classes.update(
+            str(v) for v in pc.unique(_as_strings(batch.column(spec.label_column))).to_pylist()
+        )
         if len(classes) > MAX_LABEL_CLASSES:
             raise Unprocessable(f"at most {MAX_LABEL_CLASSES} label classes", code="invalid_file")
         subjects = pc.utf8_trim_whitespace(_as_strings(batch.column(spec.subject_column)))

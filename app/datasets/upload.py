@@ -110,7 +110,9 @@ class _Receiver:
                 self.part = _Part()
             elif kind == "headers":
                 self.part.headers = data
-                _, options = parse_options_header(self.part.headers.get(b"content-disposition", b""))
+                _, options = parse_options_header(
+                    self.part.headers.get(b"content-disposition", b"")
+                )
                 self.part.name = options.get(b"name", b"").decode("utf-8", "replace")
                 raw_filename = options.get(b"filename")
                 if raw_filename is not None:
@@ -196,7 +198,9 @@ async def receive(request: Request, store: ArtifactStore, max_bytes: int) -> Upl
         if isinstance(exc, ValueError):  # the parser's complaint about a malformed body
             raise Unprocessable(f"malformed multipart body: {exc}", code="invalid") from exc
         raise
-    missing = [n for n, ok in (("file", rx.fh is not None), ("spec", rx.spec is not None)) if not ok]
+    missing = [
+        n for n, ok in (("file", rx.fh is not None), ("spec", rx.spec is not None)) if not ok
+    ]
     if missing:
         rx.discard()
         raise Unprocessable("; ".join(f"{n}: Field required" for n in missing), code="invalid")
