@@ -150,7 +150,7 @@ def job_rows(session: Session, jobs: Sequence[Job]) -> list[JobRow]:
             kind=j.kind,
             status=j.status,
             progress=float(j.progress or 0.0),
-            model=names.get(j.model_id, j.model_id) if j.model_id else f"dataset {j.dataset_id}",
+            model=names.get(j.model_id, j.model_id) if j.model_id else str(j.dataset_id),
             method=j.method,
             created_at=j.created_at,
             started_at=j.started_at,

@@ -354,3 +354,43 @@ def test_a_refused_spec_on_a_large_upload_leaves_nothing(
     assert_error(resp, 409, "dataset_exists")
     assert counts(env) == {**before, "Dataset": before["Dataset"] + 1}
     assert len(env.artifact_files() - files) == 1  # the first upload's staged file only
+
+
+def test_the_resume_sweep_takes_a_stale_ingest_over(env: AppEnv, admin: str, sizes: None) -> None:
+    """A running ingest whose worker went silent goes back to pending (no model lock to
+    release) and is sent again; the dashboard lists it under its dataset."""
+    from app.jobs import recovery
+    from tests.dashboard.helpers import login
+
+    body = stage(env, admin, BIG_CSV, "stale")
+    with session_scope() as s:
+        job = s.get(Job, body["job_id"])
+        assert job is not None
+        job.status, job.attempts, job.worker = "running", 1, "gone-host:1"
+        job.started_at = job.heartbeat_at = utcnow() - timedelta(hours=1)
+    with session_scope() as s:
+        assert recovery.take_over_stale(s) == [body["job_id"]]
+    job_view = env.client.get(f"/v1/jobs/{body['job_id']}", headers=auth(admin)).json()
+    assert job_view["status"] == "pending" and job_view["result"]["takeovers"]
+    ingest.run_ingest(body["job_id"])
+    view = env.client.get(f"/v1/datasets/{body['id']}", headers=auth(admin)).json()
+    assert view["status"] == "ready" and view["n_records"] == len(ROWS)
+    page = login(env, admin)
+    for path in ("/admin/jobs", f"/admin/jobs/{body['job_id']}"):
+        resp = page.get(path)
+        assert resp.status_code == 200 and body["id"] in resp.text, path
+
+
+def test_an_ingest_out_of_retries_fails_its_dataset(env: AppEnv, admin: str, sizes: None) -> None:
+    """The task's last failure (an error of the service, not of the file) is the job's
+    and the dataset's; the staged upload is removed with it."""
+    from app.pipeline.conclude import fail_job
+    from app.requests.lifecycle import EVENTS
+
+    body = stage(env, admin, BIG_CSV, "unlucky")
+    fail_job(body["job_id"], "OperationalError: disk I/O error", EVENTS)
+    view = env.client.get(f"/v1/datasets/{body['id']}", headers=auth(admin)).json()
+    assert view["status"] == "failed" and "disk I/O error" in view["error"]
+    job = env.client.get(f"/v1/jobs/{body['job_id']}", headers=auth(admin)).json()
+    assert job["status"] == "failed"
+    assert not env.artifact_files()
