@@ -31,7 +31,7 @@ MAX_ID_CHARS = 200
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError)
 
 
-class UploadFile:
+class StagedFile:
     """A staged upload opened for batches: its schema, then its rows in batches, each a
     table; `fraction` is how much of the file has been read."""
 
@@ -112,7 +112,7 @@ def _longest(col: pa.ChunkedArray) -> int:
     return int(pc.max(pc.utf8_length(col)).as_py() or 0)
 
 
-def scan(upload: UploadFile, spec: DatasetSpec, progress: Callable[[float], None]) -> Scan:
+def scan(upload: StagedFile, spec: DatasetSpec, progress: Callable[[float], None]) -> Scan:
     """Read the whole file once and refuse it (Unprocessable, the messages of
     `parsing.validate`) before anything is written."""
     columns = plan_columns(upload.schema, spec)

@@ -98,14 +98,14 @@ def run_ingest(job_id: str) -> None:
     try:
         with store.open(upload, "rb") as fh:
             found = streaming.scan(
-                streaming.UploadFile(fh, filename, size), spec, report.sub(0, 0.3)
+                streaming.StagedFile(fh, filename, size), spec, report.sub(0, 0.3)
             )
     except AppError as exc:
         refuse(job_id, token, f"{exc.code}: {exc.message}", time.perf_counter() - started)
         return
     files = PartitionFiles(store, ds, token)
     try:
-        n_records = _write(job_id, token, store, ds, spec, found, upload, files, report)
+        n_records = _write(job_id, token, store, ds, spec, found, upload, filename, files, report)
         n_parts = files.finish()
     except BaseException:
         files.abandon()
@@ -151,6 +151,7 @@ def _write(
     spec: DatasetSpec,
     found: streaming.Scan,
     upload_path: str,
+    filename: str,
     files: PartitionFiles,
     report: jobs.ProgressReporter,
 ) -> int:
@@ -160,7 +161,7 @@ def _write(
     progress = report.sub(0.3, 0.98)
     offset = 0
     with store.open(upload_path, "rb") as fh:
-        upload = streaming.UploadFile(fh, upload_path, store.size(upload_path))
+        upload = streaming.StagedFile(fh, filename, store.size(upload_path))
         for batch in upload.batches():
             rows = streaming.prepare(batch, found, spec, offset)
             offset += batch.num_rows

@@ -104,7 +104,8 @@ def test_large_upload_is_202_then_ready_like_an_inline_one(
 
     def seen(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
         if statement.startswith("UPDATE jobs SET progress"):
-            progress.append(float(params[0]))
+            # SQLite binds by position, psycopg by name.
+            progress.append(float(params["progress"] if isinstance(params, dict) else params[0]))
 
     event.listen(get_engine(), "before_cursor_execute", seen)
     try:
