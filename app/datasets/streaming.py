@@ -23,10 +23,11 @@ from app.datasets.parsing import (
 )
 from app.datasets.schemas import DatasetSpec
 
-# A CSV block (types are inferred from the first one, as `read_csv` does) and a Parquet
-# batch: about this much of the file is in memory at a time.
-CSV_BLOCK_BYTES = 4 * 2**20
-PARQUET_BATCH_ROWS = 65_536
+# A CSV block (types are inferred from the first one, as `read_csv` does with the same
+# default size) and a Parquet batch: about this much of the file is in memory at a time,
+# with a Python object or two per row of it while it is written.
+CSV_BLOCK_BYTES = 1 * 2**20
+PARQUET_BATCH_ROWS = 32_768
 MAX_ID_CHARS = 200
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError)
 
