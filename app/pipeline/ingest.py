@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.core.chunks import in_chunks
@@ -230,7 +231,7 @@ def refuse(job_id: str, token: int | None, error: str, wall: float) -> None:
         )
 
 
-def fail_dataset(session: Any, job: Job, error: str) -> None:
+def fail_dataset(session: Session, job: Job, error: str) -> None:
     """An ingest job failed for good: its dataset is `failed` with the reason, its
     staged records, partitions and upload are gone (its name may be used again)."""
     ds = session.get(Dataset, job.dataset_id)
@@ -253,7 +254,7 @@ def fail_dataset(session: Any, job: Job, error: str) -> None:
         store.delete(upload)
 
 
-def _forget_upload(session: Any, job_id: str) -> None:
+def _forget_upload(session: Session, job_id: str) -> None:
     """A redelivered, finished ingest: its upload may outlive a crash right after the
     job's last commit; it is of no use now."""
     job = session.get(Job, job_id)
