@@ -68,6 +68,20 @@ def _wait(
         time.sleep(0.25)
 
 
+def _dataset(admin: httpx.Client, r: httpx.Response) -> dict[str, Any]:
+    """The uploaded dataset, once ready: a large file answers 202 and is ingested by
+    the worker (docs/datasets.md)."""
+    r.raise_for_status()
+    ds: dict[str, Any] = r.json()
+    deadline = time.monotonic() + 600
+    while ds.get("status", "ready") == "ingesting" and time.monotonic() < deadline:
+        time.sleep(0.25)
+        ds = admin.get(f"/v1/datasets/{ds['id']}").json()
+    if ds.get("status", "ready") != "ready":
+        raise RuntimeError(f"dataset {ds['name']}: {ds.get('status')} {ds.get('error') or ''}")
+    return ds
+
+
 REQUEST_STEPS = ["received", "planned", "unlearning", "verifying", "erasing", "completed"]
 
 
@@ -188,8 +202,7 @@ def _erasure_story(admin: httpx.Client, portal: httpx.Client, n_subjects: int) -
         files={"file": ("esl.csv", io.BytesIO(data), "text/csv")},
         data={"spec": json.dumps(spec)},
     )
-    r.raise_for_status()
-    ds = r.json()
+    ds = _dataset(admin, r)
     console.print(
         f"dataset {ds['name']}: {ds['n_records']} records, {ds['n_subjects']} students, "
         f"sources {', '.join(ds['sources'])}"
@@ -322,8 +335,7 @@ def _feature_story(admin: httpx.Client) -> Table:
         files={"file": ("cv.csv", io.BytesIO(data), "text/csv")},
         data={"spec": json.dumps(spec)},
     )
-    r.raise_for_status()
-    ds = r.json()
+    ds = _dataset(admin, r)
     r = admin.post(
         "/v1/models",
         json={

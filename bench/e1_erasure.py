@@ -120,6 +120,10 @@ def _upload(client: httpx.Client, name: str, data: bytes) -> str:
         timeout=600,
     )
     r.raise_for_status()
+    if r.status_code == 202:  # above the inline size: a worker job ingests it
+        body = _wait(client, f"/v1/datasets/{r.json()['id']}", {"ready", "failed"}, 600)
+        if body["status"] != "ready":
+            raise RuntimeError(f"ingest failed: {body.get('error')}")
     return str(r.json()["id"])
 
 

@@ -13,7 +13,7 @@ from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.jobs import lease, recovery
 from app.jobs import service as jobs
-from app.pipeline import fanout, features, retraining, training, unlearning
+from app.pipeline import fanout, features, ingest, retraining, training, unlearning
 from app.pipeline.conclude import fail_job
 from app.pipeline.start import ModelBusy
 from app.requests import deadlines, lifecycle
@@ -103,6 +103,12 @@ def run_feature(self: Task, job_id: str) -> None:
 @shared_task(name="palimpsest.run_retrain", bind=True, acks_late=True)
 def run_retrain(self: Task, job_id: str) -> None:
     _run_job(self, lambda j: retraining.run_retrain(j, EVENTS), job_id)
+
+
+@shared_task(name="palimpsest.ingest_dataset", bind=True, acks_late=True)
+def ingest_dataset(self: Task, job_id: str) -> None:
+    """A large upload: parse, check and store it (app.pipeline.ingest)."""
+    _run_job(self, ingest.run_ingest, job_id)
 
 
 @shared_task(name="palimpsest.sisa_shard", bind=True, acks_late=True, ignore_result=False)

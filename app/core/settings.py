@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # CIDRs (comma-separated) that webhook targets may resolve to although they are
     # loopback, private, link-local ... (app.webhooks.targets); empty: none.
     webhook_allowed_networks: str = ""
+    # Uploads (`POST /v1/datasets`) stream to the artifact store and are refused (413)
+    # once they pass the maximum. Files up to the inline size are ingested inside the
+    # request (201, as before); larger ones by a worker job (202, `status: ingesting`).
+    max_upload_bytes: int = Field(default=512 * 2**20, gt=0)
+    inline_ingest_bytes: int = Field(default=4 * 2**20, ge=0)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

@@ -46,6 +46,20 @@ class ArtifactStore:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
 
+    def open(self, rel: str, mode: str = "rb") -> Any:
+        """A file object on `rel`, for streaming; writers use names no reader expects
+        (an upload's staging name, a `.tmp-` name then `move`)."""
+        full = self.path(rel)
+        if "w" in mode:
+            self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        return self.fs.open(full, mode)
+
+    def move(self, src: str, dst: str) -> None:
+        self.fs.mv(self.path(src), self.path(dst))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self.path(rel), "rb") as fh:
             return bytes(fh.read())

@@ -133,7 +133,7 @@ def _model_names(session: Session, ids: set[str]) -> dict[str, str]:
 
 
 def job_rows(session: Session, jobs: Sequence[Job]) -> list[JobRow]:
-    names = _model_names(session, {j.model_id for j in jobs})
+    names = _model_names(session, {j.model_id for j in jobs if j.model_id is not None})
     by_job: dict[str, list[str]] = {}
     ids = [j.id for j in jobs]
     if ids:
@@ -150,7 +150,7 @@ def job_rows(session: Session, jobs: Sequence[Job]) -> list[JobRow]:
             kind=j.kind,
             status=j.status,
             progress=float(j.progress or 0.0),
-            model=names.get(j.model_id, j.model_id),
+            model=names.get(j.model_id, j.model_id) if j.model_id else str(j.dataset_id),
             method=j.method,
             created_at=j.created_at,
             started_at=j.started_at,

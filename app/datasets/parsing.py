@@ -49,12 +49,19 @@ def _strings(col: pa.ChunkedArray) -> list[str]:
     return [str(v) for v in col.cast(pa.string()).to_pylist()]
 
 
-def validate(table: pa.Table, spec: DatasetSpec) -> ParsedDataset:
-    cols = table.column_names
-    if table.num_rows == 0:
-        raise Unprocessable("the file has no rows", code="invalid_file")
-    if table.num_rows > MAX_ROWS:
-        raise Unprocessable(f"at most {MAX_ROWS} rows per dataset", code="invalid_file")
+@dataclass
+class Columns:
+    """What the spec and the file's schema make of its columns."""
+
+    features: list[str]
+    categorical: list[str]
+    numeric: list[str]
+    groups: list[str]
+
+
+def plan_columns(schema: pa.Schema, spec: DatasetSpec) -> Columns:
+    """Check the spec against the file's columns and decide each feature's kind."""
+    cols = schema.names
     if len(set(cols)) != len(cols):
         raise Unprocessable("the file has duplicate column names", code="invalid_file")
 
@@ -83,17 +90,11 @@ def validate(table: pa.Table, spec: DatasetSpec) -> ParsedDataset:
         raise Unprocessable("no feature columns", code="invalid_spec")
     if len(set(features)) != len(features):
         raise Unprocessable("feature_columns has duplicates", code="invalid_spec")
-    groups = spec.group_columns or []
     declared = set(spec.categorical_columns or [])
-
-    for required in (spec.subject_column, spec.label_column):
-        if table.column(required).null_count:
-            raise Unprocessable(f"column {required!r} has empty values", code="invalid_file")
-
     categorical: list[str] = []
     numeric: list[str] = []
     for name in features:
-        t = table.schema.field(name).type
+        t = schema.field(name).type
         if (
             name in declared
             or pa.types.is_string(t)
@@ -101,21 +102,44 @@ def validate(table: pa.Table, spec: DatasetSpec) -> ParsedDataset:
             or pa.types.is_boolean(t)
         ):
             categorical.append(name)
-            table = table.set_column(
-                table.column_names.index(name), name, table.column(name).cast(pa.string())
-            )
         elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t):
             numeric.append(name)
-            table = table.set_column(
-                table.column_names.index(name), name, table.column(name).cast(pa.float64())
-            )
         else:
             raise Unprocessable(f"column {name!r} has unsupported type {t}", code="invalid_file")
-    for name in groups:
-        if name not in categorical and name not in numeric:
-            table = table.set_column(
-                table.column_names.index(name), name, table.column(name).cast(pa.string())
-            )
+    return Columns(features, categorical, numeric, list(spec.group_columns or []))
+
+
+def cast_columns(table: pa.Table, columns: Columns) -> pa.Table:
+    """Categorical features and group columns as strings, numeric features as floats."""
+    for name in columns.categorical + columns.groups:
+        if name in columns.numeric:
+            continue
+        table = table.set_column(
+            table.column_names.index(name), name, table.column(name).cast(pa.string())
+        )
+    for name in columns.numeric:
+        table = table.set_column(
+            table.column_names.index(name), name, table.column(name).cast(pa.float64())
+        )
+    return table
+
+
+def validate(table: pa.Table, spec: DatasetSpec) -> ParsedDataset:
+    if table.num_rows == 0:
+        raise Unprocessable("the file has no rows", code="invalid_file")
+    if table.num_rows > MAX_ROWS:
+        raise Unprocessable(f"at most {MAX_ROWS} rows per dataset", code="invalid_file")
+    columns = plan_columns(table.schema, spec)
+    for required in (spec.subject_column, spec.label_column):
+        if table.column(required).null_count:
+            raise Unprocessable(f"column {required!r} has empty values", code="invalid_file")
+    table = cast_columns(table, columns)
+    features, categorical, numeric, groups = (
+        columns.features,
+        columns.categorical,
+        columns.numeric,
+        columns.groups,
+    )
 
     labels = _strings(table.column(spec.label_column))
     classes = sorted(set(labels))

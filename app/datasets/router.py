@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import AdminDep, ReaderDep, SessionDep, SettingsDep
-from app.core.errors import PayloadTooLarge, Unprocessable
-from app.core.storage import get_store
+from app.api.deps import AdminDep, Caller, ReaderDep, SessionDep, SettingsDep
+from app.core import outbox
+from app.core.errors import Unprocessable
+from app.core.settings import Settings
+from app.core.storage import ArtifactStore, get_store
 from app.datasets import service
 from app.datasets.parsing import read_table
-from app.datasets.schemas import DatasetOut, DatasetSpec
+from app.datasets.schemas import DatasetAccepted, DatasetOut, DatasetSpec
+from app.datasets.upload import MAX_SPEC_BYTES, Upload, receive
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-MAX_UPLOAD = 512 * 1024 * 1024
 
 
 def parse_spec(raw: str) -> DatasetSpec:
@@ -37,20 +42,83 @@ def parse_spec(raw: str) -> DatasetSpec:
         raise Unprocessable(f"spec{loc}: {msg}", code="invalid_spec") from exc
 
 
-@router.post("", status_code=201, responses={409: {}, 413: {}, 422: {}})
-def create_dataset(
-    caller: AdminDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    file: Annotated[UploadFile, File(description="CSV or Parquet")],
-    spec: Annotated[str, Form(description="JSON dataset spec")],
-) -> DatasetOut:
-    parsed_spec = parse_spec(spec)
-    data = file.file.read(MAX_UPLOAD + 1)
-    if len(data) > MAX_UPLOAD:
-        raise PayloadTooLarge(f"files are limited to {MAX_UPLOAD // 2**20} MiB")
-    table = read_table(data, file.filename or "")
-    return service.ingest(session, get_store(settings), settings, parsed_spec, table, caller.actor)
+# FastAPI cannot describe a body the endpoint reads itself: the form, as it would be.
+_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "spec"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "CSV or Parquet, at most PALIMPSEST_MAX_UPLOAD_BYTES",
+                    },
+                    "spec": {
+                        "type": "string",
+                        "maxLength": MAX_SPEC_BYTES,
+                        "description": "JSON dataset spec",
+                    },
+                },
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={
+        202: {
+            "model": DatasetAccepted,
+            "description": "A file larger than PALIMPSEST_INLINE_INGEST_BYTES: a worker job "
+            "ingests it; poll GET /v1/datasets/{id} (or the job) until `status` is ready.",
+        },
+        409: {},
+        413: {"description": "The file is larger than PALIMPSEST_MAX_UPLOAD_BYTES."},
+        422: {},
+    },
+    openapi_extra={"requestBody": _BODY},
+)
+async def create_dataset(
+    request: Request, caller: AdminDep, session: SessionDep, settings: SettingsDep
+) -> Any:
+    """Small files are ingested in the request (201 with the dataset); larger ones are
+    staged and ingested by a worker job (202 with `status: ingesting` and `job_id`)."""
+    # The caller is known: end the read transaction now, so that no connection (on
+    # SQLite, no write lock) is held while the body arrives, however slowly.
+    await run_in_threadpool(session.commit)
+    store = get_store(settings)
+    upload = await receive(request, store, settings.max_upload_bytes)
+    result = await run_in_threadpool(_create, session, store, settings, caller, upload)
+    if isinstance(result, DatasetAccepted):
+        return JSONResponse(result.model_dump(), status_code=202)
+    return result
+
+
+def _create(
+    session: Session, store: ArtifactStore, settings: Settings, caller: Caller, upload: Upload
+) -> DatasetOut | DatasetAccepted:
+    """The staged upload ends ingested, staged for a job, or deleted."""
+    try:
+        spec = parse_spec(upload.spec)
+        if upload.size <= settings.inline_ingest_bytes:
+            data = store.read_bytes(upload.path)
+            store.delete(upload.path)
+            table = read_table(data, upload.filename)
+            return service.ingest(session, store, settings, spec, table, caller.actor)
+        accepted = service.stage(
+            session, spec, upload.path, upload.filename, upload.size, caller.actor
+        )
+    except BaseException:
+        store.delete(upload.path)
+        raise
+    outbox.on_rollback(session, lambda: store.delete(upload.path))
+    return accepted
 
 
 @router.get("/{dataset_id}", responses={404: {}})

@@ -50,6 +50,11 @@ class DatasetSpec(BaseModel):
 class DatasetOut(BaseModel):
     id: str
     name: str
+    # ready; ingesting (a worker job parses a large upload: `job_id`); failed (`error`).
+    # Until ready, the counts are 0 and the column lists empty.
+    status: str = "ready"
+    job_id: str | None = None
+    error: str | None = None
     n_records: int
     n_subjects: int
     sources: list[str]
@@ -59,3 +64,13 @@ class DatasetOut(BaseModel):
     label_column: str = ""
     label_classes: list[str] = []
     created_at: str = ""
+
+
+class DatasetAccepted(BaseModel):
+    """The 202 answer to an upload larger than the inline size: a worker job ingests it;
+    `GET /v1/datasets/{id}` shows its status, and the full body once ready."""
+
+    id: str
+    name: str
+    status: str
+    job_id: str

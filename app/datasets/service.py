@@ -19,10 +19,11 @@ from app.core.security import subject_key
 from app.core.settings import Settings
 from app.core.storage import ArtifactStore
 from app.datasets.parsing import validate
-from app.datasets.schemas import DatasetOut, DatasetSpec
+from app.datasets.schemas import DatasetAccepted, DatasetOut, DatasetSpec
+from app.jobs import routing
 from app.ml.data import TabularData
 from app.ml.device import derive_seed
-from app.models import Dataset, Record, Source, Subject
+from app.models import Dataset, Job, Record, Source, Subject
 
 # Parquet columns that are ours, not the uploader's.
 RID = "__record_id"
@@ -39,7 +40,7 @@ def part_path(ds: Dataset, partition: int) -> str:
     return f"{ds.artifact_prefix}/part-{partition:04d}.parquet"
 
 
-def _get_or_create_ids(
+def get_or_create_ids(
     session: Session, model: type[Any], column: Any, values: Iterable[str]
 ) -> dict[str, int]:
     wanted = sorted(set(values))
@@ -58,6 +59,74 @@ def _get_or_create_ids(
     return found
 
 
+def check_name(session: Session, name: str) -> None:
+    """409 when a dataset holds the name; a failed upload's dataset gives it up (a new
+    upload under its name replaces it)."""
+    existing = session.scalars(select(Dataset).where(Dataset.name == name)).first()
+    if existing is None:
+        return
+    if existing.status != "failed":
+        raise Conflict(f"a dataset named {name!r} already exists", code="dataset_exists")
+    session.delete(existing)
+    session.flush()
+
+
+def stage(
+    session: Session,
+    spec: DatasetSpec,
+    upload_path: str,
+    filename: str,
+    size: int,
+    actor: str,
+) -> DatasetAccepted:
+    """A dataset `ingesting` an upload staged in the store, and the worker job that will
+    parse it (sent after commit). Its schema is known once the job has read the file."""
+    check_name(session, spec.name)
+    ds = Dataset(
+        name=spec.name,
+        spec=spec.model_dump(),
+        schema={},
+        n_partitions=spec.partitions,
+        artifact_prefix="",
+        status="ingesting",
+    )
+    session.add(ds)
+    session.flush()
+    ds.artifact_prefix = f"datasets/{ds.id}"
+    job = routing.create(
+        session,
+        kind="ingest",
+        dataset_id=ds.id,
+        method=None,
+        result={"upload": upload_path, "filename": filename, "bytes": size},
+    )
+    audit.record(
+        session,
+        actor=actor,
+        action="dataset.upload_staged",
+        entity_type="dataset",
+        entity_id=ds.id,
+        data={"name": ds.name, "bytes": size, "job_id": job.id},
+    )
+    return DatasetAccepted(id=ds.id, name=ds.name, status=ds.status, job_id=job.id)
+
+
+def ingest_job_id(session: Session, ds: Dataset) -> str | None:
+    return session.scalars(
+        select(Job.id).where(Job.dataset_id == ds.id, Job.kind == "ingest").limit(1)
+    ).first()
+
+
+def require_ready(ds: Dataset) -> None:
+    """Models train on ready datasets only."""
+    if ds.status != "ready":
+        why = f": {ds.error}" if ds.status == "failed" and ds.error else ""
+        raise Conflict(
+            f"dataset {ds.name!r} is not ready (status {ds.status}){why}",
+            code="dataset_not_ready",
+        )
+
+
 def ingest(
     session: Session,
     store: ArtifactStore,
@@ -67,8 +136,7 @@ def ingest(
     actor: str,
 ) -> DatasetOut:
     """Validate, then write rows and Parquet partitions; on any failure nothing remains."""
-    if session.scalars(select(Dataset).where(Dataset.name == spec.name)).first() is not None:
-        raise Conflict(f"a dataset named {spec.name!r} already exists", code="dataset_exists")
+    check_name(session, spec.name)
     parsed = validate(table, spec)
     keys = [subject_key(s, settings.pepper) for s in parsed.subjects]
     ds = Dataset(
@@ -88,8 +156,8 @@ def ingest(
     session.add(ds)
     session.flush()
     ds.artifact_prefix = f"datasets/{ds.id}"
-    subject_ids = _get_or_create_ids(session, Subject, Subject.subject_key, keys)
-    source_ids = _get_or_create_ids(session, Source, Source.name, parsed.sources)
+    subject_ids = get_or_create_ids(session, Subject, Subject.subject_key, keys)
+    source_ids = get_or_create_ids(session, Source, Source.name, parsed.sources)
     partitions = [partition_of(k, spec.partitions) for k in keys]
     rows = [
         {
@@ -146,6 +214,20 @@ def get(session: Session, dataset_id: str) -> Dataset:
 
 
 def to_out(session: Session, ds: Dataset) -> DatasetOut:
+    if ds.status != "ready":
+        return DatasetOut(
+            id=ds.id,
+            name=ds.name,
+            status=ds.status,
+            job_id=ingest_job_id(session, ds),
+            error=ds.error,
+            n_records=0,
+            n_subjects=0,
+            sources=[],
+            feature_columns=[],
+            group_columns=[],
+            created_at=ds.created_at.isoformat(),
+        )
     live = (Record.dataset_id == ds.id, Record.status != "erased")
     n_records = session.scalar(select(func.count()).select_from(Record).where(*live)) or 0
     n_subjects = (
@@ -167,6 +249,7 @@ def to_out(session: Session, ds: Dataset) -> DatasetOut:
         label_column=schema["label_column"],
         label_classes=schema["label_classes"],
         created_at=ds.created_at.isoformat(),
+        job_id=ingest_job_id(session, ds),
     )
 
 

@@ -92,21 +92,22 @@ def resume(session: Session, older_than_seconds: float | None = None) -> dict[st
     taken = take_over_stale(session)
     counts = {"taken_over": len(taken), "jobs": 0, "requests": 0, "deferred": 0}
     backlog = _backlog() or {}
-    if backlog.get("gpu", 0):
-        counts["deferred"] += 1
-    else:
-        for job in session.scalars(
-            select(Job).where(
-                Job.status == "pending",
-                Job.created_at < cutoff,
-                # Held by batching (even past its time): the release sweep owns it, and
-                # the worker leaves a job alone until that sweep clears the hold.
-                Job.not_before.is_(None),
-                Job.id.not_in(taken),
-            )
-        ):
-            routing.send(session, job)
-            counts["jobs"] += 1
+    busy = {q for q, n in backlog.items() if n}
+    counts["deferred"] += int("gpu" in busy)
+    for job in session.scalars(
+        select(Job).where(
+            Job.status == "pending",
+            Job.created_at < cutoff,
+            # Held by batching (even past its time): the release sweep owns it, and
+            # the worker leaves a job alone until that sweep clears the hold.
+            Job.not_before.is_(None),
+            Job.id.not_in(taken),
+        )
+    ):
+        if routing.task_for(job.kind, job.method)[1] in busy:
+            continue  # its message is most likely still queued
+        routing.send(session, job)
+        counts["jobs"] += 1
     if backlog.get("default", 0):
         counts["deferred"] += 1
         return counts

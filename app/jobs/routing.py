@@ -21,7 +21,11 @@ _BY_KIND = {
     "train": "palimpsest.train_model",
     "unlearn": "palimpsest.run_unlearning",
     "retrain": "palimpsest.run_retrain",
+    "ingest": "palimpsest.ingest_dataset",
 }
+# Parsing an upload is CPU and I/O work: it never waits behind (or holds up) the
+# accelerator's queue.
+_QUEUE_BY_KIND = {"ingest": "default"}
 SHARD_TASK = "palimpsest.sisa_shard"
 CHORD_CALLBACK = "palimpsest.sisa_finish"
 
@@ -31,7 +35,7 @@ def task_for(kind: str, method: str | None) -> tuple[str, str]:
     name = _BY_KIND_METHOD.get((kind, method or "")) or _BY_KIND.get(kind)
     if name is None:
         raise ValueError(f"no task runs jobs of kind {kind!r}")
-    return name, GPU
+    return name, _QUEUE_BY_KIND.get(kind, GPU)
 
 
 def send(session: Session, job: Job, countdown: float | None = None) -> None:
@@ -44,14 +48,17 @@ def create(
     session: Session,
     *,
     kind: str,
-    model_id: str,
     method: str | None,
+    model_id: str | None = None,
+    dataset_id: str | None = None,
     result: dict[str, Any] | None = None,
     send_now: bool = True,
 ) -> Job:
     """A new pending job (flushed, so it has an id), sent after commit unless the caller
-    holds it (batching)."""
-    job = Job(kind=kind, model_id=model_id, method=method, result=result or {})
+    holds it (batching). A job works on a model, or (ingest) on a dataset."""
+    job = Job(
+        kind=kind, model_id=model_id, dataset_id=dataset_id, method=method, result=result or {}
+    )
     session.add(job)
     session.flush()
     if send_now:

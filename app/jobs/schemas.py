@@ -20,6 +20,8 @@ class JobOut(BaseModel):
     status: str
     progress: float
     model: str
+    # An ingest job works on a dataset (its model is "").
+    dataset_id: str | None = None
     request_ids: list[str]
     method: str | None
     started_at: datetime | None

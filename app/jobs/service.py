@@ -26,7 +26,7 @@ def get(session: Session, job_id: str) -> Job:
 
 
 def to_out(session: Session, job: Job) -> JobOut:
-    model = session.get(MLModel, job.model_id)
+    model = session.get(MLModel, job.model_id) if job.model_id is not None else None
     request_ids = session.scalars(
         select(RequestModel.request_id)
         .where(RequestModel.job_id == job.id)
@@ -38,6 +38,7 @@ def to_out(session: Session, job: Job) -> JobOut:
         status=job.status,
         progress=round(job.progress, 4),
         model=model.name if model else "",
+        dataset_id=job.dataset_id,
         request_ids=list(request_ids),
         method=job.method,
         started_at=job.started_at,
@@ -102,7 +103,8 @@ def take_over(session: Session, job: Job, actor: str, reason: str) -> None:
     job.status = "pending"
     job.worker = None
     job.heartbeat_at = None
-    unlock(session, job.model_id, job.id)
+    if job.model_id is not None:
+        unlock(session, job.model_id, job.id)
     audit.record(
         session,
         actor=actor,

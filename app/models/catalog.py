@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, new_id, utcnow
@@ -41,6 +41,10 @@ class Dataset(Base):
     schema: Mapped[dict[str, Any]] = mapped_column()  # columns, kinds, label classes
     n_partitions: Mapped[int] = mapped_column(Integer)
     artifact_prefix: Mapped[str] = mapped_column(String(300))
+    # ready: usable; ingesting: a worker job is parsing the upload; failed: the upload
+    # was refused (`error` says why) and holds no records.
+    status: Mapped[str] = mapped_column(String(16), default="ready")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -59,6 +63,7 @@ class Record(Base):
     subject_id: Mapped[int] = mapped_column(ForeignKey("subjects.id"))
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
     partition: Mapped[int] = mapped_column(Integer)
-    # active: usable; quarantined: awaiting erasure, never used by new training.
+    # active: usable; quarantined: awaiting erasure, never used by new training; staged:
+    # written by an ingest job that has not finished (no request or job sees it).
     status: Mapped[str] = mapped_column(String(20), default="active")
     quarantined_by: Mapped[str | None] = mapped_column(String(32), default=None)

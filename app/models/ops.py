@@ -22,14 +22,20 @@ from app.models.base import Base, new_id, utcnow
 
 
 class Job(Base):
-    """A unit of worker work on one model: train | unlearn | retrain."""
+    """A unit of worker work on one model (train | unlearn | retrain) or on one
+    dataset's upload (ingest: no model)."""
 
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
-    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str | None] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), index=True, default=None
+    )
+    dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True, default=None
+    )
     method: Mapped[str | None] = mapped_column(String(40), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -19,6 +19,7 @@ from app.jobs import lease, routing
 from app.jobs import service as jobs
 from app.ml.sisa import SisaManifest
 from app.models import Job, Lineage, MLModel, ModelVersion
+from app.pipeline import ingest
 from app.pipeline.inputs import JobInputs
 from app.pipeline.outcome import Outcome, RequestEvents
 from app.pipeline.start import WORKER
@@ -195,10 +196,13 @@ def fail_job(job_id: str, error: str, events: RequestEvents, token: int | None =
         if token is not None and not lease.owned(job, token):
             return
         jobs.finish(s, job, ok=False, error=error[:2000])
-        jobs.unlock(s, job.model_id, job_id)
-        model = s.get(MLModel, job.model_id)
+        if job.model_id is not None:
+            jobs.unlock(s, job.model_id, job_id)
+        model = s.get(MLModel, job.model_id) if job.model_id is not None else None
         if job.kind == "train" and model is not None:
             model.status = "failed"
+        if job.kind == "ingest":
+            ingest.fail_dataset(s, job, error)
         request_ids = jobs.request_ids(s, job_id)
         events.failed(s, job_id, error)
         audit.record(

@@ -47,7 +47,8 @@ def begin(session: Session, job_id: str, kind: str) -> Job | None:
             return None
         why = "its execution in this process ended" if ended else "its lease expired"
         jobs.take_over(session, job, WORKER, f"a new delivery found {why}")
-    if not jobs.try_lock(session, job.model_id, job.id):
+    # An ingest job works on a dataset no model uses yet: no lock to take.
+    if job.model_id is not None and not jobs.try_lock(session, job.model_id, job.id):
         raise ModelBusy(job.model_id)
     jobs.start(session, job)
     return job

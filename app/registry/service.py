@@ -54,6 +54,7 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
     if session.scalars(select(MLModel).where(MLModel.name == body.name)).first() is not None:
         raise Conflict(f"a model named {body.name!r} already exists", code="model_exists")
     ds = datasets.get(session, body.dataset_id)
+    datasets.require_ready(ds)
     schema = ds.schema
     features = body.feature_columns or list(schema["feature_columns"])
     unknown = [f for f in features if f not in schema["feature_columns"]]

@@ -53,7 +53,15 @@ def ingest(client: httpx.Client, name: str, data: bytes) -> dict[str, Any]:
         files={"file": (f"{name}.csv", io.BytesIO(data), "text/csv")},
         data={"spec": json.dumps(spec)},
     )
-    assert r.status_code == 201, r.text
+    assert r.status_code in (201, 202), r.text
+    if r.status_code == 202:
+        # A large file: ingested by a worker job; the dataset is usable once ready.
+        ready = wait_for(
+            lambda: client.get(f"/v1/datasets/{r.json()['id']}").json(),
+            lambda d: d["status"] != "ingesting",
+        )
+        assert ready["status"] == "ready", ready
+        return dict(ready)
     return dict(r.json())
 
 
