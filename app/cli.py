@@ -77,6 +77,46 @@ def keys_create(
     typer.echo(raw)
 
 
+@keys_cli.command("list")
+def keys_list(
+    live: Annotated[bool, typer.Option("--live", help="only keys that are not revoked")] = False,
+) -> None:
+    """List keys (id, role, name, prefix, created, revoked); never their secrets."""
+    from app.core.db import session_scope
+    from app.keys import list_keys
+
+    with session_scope() as s:
+        rows = [
+            (k.id, k.role, k.name, k.prefix, k.created_at, k.revoked_at)
+            for k in list_keys(s, include_revoked=not live)
+        ]
+    typer.echo("id\trole\tname\tprefix\tcreated_at\trevoked_at")
+    for kid, role, name, prefix, created, revoked in rows:
+        when = revoked.isoformat(timespec="seconds") if revoked else "-"
+        typer.echo(
+            f"{kid}\t{role}\t{name}\t{prefix}\t{created.isoformat(timespec='seconds')}\t{when}"
+        )
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    id_or_name: Annotated[str, typer.Argument(help="the key's id, or the name of one live key")],
+) -> None:
+    """Revoke a key at once (API calls and dashboard sessions)."""
+    from app.core.db import session_scope
+    from app.core.errors import AppError
+    from app.keys import find_key, revoke_key
+
+    try:
+        with session_scope() as s:
+            key = revoke_key(s, find_key(s, id_or_name))
+            kid, name, role = key.id, key.name, key.role
+    except AppError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1 if exc.status_code == 409 else 2) from exc
+    typer.echo(f"revoked {role} key {kid} ({name!r})")
+
+
 @cli.command("api")
 def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the HTTP API (uvicorn)."""
@@ -225,7 +265,20 @@ def demo(
 
 
 def main() -> None:
-    cli()
+    from pydantic import ValidationError
+
+    try:
+        cli()
+    except ValidationError as exc:
+        # Settings refused (production without its secrets, a malformed value): say
+        # which, without a traceback.
+        if exc.title != "Settings":
+            raise
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            typer.echo(f"error: invalid settings: {where + ': ' if where else ''}{msg}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

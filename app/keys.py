@@ -1,12 +1,15 @@
-"""API key management (the CLI creates keys; only hashes are stored)."""
+"""API key management: create, list, revoke (only hashes are stored)."""
 
 from __future__ import annotations
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.core.errors import Conflict, NotFound, Unprocessable
 from app.core.security import ROLES, generate_api_key, hash_api_key
 from app.models import ApiKey
+from app.models.base import utcnow
 
 
 def create_key(session: Session, role: str, name: str, actor: str = "cli") -> tuple[ApiKey, str]:
@@ -27,3 +30,50 @@ def create_key(session: Session, role: str, name: str, actor: str = "cli") -> tu
         data={"name": key.name, "role": role, "prefix": key.prefix},
     )
     return key, raw
+
+
+def list_keys(session: Session, include_revoked: bool = True) -> list[ApiKey]:
+    q = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if not include_revoked:
+        q = q.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(q))
+
+
+def find_key(session: Session, id_or_name: str) -> ApiKey:
+    """The key with this id, else the one live key with this name. Names are not unique:
+    several live keys of one name are refused (name the id), never all revoked at once."""
+    key = session.get(ApiKey, id_or_name)
+    if key is not None:
+        return key
+    named = list(
+        session.scalars(
+            select(ApiKey).where(ApiKey.name == id_or_name.strip()).order_by(ApiKey.created_at)
+        )
+    )
+    live = [k for k in named if k.revoked_at is None]
+    if len(live) > 1:
+        ids = ", ".join(k.id for k in live)
+        raise Unprocessable(
+            f"{len(live)} live keys are named {id_or_name!r}; give one of their ids: {ids}",
+            code="ambiguous_key",
+        )
+    if live or named:
+        return (live or named)[-1]
+    raise NotFound(f"no API key with id or name {id_or_name!r}", code="key_not_found")
+
+
+def revoke_key(session: Session, key: ApiKey, actor: str = "cli") -> ApiKey:
+    """Revoke at once: every API call and dashboard page re-reads the key."""
+    if key.revoked_at is not None:
+        raise Conflict(f"key {key.id} was revoked at {key.revoked_at}", code="key_revoked")
+    key.revoked_at = utcnow()
+    audit.record(
+        session,
+        actor=actor,
+        action="api_key.revoked",
+        entity_type="api_key",
+        entity_id=key.id,
+        data={"name": key.name, "role": key.role, "prefix": key.prefix},
+    )
+    session.flush()
+    return key

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.db import get_engine
@@ -29,8 +31,20 @@ def redact_path(path: str) -> str:
     return _SUBJECT_PATH.sub(r"\1[redacted]", path)
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+# How long a client should wait before retrying when the database is busy.
+BUSY_RETRY_AFTER_SECONDS = 5
+
+
+def _busy(message: str) -> JSONResponse:
+    return _error(503, "busy", message, headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -42,6 +56,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def create_app() -> FastAPI:
+    from app.api.keys import router as keys_router
     from app.audit.router import router as audit_router
     from app.certificates.router import router as certificates_router
     from app.dashboard.router import mount as mount_dashboard
@@ -91,7 +106,40 @@ def create_app() -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
+    # A busy database is not the caller's fault and not a bug: a JSON 503 with
+    # Retry-After, so that clients (and their idempotency keys) simply try again.
+    # SQLite: another writer held the lock past the busy timeout ("database is
+    # locked"); any database: no pooled connection came free in time, or the server
+    # was unreachable or dropped the connection.
+    @app.exception_handler(PoolTimeoutError)
+    async def pool_timeout(_: Request, exc: PoolTimeoutError) -> JSONResponse:
+        log.warning("database connection pool exhausted: %s", exc)
+        return _busy("the service is busy (no database connection free); retry shortly")
+
+    @app.exception_handler(OperationalError)
+    async def operational_error(_: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", str(exc.orig or exc).splitlines()[0][:200])
+        return _busy("the database is busy or unavailable; retry shortly")
+
+    @app.exception_handler(DBAPIError)
+    async def dbapi_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return _busy("the database connection was lost; retry shortly")
+        return await internal_error(request, exc)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # Only input nests this deeply (a JSON body or spec of thousands of levels).
+        return _error(422, "invalid", "the input is nested too deeply")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, but still the contract's error shape (the traceback goes to the log).
+        log.error("unhandled error", exc_info=exc)
+        return _error(500, "internal_error", "internal error; it has been logged")
+
     for r in (
+        keys_router,
         datasets_router,
         registry_router,
         requests_router,

@@ -7,6 +7,7 @@ real HTTP and a real worker, on whatever settings the environment holds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -45,6 +46,16 @@ class LocalStack:
         }
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
+
+    @property
+    def pepper(self) -> str:
+        """The subject pepper the stack's processes use: configured, or the install's own
+        (made by its first process, beside the signing key)."""
+        configured = self.env.get("PALIMPSEST_SUBJECT_PEPPER")
+        if configured:
+            return configured
+        path = Path(self.env["PALIMPSEST_SIGNING_KEY_FILE"]).parent / "instance-secrets.json"
+        return str(json.loads(path.read_text())["subject_pepper"])
 
     def cli(self, *args: str) -> str:
         out = subprocess.run(

@@ -6,10 +6,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEV_PEPPER = "palimpsest-development-pepper-change-me"
+from app.core.instance_secrets import LEGACY_DEV_PEPPER, InstanceSecrets, load_or_create
+
+# Kept for old installs only (see app.core.instance_secrets); never a default any more.
+DEV_PEPPER = LEGACY_DEV_PEPPER
 
 
 class Settings(BaseSettings):
@@ -17,7 +20,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PALIMPSEST_", extra="ignore")
 
-    environment: Literal["development", "test", "production"] = "development"
+    # Unset: production when the database is not SQLite (a server database means a
+    # deployment of several hosts, which cannot share a generated secrets file).
+    environment: Literal["development", "test", "production"] | None = None
     database_url: str = "sqlite:///palimpsest.sqlite"
     broker_url: str = "sqla+sqlite:///palimpsest-broker.sqlite"
     result_backend: str = "db+sqlite:///palimpsest-results.sqlite"
@@ -25,7 +30,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     signing_key_file: str = "palimpsest-data/signing-key.pem"
     beat_schedule_file: str = "palimpsest-data/celerybeat-schedule"
-    subject_pepper: str = DEV_PEPPER
+    # The HMAC key of subject ids and the dashboard's cookie key. Unset outside
+    # production: random values made on first use in `secrets_file` (default: beside
+    # the signing key, `instance-secrets.json`). Production refuses to start without.
+    subject_pepper: str | None = None
+    dashboard_session_secret: str | None = None
+    secrets_file: str | None = None
     # Worker shape: CUDA does not survive fork, so the GPU queue runs `solo` by default.
     worker_pool: Literal["solo", "threads", "prefork"] = "solo"
     worker_concurrency: int = Field(default=1, ge=1)
@@ -61,15 +71,58 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
+    _instance: InstanceSecrets | None = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
-        if self.environment == "production" and self.subject_pepper == DEV_PEPPER:
-            raise ValueError("PALIMPSEST_SUBJECT_PEPPER must be set in production")
+        if not self.is_production:
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("PALIMPSEST_SUBJECT_PEPPER", self.subject_pepper),
+                ("PALIMPSEST_DASHBOARD_SESSION_SECRET", self.dashboard_session_secret),
+            )
+            if not value or value == DEV_PEPPER
+        ]
+        if missing:
+            raise ValueError(
+                f"production needs {' and '.join(missing)} set to long random secrets "
+                "(production: PALIMPSEST_ENVIRONMENT=production, or a database other than "
+                "SQLite without PALIMPSEST_ENVIRONMENT)"
+            )
         return self
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def is_production(self) -> bool:
+        if self.environment is not None:
+            return self.environment == "production"
+        return not self.is_sqlite
+
+    @property
+    def secrets_path(self) -> Path:
+        if self.secrets_file:
+            return Path(self.secrets_file)
+        return Path(self.signing_key_file).parent / "instance-secrets.json"
+
+    def _instance_secrets(self) -> InstanceSecrets:
+        if self._instance is None:
+            self._instance = load_or_create(self.secrets_path, self.database_url)
+        return self._instance
+
+    @property
+    def pepper(self) -> str:
+        """The subject pepper in force: configured, or this install's own."""
+        return self.subject_pepper or self._instance_secrets().subject_pepper
+
+    @property
+    def session_secret(self) -> str:
+        """The dashboard session secret in force: configured, or this install's own."""
+        return self.dashboard_session_secret or self._instance_secrets().dashboard_session_secret
 
     def ensure_local_dirs(self) -> None:
         """Create parent folders of local SQLite files, artifacts and the signing key."""

@@ -36,8 +36,8 @@ MAX_KEY_LENGTH = 200
 
 
 class DashboardSettings(BaseSettings):
-    """`PALIMPSEST_DASHBOARD_*`. Without a session secret one is derived from the subject
-    pepper (which production refuses to leave at its default), under a label of its own."""
+    """`PALIMPSEST_DASHBOARD_*`. Without a session secret the install's own random one is
+    used (`Settings.session_secret`; production refuses to start without one)."""
 
     model_config = SettingsConfigDict(env_prefix="PALIMPSEST_DASHBOARD_", extra="ignore")
 
@@ -54,11 +54,8 @@ def get_dashboard_settings() -> DashboardSettings:
 
 
 def _secret(settings: Settings, dash: DashboardSettings) -> bytes:
-    if dash.session_secret:
-        return dash.session_secret.encode()
-    return hmac.new(
-        settings.subject_pepper.encode(), b"palimpsest-dashboard-session", hashlib.sha256
-    ).digest()
+    # Never derived from anything public: configured, or random per install.
+    return (dash.session_secret or settings.session_secret).encode()
 
 
 def _b64(raw: bytes) -> str:

@@ -24,14 +24,17 @@ def parse_spec(raw: str) -> DatasetSpec:
         body = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise Unprocessable(f"spec is not valid JSON: {exc.msg}", code="invalid_spec") from exc
+    except RecursionError as exc:
+        raise Unprocessable("spec is nested too deeply", code="invalid_spec") from exc
     if not isinstance(body, dict):
         raise Unprocessable("spec must be a JSON object", code="invalid_spec")
     try:
         return DatasetSpec.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise Unprocessable(f"spec.{loc}: {first['msg']}", code="invalid_spec") from exc
+        loc = "".join(f".{x}" for x in first["loc"])
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise Unprocessable(f"spec{loc}: {msg}", code="invalid_spec") from exc
 
 
 @router.post("", status_code=201, responses={409: {}, 413: {}, 422: {}})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class DatasetSpec(BaseModel):
@@ -21,6 +21,30 @@ class DatasetSpec(BaseModel):
     # deletion requests; row numbers otherwise) and the number of storage partitions.
     record_id_column: str | None = None
     partitions: int = Field(default=16, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _distinct_roles(self) -> DatasetSpec:
+        # Label classes, source names, group values and record ids are stored and served
+        # as they are; only the subject column is pseudonymised. A column in two roles
+        # would store raw subject ids (or serve them back as label classes).
+        roles: list[tuple[str, str]] = [
+            ("subject_column", self.subject_column),
+            ("label_column", self.label_column),
+        ]
+        if self.source_column is not None:
+            roles.append(("source_column", self.source_column))
+        if self.record_id_column is not None:
+            roles.append(("record_id_column", self.record_id_column))
+        roles += [("group_columns", g) for g in self.group_columns or []]
+        seen: dict[str, str] = {}
+        for role, column in roles:
+            if column in seen:
+                raise ValueError(
+                    f"column {column!r} cannot be both {seen[column]} and {role}: "
+                    "the subject, label, source, record id and group roles need distinct columns"
+                )
+            seen[column] = role
+        return self
 
 
 class DatasetOut(BaseModel):

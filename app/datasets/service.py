@@ -69,7 +69,7 @@ def ingest(
     if session.scalars(select(Dataset).where(Dataset.name == spec.name)).first() is not None:
         raise Conflict(f"a dataset named {spec.name!r} already exists", code="dataset_exists")
     parsed = validate(table, spec)
-    keys = [subject_key(s, settings.subject_pepper) for s in parsed.subjects]
+    keys = [subject_key(s, settings.pepper) for s in parsed.subjects]
     ds = Dataset(
         name=spec.name,
         spec=spec.model_dump(),

@@ -13,7 +13,7 @@ from app.models import Dataset, DeletionRequest, Lineage, MLModel, ModelVersion,
 
 
 def subject_lineage(session: Session, subject_id: str, settings: Settings) -> dict[str, Any]:
-    key = subject_key(subject_id, settings.subject_pepper)
+    key = subject_key(subject_id, settings.pepper)
     rows = session.execute(
         select(Record.id, Record.dataset_id)
         .join(Subject, Subject.id == Record.subject_id)

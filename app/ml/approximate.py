@@ -21,10 +21,11 @@ generators seeded by `derive_seed(seed, ...)`, never from the global RNG.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -116,13 +117,45 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float) ->
     return (lt.exp() * (lt - ls)).sum(1).mean() * (t * t)
 
 
-def _params_from(params_type: type[Any], overrides: dict[str, Any] | None) -> Any:
-    """Defaults with `overrides` applied; unknown keys are an error, not silently dropped."""
+def _int(default: int, lo: int, hi: int) -> Any:
+    return field(default=default, metadata={"kind": int, "lo": lo, "hi": hi, "open": False})
+
+
+def _float(default: float, lo: float, hi: float, *, lo_open: bool = False) -> Any:
+    return field(default=default, metadata={"kind": float, "lo": lo, "hi": hi, "open": lo_open})
+
+
+class _Checked:
+    """Range checks from each field's metadata, run when the parameters are made.
+
+    A model's overrides are checked when the model is created: a bad value found only
+    when an erasure runs (a negative learning rate) would fail every request on it."""
+
+    def __post_init__(self) -> None:
+        for f in fields(cast(Any, self)):
+            meta = f.metadata
+            if not meta:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{f.name} must be a number, not {value!r}")
+            if meta["kind"] is int and not isinstance(value, int):
+                raise ValueError(f"{f.name} must be an integer, not {value!r}")
+            lo, hi = meta["lo"], meta["hi"]
+            low_ok = value > lo if meta["open"] else value >= lo
+            if not math.isfinite(value) or not low_ok or value > hi:
+                low = f"> {lo}" if meta["open"] else f">= {lo}"
+                raise ValueError(f"{f.name} must be {low} and <= {hi} (got {value!r})")
+
+
+def params_from(params_type: type[Any], overrides: dict[str, Any] | None) -> Any:
+    """Defaults with `overrides` applied and checked. Unknown keys and values out of range
+    are a ValueError naming the parameter, never silently dropped."""
     overrides = overrides or {}
     known = {f.name for f in fields(params_type)}
     unknown = set(overrides) - known
     if unknown:
-        raise ValueError(f"unknown hyper-parameters for {params_type.__name__}: {sorted(unknown)}")
+        raise ValueError(f"unknown hyper-parameters: {sorted(unknown)}; known: {sorted(known)}")
     return params_type(**overrides)
 
 
@@ -130,12 +163,13 @@ def _params_from(params_type: type[Any], overrides: dict[str, Any] | None) -> An
 
 
 @dataclass(frozen=True)
-class FinetuneParams:
-    epochs: int = 2
-    lr: float = 3e-3
-    batch_size: int = 128
-    retain_fraction: float = 0.25  # of the retained rows seen per epoch (cost control)
-    weight_decay: float = 1e-3  # pulls unused (memorising) weights back
+class FinetuneParams(_Checked):
+    epochs: int = _int(2, 0, 1000)
+    lr: float = _float(3e-3, 0, 10, lo_open=True)
+    batch_size: int = _int(128, 1, 65536)
+    # Of the retained rows seen per epoch (cost control).
+    retain_fraction: float = _float(0.25, 0, 1, lo_open=True)
+    weight_decay: float = _float(1e-3, 0, 1)  # pulls unused (memorising) weights back
 
 
 class Finetune:
@@ -182,14 +216,16 @@ class Finetune:
 
 
 @dataclass(frozen=True)
-class NegGradPlusParams:
-    epochs: int = 2
-    lr: float = 1e-3
-    batch_size: int = 128
-    alpha: float = 0.9  # weight of the retain loss; 1 - alpha on the negated forget loss
-    forget_loss_cap: float = 2.0  # per-example forget loss above this stops pushing
-    retain_fraction: float = 0.25
-    weight_decay: float = 0.0
+class NegGradPlusParams(_Checked):
+    epochs: int = _int(2, 0, 1000)
+    lr: float = _float(1e-3, 0, 10, lo_open=True)
+    batch_size: int = _int(128, 1, 65536)
+    # Weight of the retain loss; 1 - alpha on the negated forget loss.
+    alpha: float = _float(0.9, 0, 1)
+    # Per-example forget loss above this stops pushing.
+    forget_loss_cap: float = _float(2.0, 0, 100, lo_open=True)
+    retain_fraction: float = _float(0.25, 0, 1, lo_open=True)
+    weight_decay: float = _float(0.0, 0, 1)
 
 
 class NegGradPlus:
@@ -260,17 +296,18 @@ class NegGradPlus:
 
 
 @dataclass(frozen=True)
-class ScrubParams:
-    epochs: int = 4  # total epochs of min-steps
-    max_epochs: int = 3  # the first max_epochs also do max-steps on the forget set
-    lr: float = 3e-3
-    batch_size: int = 128
-    forget_batch_size: int = 32
-    alpha: float = 1.0  # weight of KL(teacher || student) in min-steps
-    gamma: float = 1.0  # weight of cross-entropy in min-steps
-    temperature: float = 2.0
-    retain_fraction: float = 0.15  # retained rows seen per min-epoch
-    weight_decay: float = 0.0
+class ScrubParams(_Checked):
+    epochs: int = _int(4, 0, 1000)  # total epochs of min-steps
+    # The first max_epochs also do max-steps on the forget set.
+    max_epochs: int = _int(3, 0, 1000)
+    lr: float = _float(3e-3, 0, 10, lo_open=True)
+    batch_size: int = _int(128, 1, 65536)
+    forget_batch_size: int = _int(32, 1, 65536)
+    alpha: float = _float(1.0, 0, 100)  # weight of KL(teacher || student) in min-steps
+    gamma: float = _float(1.0, 0, 100)  # weight of cross-entropy in min-steps
+    temperature: float = _float(2.0, 0, 100, lo_open=True)
+    retain_fraction: float = _float(0.15, 0, 1, lo_open=True)  # retained rows per min-epoch
+    weight_decay: float = _float(0.0, 0, 1)
 
 
 class Scrub:
@@ -374,7 +411,7 @@ def run_strategy(
     """Look up `name`, apply hyper-parameter overrides to its defaults and run it."""
     strategy = get_strategy(name)
     return strategy.run(
-        model, forget, retain, _params_from(strategy.params_type, params), seed, progress
+        model, forget, retain, params_from(strategy.params_type, params), seed, progress
     )
 
 
@@ -400,6 +437,7 @@ __all__ = [
     "Strategy",
     "StrategyResult",
     "get_strategy",
+    "params_from",
     "register",
     "run_strategy",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from app.api.deps import AdminDep, ReaderDep, SessionDep, SettingsDep
 from app.core.storage import get_store
@@ -17,6 +19,8 @@ from app.registry.schemas import (
 )
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+# Versions are 32-bit integers in the database; a larger one names no version.
+MAX_VERSION = 2**31 - 1
 
 
 @router.post("", status_code=202, responses={404: {}, 409: {}, 422: {}})
@@ -31,7 +35,8 @@ def get_model(name: str, _: ReaderDep, session: SessionDep) -> ModelOut:
 
 @router.patch("/{name}", responses={404: {}, 422: {}})
 def update_model(name: str, body: ModelPatch, caller: AdminDep, session: SessionDep) -> ModelOut:
-    """Beyond API.md: change settings that may change after creation (batching)."""
+    """Beyond API.md: change settings that may change after creation (batching, and how
+    later jobs unlearn: strategy, strategy_params, feature_mode)."""
     model = service.get_by_name(session, name)
     service.update_settings(session, model, body, caller.actor)
     return service.to_out(session, model)
@@ -46,7 +51,12 @@ def predict(
 
 
 @router.post("/{name}/versions/{version}/promote", responses={404: {}, 409: {}})
-def promote(name: str, version: int, caller: AdminDep, session: SessionDep) -> ModelOut:
+def promote(
+    name: str,
+    version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
+    caller: AdminDep,
+    session: SessionDep,
+) -> ModelOut:
     model = service.get_by_name(session, name)
     mv = service.get_version(session, model, version)
     service.promote(session, model, mv, caller.actor, reason="manual")

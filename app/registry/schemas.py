@@ -99,11 +99,30 @@ class BatchingIn(BaseModel):
         return self
 
 
-class ModelPatch(BaseModel):
-    """`PATCH /v1/models/{name}`: settings that may change after creation."""
+class UnlearningPatch(BaseModel):
+    """The parts of the unlearning block that may change after training: how later jobs
+    unlearn. Mode, shards, slices, sharding, aggregation and the certified settings shaped
+    the trained versions and stay as they were created (unknown keys are a 422)."""
 
     model_config = ConfigDict(extra="forbid")
-    batching: BatchingIn
+    strategy: str | None = Field(default=None, min_length=1, max_length=40)
+    strategy_params: dict[str, Any] | None = None
+    feature_mode: Literal["exact", "approximate"] | None = None
+
+
+class ModelPatch(BaseModel):
+    """`PATCH /v1/models/{name}`: settings that may change after creation. Each block
+    given replaces the model's (`unlearning`: only the keys given); at least one."""
+
+    model_config = ConfigDict(extra="forbid")
+    batching: BatchingIn | None = None
+    unlearning: UnlearningPatch | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> ModelPatch:
+        if self.batching is None and self.unlearning is None:
+            raise ValueError("give batching, unlearning or both")
+        return self
 
 
 class ModelCreate(BaseModel):

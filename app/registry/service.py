@@ -16,7 +16,7 @@ from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
-from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy
+from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy, params_from
 from app.ml.config import FeatureSpec
 from app.models import Job, MLModel, ModelVersion
 from app.registry import artifacts
@@ -78,7 +78,7 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         )
     if body.unlearning.certified:
         body.unlearning.mode = "monolithic"  # certified removal is for one model
-    _check_strategy(body)
+    _check_strategy(body.unlearning.strategy, body.unlearning.strategy_params)
     if body.unlearning.mode == "monolithic" and (
         body.unlearning.shards,
         body.unlearning.slices,
@@ -114,19 +114,20 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
     return ModelCreated(id=model.id, name=model.name, status=model.status, job_id=job.id)
 
 
-def _check_strategy(body: ModelCreate) -> None:
-    u = body.unlearning
-    if u.strategy is None and u.strategy_params is None:
+def _check_strategy(strategy_name: str | None, overrides: dict[str, Any] | None) -> None:
+    """The strategy exists and its parameters are in range: a bad value would otherwise
+    surface only when an erasure runs, and fail every request on the model."""
+    if strategy_name is None and overrides is None:
         return
     try:
-        strategy = get_strategy(u.strategy or DEFAULT_STRATEGY)
+        strategy = get_strategy(strategy_name or DEFAULT_STRATEGY)
     except KeyError as exc:
         raise Unprocessable(
-            f"unknown strategy {u.strategy!r}; known: {sorted(STRATEGIES)}",
+            f"unknown strategy {strategy_name!r}; known: {sorted(STRATEGIES)}",
             code="unknown_strategy",
         ) from exc
     try:
-        strategy.params_type(**(u.strategy_params or {}))
+        params_from(strategy.params_type, overrides)
     except (TypeError, ValueError) as exc:
         raise Unprocessable(
             f"invalid strategy_params for {strategy.name!r}: {exc}", code="invalid_config"
@@ -185,21 +186,36 @@ def to_out(session: Session, model: MLModel) -> ModelOut:
 
 
 def update_settings(session: Session, model: MLModel, body: ModelPatch, actor: str) -> None:
-    """Replace the model's batching policy; held jobs are rescheduled under the new one."""
+    """Replace the model's batching policy (held jobs are rescheduled under the new one)
+    and/or the changeable keys of its unlearning block (used by the next job)."""
     from app.requests import batching  # requests build on the registry, not the reverse
 
-    before = model.config.get("batching")
-    model.config = {**model.config, "batching": body.batching.model_dump()}
+    config = dict(model.config)
+    changes: dict[str, Any] = {}
+    if body.unlearning is not None:
+        given = body.unlearning.model_dump(include=body.unlearning.model_fields_set)
+        unlearning = {**config["unlearning"], **given}
+        _check_strategy(unlearning.get("strategy"), unlearning.get("strategy_params"))
+        changes["unlearning"] = {"before": config["unlearning"], "after": unlearning}
+        config["unlearning"] = unlearning
+    if body.batching is not None:
+        changes["batching"] = {
+            "before": config.get("batching"),
+            "after": body.batching.model_dump(),
+        }
+        config["batching"] = body.batching.model_dump()
+    model.config = config
     audit.record(
         session,
         actor=actor,
         action="model.settings_changed",
         entity_type="model",
         entity_id=model.id,
-        data={"batching": {"before": before, "after": model.config["batching"]}},
+        data=changes,
     )
     session.flush()
-    batching.reschedule_model(session, model)
+    if body.batching is not None:
+        batching.reschedule_model(session, model)
 
 
 def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reason: str) -> None:

@@ -98,7 +98,7 @@ def _fingerprint(req: DeletionRequest) -> tuple[object, ...]:
 
 
 def _body_fingerprint(body: DeletionRequestIn, settings: Settings) -> tuple[object, ...]:
-    key = subject_key(body.subject_id, settings.subject_pepper) if body.subject_id else None
+    key = subject_key(body.subject_id, settings.pepper) if body.subject_id else None
     return (
         body.kind,
         key,
@@ -119,7 +119,7 @@ def _find_records(
     live = Record.status.in_(("active", "quarantined"))
     if body.kind == "subject":
         assert body.subject_id is not None
-        key = subject_key(body.subject_id, settings.subject_pepper)
+        key = subject_key(body.subject_id, settings.pepper)
         n = session.scalar(
             select(func.count())
             .select_from(Record)

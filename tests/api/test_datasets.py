@@ -156,6 +156,50 @@ REFUSED: dict[str, tuple[bytes, Any, str, int, str]] = {
         422,
         "invalid_spec",
     ),
+    # One column in two roles would store raw subject ids as labels, sources or groups.
+    "label is the subject column": (
+        GOOD,
+        dataset_spec("x", label_column="subject"),
+        "d.csv",
+        422,
+        "invalid_spec",
+    ),
+    "source is the subject column": (
+        GOOD,
+        dataset_spec("x", source_column="subject"),
+        "d.csv",
+        422,
+        "invalid_spec",
+    ),
+    "group is the subject column": (
+        GOOD,
+        dataset_spec("x", group_columns=["subject"]),
+        "d.csv",
+        422,
+        "invalid_spec",
+    ),
+    "group is the label column": (
+        GOOD,
+        dataset_spec("x", group_columns=["label"]),
+        "d.csv",
+        422,
+        "invalid_spec",
+    ),
+    "source is the label column": (
+        GOOD,
+        dataset_spec("x", source_column="label"),
+        "d.csv",
+        422,
+        "invalid_spec",
+    ),
+    "record ids are the subject column": (
+        GOOD,
+        dataset_spec("x", record_id_column="subject"),
+        "d.csv",
+        422,
+        "invalid_spec",
+    ),
+    "deeply nested spec": (GOOD, "[" * 100_000 + "]" * 100_000, "d.csv", 422, "invalid_spec"),
     "empty file": (b"", dataset_spec("x"), "d.csv", 422, "invalid_file"),
     "header only": (
         b"subject,source,age,colour,region,label\n",
@@ -210,6 +254,14 @@ def test_missing_parts_are_422(env: AppEnv, keys: dict[str, str], nothing_left: 
     assert_error(env.client.post("/v1/datasets", headers=h, data={"spec": "{}"}), 422)
     assert_error(env.client.post("/v1/datasets", headers=h, files={"file": ("d.csv", GOOD)}), 422)
     assert_error(env.client.post("/v1/datasets", headers=h, json={"spec": {}}), 422)
+
+
+def test_role_conflict_names_both_roles(env: AppEnv, keys: dict[str, str]) -> None:
+    resp = post_dataset(
+        env.client, keys["admin"], GOOD, dataset_spec("x", group_columns=["subject"])
+    )
+    message = assert_error(resp, 422, "invalid_spec")["message"]
+    assert "subject_column" in message and "group_columns" in message, message
 
 
 def test_duplicate_name_is_409_and_leaves_nothing(env: AppEnv, keys: dict[str, str]) -> None:

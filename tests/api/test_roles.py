@@ -59,6 +59,9 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): ADMIN,
     ("POST", "/v1/webhooks/{webhook_id}/rotate-secret"): ADMIN,
     ("POST", "/v1/webhooks/{webhook_id}/enable"): ADMIN,
+    ("GET", "/v1/keys"): ADMIN,
+    ("POST", "/v1/keys"): ADMIN,
+    ("POST", "/v1/keys/{key_id}/revoke"): ADMIN,
 }
 
 

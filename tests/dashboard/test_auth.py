@@ -120,7 +120,9 @@ def test_forged_expired_and_foreign_cookies_are_refused(env: AppEnv, keys: dict[
     with session_scope() as s:
         admin_id = s.scalars(select(ApiKey.id).where(ApiKey.name == "dash-admin")).one()
     expired, _ = codec.encode(admin_id, "admin", now=time.time() - 9 * 3600)
-    other_secret = SessionCodec(get_settings().model_copy(update={"subject_pepper": "other"}))
+    other_secret = SessionCodec(
+        get_settings().model_copy(update={"dashboard_session_secret": "other-secret"})
+    )
     foreign, _ = other_secret.encode(admin_id, "admin")
     for value in (f"{body}.{mac[:-2]}AA", f"{body}x.{mac}", "garbage", expired, foreign):
         c = browser(env)
@@ -186,3 +188,38 @@ def test_static_files_are_served_locally(env: AppEnv) -> None:
     traversal = c.get("/admin/static/..%2Fauth.py")
     assert traversal.status_code in (303, 404) and b"SessionCodec" not in traversal.content
     assert c.get("/admin/static/nope.js").status_code == 404
+
+
+def test_a_cookie_forged_from_the_public_development_pepper_is_refused(
+    env: AppEnv, keys: dict[str, str]
+) -> None:
+    """The attack of issue 11: the session key used to be an HMAC of the public
+    development pepper, so anyone who read the code and saw an admin key id in
+    /v1/audit could sign an admin session."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    from app.core.settings import DEV_PEPPER
+
+    with session_scope() as s:
+        admin_id = s.scalars(select(ApiKey.id).where(ApiKey.name == "dash-admin")).one()
+    old_key = hmac.new(DEV_PEPPER.encode(), b"palimpsest-dashboard-session", hashlib.sha256)
+    body = json.dumps(
+        {"kid": admin_id, "role": "admin", "sid": "forged", "exp": int(time.time()) + 3600},
+        separators=(",", ":"),
+    ).encode()
+    mac = hmac.new(old_key.digest(), b"session|" + body, hashlib.sha256).digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    c = browser(env)
+    c.cookies.set(COOKIE, f"{b64(body)}.{b64(mac)}", path="/admin")
+    assert c.get("/admin").status_code == 303
+    # The install's own secret is random, kept owner-only beside the signing key.
+    settings = get_settings()
+    assert settings.session_secret not in (DEV_PEPPER, old_key.hexdigest())
+    assert settings.secrets_path.parent == env.folder / "keys"
+    assert settings.secrets_path.stat().st_mode & 0o777 == 0o600

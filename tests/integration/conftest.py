@@ -76,6 +76,9 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack
         # A private Redis database number per run keeps parallel runs apart.
         db_index = 1 + uuid.uuid4().int % 15
         env |= {
+            # A server database is production: it refuses to start without secrets.
+            "PALIMPSEST_SUBJECT_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
+            "PALIMPSEST_DASHBOARD_SESSION_SECRET": f"test-session-{uuid.uuid4().hex}",
             "PALIMPSEST_DATABASE_URL": f"{base}/{name}",
             "PALIMPSEST_BROKER_URL": f"{redis_url.rstrip('/')}/{db_index}",
             "PALIMPSEST_RESULT_BACKEND": f"{redis_url.rstrip('/')}/{db_index}",

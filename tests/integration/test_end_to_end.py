@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 from sqlalchemy import create_engine, text
 
 from app.core.security import subject_key
-from app.core.settings import DEV_PEPPER
 from app.stack import LocalStack
 from tests.integration.flows import erase, ingest, make_csv, train
 
@@ -109,7 +108,7 @@ def test_erase_subject_and_source_end_to_end(stack: LocalStack) -> None:
     assert model["production_version"] == 1
     assert model["versions"][0]["metrics"]["test_accuracy"] > 0.7
 
-    key = subject_key("p0007", DEV_PEPPER)
+    key = subject_key("p0007", stack.pepper)
     lineage = admin.get("/v1/subjects/p0007/lineage").json()
     assert lineage["records"] == 5 and lineage["models"][0]["versions"] == [1]
     assert len(lineage["models"][0]["shards"]) == 1  # subject sharding: one shard per person

@@ -14,7 +14,6 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from app.core.security import subject_key
-from app.core.settings import DEV_PEPPER
 from app.stack import LocalStack
 from tests.integration.flows import erase, ingest, make_csv, train
 
@@ -122,7 +121,7 @@ def test_a_subject_erasure_is_announced_signed_and_in_order(
     changes = [e["data"] for e in events if e["type"] == "request.status_changed"]
     assert all(c["request_id"] == rid for c in changes)
     assert [c["from"] for c in changes] + [changes[-1]["to"]] == CHAIN, changes
-    key = subject_key("p0007", DEV_PEPPER)
+    key = subject_key("p0007", stack.pepper)
     assert events[0]["data"]["request_id"] == rid and events[0]["data"]["subject_key"] == key
 
     def at(kind: str, **match: Any) -> str:
