@@ -90,7 +90,15 @@ def run_demo(
     work.mkdir(parents=True, exist_ok=True)
     console.rule("[bold]Palimpsest demo[/bold]")
     console.print(f"work folder: {work} (SQLite database, SQLite broker, local artifacts)")
-    stack = LocalStack(work, env={"PALIMPSEST_DEVICE": "auto"}, port=port)
+    stack = LocalStack(
+        work,
+        env={
+            "PALIMPSEST_DEVICE": "auto",
+            # Receivers of the demo (if any) listen on loopback, refused by default.
+            "PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        },
+        port=port,
+    )
     t_start = time.perf_counter()
     tables: list[Table] = []
     try:

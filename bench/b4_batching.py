@@ -98,6 +98,7 @@ def run_side(
         folder,
         env={
             "PALIMPSEST_DEVICE": "cpu",
+            "PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
             "PALIMPSEST_BATCH_RELEASE_INTERVAL": "1",
             "PALIMPSEST_LOG_LEVEL": "WARNING",
         },

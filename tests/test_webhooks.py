@@ -175,9 +175,9 @@ def test_invalid_registrations_are_422(
 
 
 def test_only_admins_manage_webhooks(env: AppEnv, keys: dict[str, str], sent: list[Any]) -> None:
-    hook = register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
+    hook = register(env, keys["admin"], "http://127.0.0.1:9/h", ["job.failed"])
     calls = [
-        ("POST", "/v1/webhooks", {"url": "https://example.invalid/h", "events": ["job.failed"]}),
+        ("POST", "/v1/webhooks", {"url": "http://127.0.0.1:9/h", "events": ["job.failed"]}),
         ("GET", "/v1/webhooks", None),
         ("GET", f"/v1/webhooks/{hook['id']}/deliveries", None),
         ("POST", f"/v1/webhooks/{hook['id']}/deliveries/x/redeliver", None),
@@ -193,7 +193,7 @@ def test_only_admins_manage_webhooks(env: AppEnv, keys: dict[str, str], sent: li
 
 
 def test_create_returns_the_secret_once(env: AppEnv, keys: dict[str, str], sent: list[Any]) -> None:
-    hook = register(env, keys["admin"], "https://example.invalid/h", ["job.failed", "job.failed"])
+    hook = register(env, keys["admin"], "http://127.0.0.1:9/h", ["job.failed", "job.failed"])
     assert hook["secret"].startswith("whsec_") and hook["events"] == ["job.failed"]
     Webhook(hook["secret"])  # the library accepts it
     listed = env.client.get("/v1/webhooks", headers=auth(keys["admin"])).json()["items"]
@@ -397,7 +397,7 @@ def test_a_rolled_back_change_announces_nothing(
     from app.webhooks import service
     from app.webhooks.models import WebhookDelivery
 
-    register(env, keys["admin"], "https://example.invalid/h", ["job.failed"])
+    register(env, keys["admin"], "http://127.0.0.1:9/h", ["job.failed"])
     with pytest.raises(RuntimeError), session_scope() as s:
         assert service.emit(s, "job.failed", {"job_id": "x"}) == 1
         raise RuntimeError("the change failed")

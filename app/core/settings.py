@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.instance_secrets import LEGACY_DEV_PEPPER, InstanceSecrets, load_or_create
@@ -68,10 +69,27 @@ class Settings(BaseSettings):
     # progress write, so that tests can crash a worker in the middle of one.
     test_slow_unlearning_seconds: float = Field(default=0.0, ge=0)
     torch_threads: int = Field(default=0, ge=0)  # 0 = torch's default
+    # CIDRs (comma-separated) that webhook targets may resolve to although they are
+    # loopback, private, link-local ... (app.webhooks.targets); empty: none.
+    webhook_allowed_networks: str = ""
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
     _instance: InstanceSecrets | None = PrivateAttr(default=None)
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _cidrs(cls, v: str) -> str:
+        from app.webhooks.targets import parse_networks
+
+        parse_networks(v)  # a bad CIDR refuses to start, rather than being ignored
+        return v
+
+    @property
+    def webhook_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        from app.webhooks.targets import parse_networks
+
+        return parse_networks(self.webhook_allowed_networks)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

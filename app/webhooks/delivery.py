@@ -24,8 +24,9 @@ from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook
 
 from app.core.db import enqueue, session_scope
+from app.core.settings import get_settings
 from app.models.base import utcnow
-from app.webhooks import service
+from app.webhooks import service, targets
 from app.webhooks.models import WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger(__name__)
@@ -93,10 +94,25 @@ def _claim(delivery_id: str) -> _Attempt | None:
 
 
 def _post(attempt: _Attempt) -> tuple[int | None, str | None]:
+    # Checked again now, after resolving the name now: the address may have changed
+    # since registration (DNS rebinding), or the allowed networks may have. The POST
+    # goes to the address that passed, never to a second resolution of the name.
+    try:
+        target = targets.vet(attempt.url, get_settings().webhook_networks)
+    except targets.TargetRefused as exc:
+        log.warning("webhook delivery refused: %s", exc)
+        return None, f"refused: {exc}"[:500]
     headers = signed_headers(attempt.secret, attempt.msg_id, attempt.body, utcnow())
+    headers["host"] = target.host_header
     try:
         with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False) as client:
-            resp = client.post(attempt.url, content=attempt.body.encode(), headers=headers)
+            resp = client.post(
+                target.pinned_url,
+                content=attempt.body.encode(),
+                headers=headers,
+                # TLS: SNI and certificate checks are for the name, not the address.
+                extensions={"sni_hostname": target.host},
+            )
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {exc}"[:500]
     if 200 <= resp.status_code < 300:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.webhooks.targets import TargetRefused, check_syntax
 
 EventType = Literal[
     "request.received",
@@ -21,26 +22,25 @@ EventType = Literal[
 
 class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str = Field(min_length=1, max_length=2000)
+    url: str = Field(
+        min_length=1,
+        max_length=2000,
+        pattern=r"^https?://[^\x00-\x20\x7f]+$",
+        description="http or https; no credentials, fragment or control characters; the "
+        "host must not resolve to loopback, private, link-local, multicast, reserved or "
+        "unspecified addresses (unless inside PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS)",
+    )
     events: list[EventType] = Field(min_length=1)
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        parts = urlsplit(v.strip())
-        if parts.scheme not in ("http", "https"):
-            raise ValueError("url must be http or https")
-        if not parts.hostname:
-            raise ValueError("url must name a host")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("url must not carry credentials")
-        if parts.fragment:
-            raise ValueError("url must not have a fragment")
+        # No stripping: a URL with CR/LF or other control characters is refused whole.
         try:
-            _ = parts.port  # raises on a malformed port
-        except ValueError as exc:
-            raise ValueError("url has an invalid port") from exc
-        return v.strip()
+            check_syntax(v)
+        except TargetRefused as exc:
+            raise ValueError(str(exc)) from exc
+        return v
 
     @field_validator("events")
     @classmethod

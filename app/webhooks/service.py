@@ -17,9 +17,11 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.core.db import enqueue
-from app.core.errors import Conflict, NotFound
+from app.core.errors import Conflict, NotFound, Unprocessable
+from app.core.settings import get_settings
 from app.models import DeletionRequest, Job, MLModel
 from app.models.base import utcnow
+from app.webhooks import targets
 from app.webhooks.models import WebhookDelivery, WebhookEndpoint
 from app.webhooks.schemas import DeliveryOut, WebhookIn, WebhookOut
 
@@ -35,6 +37,10 @@ def new_secret() -> str:
 
 
 def create_endpoint(session: Session, body: WebhookIn, actor: str) -> WebhookEndpoint:
+    try:
+        targets.vet(body.url, get_settings().webhook_networks)
+    except targets.TargetRefused as exc:
+        raise Unprocessable(f"url refused: {exc}", code="webhook_target_refused") from exc
     ep = WebhookEndpoint(
         url=body.url, events=list(body.events), secret=new_secret(), created_by=actor
     )

@@ -63,6 +63,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
             "PALIMPSEST_TORCH_THREADS": "1",
             # Held (batched) jobs are sent within a second of their time.
             "PALIMPSEST_BATCH_RELEASE_INTERVAL": "1",
+            # The seeded webhook's receiver is on loopback, refused by default.
+            "PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
         },
     )
     st.start()

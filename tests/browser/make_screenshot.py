@@ -79,7 +79,10 @@ def shoot(out: Path, page_name: str) -> int:
     from playwright.sync_api import sync_playwright
 
     folder = Path(tempfile.mkdtemp(prefix="palimpsest-shot-"))
-    stack = LocalStack(folder / "stack", env={"PALIMPSEST_DEVICE": "cpu"})
+    stack = LocalStack(
+        folder / "stack",
+        env={"PALIMPSEST_DEVICE": "cpu", "PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8"},
+    )
     stack.start()
     try:
         s = seed(stack)

@@ -58,7 +58,12 @@ def _drop_postgres_database(admin_url: str, name: str) -> None:
 
 @pytest.fixture(params=["embedded", "postgres-redis"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack]:
-    env: dict[str, str] = {"PALIMPSEST_DEVICE": "cpu", "PALIMPSEST_TORCH_THREADS": "1"}
+    env: dict[str, str] = {
+        "PALIMPSEST_DEVICE": "cpu",
+        "PALIMPSEST_TORCH_THREADS": "1",
+        # The tests' webhook receivers listen on loopback, which is refused by default.
+        "PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+    }
     cleanup = None
     if request.param == "postgres-redis":
         pg = os.environ.get("PALIMPSEST_TEST_POSTGRES_URL", "")

@@ -68,6 +68,8 @@ def app_env(folder: Path, backend: str | None = None) -> Iterator[AppEnv]:
         mp.setenv("PALIMPSEST_RESULT_BACKEND", "cache+memory://")
         mp.setenv("PALIMPSEST_SIGNING_KEY_FILE", str(folder / "keys" / "signing-key.pem"))
         mp.setenv("PALIMPSEST_DEVICE", "cpu")
+        # The tests' webhook receivers listen on loopback, which is refused by default.
+        mp.setenv("PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
         clear_caches()
         try:
             upgrade_database(url)
