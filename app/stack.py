@@ -13,11 +13,34 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import Any
 
 import httpx
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _catch_stop_signals() -> dict[signal.Signals, Any]:
+    """Turn SIGTERM and SIGHUP (and SIGINT where a background shell left it ignored)
+    into KeyboardInterrupt, so that whatever started a stack unwinds through its
+    `finally`/`with` and stops the child processes: they lead sessions of their own, so
+    no signal sent to us reaches them. Only from the main thread (signals go there);
+    returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        current = signal.getsignal(sig)
+        default = signal.SIG_IGN if sig == signal.SIGINT else signal.SIG_DFL
+        if current == default:
+            previous[sig] = signal.signal(sig, _interrupt)
+    return previous
 
 
 def free_port() -> int:
@@ -46,6 +69,7 @@ class LocalStack:
         }
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
+        self._previous_handlers: dict[signal.Signals, Any] = {}
 
     @property
     def pepper(self) -> str:
@@ -90,6 +114,8 @@ class LocalStack:
 
     def start(self, worker_args: tuple[str, ...] = ()) -> LocalStack:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not self._previous_handlers:
+            self._previous_handlers = _catch_stop_signals()
         self.cli("db", "upgrade")
         self._spawn("api", "api", "--host", "127.0.0.1", "--port", str(self.port))
         self._spawn("worker", "worker", "--loglevel", "WARNING", "--beat", *worker_args)
@@ -112,19 +138,33 @@ class LocalStack:
         )
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            # Each process leads its own session: take its children (the worker's embedded
-            # beat) with it, so nothing is left orphaned.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-        self.procs.clear()
+        # A second signal must not cut the shutdown short and leave children behind.
+        in_main = threading.current_thread() is threading.main_thread()
+        held: dict[signal.Signals, Any] = {}
+        if in_main:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                held[sig] = signal.signal(sig, signal.SIG_IGN)
+        try:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in self.procs:
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                # Each process leads its own session: take its children (the worker's
+                # embedded beat) with it, so nothing is left orphaned.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            self.procs.clear()
+        finally:
+            if in_main:
+                for sig, handler in held.items():
+                    signal.signal(sig, handler)
+                for sig, handler in self._previous_handlers.items():
+                    signal.signal(sig, handler)
+                self._previous_handlers = {}
 
     def __enter__(self) -> LocalStack:
         return self.start()
