@@ -187,3 +187,36 @@ def test_models_never_500(env: AppEnv, keys: dict[str, str], dataset: dict[str, 
             env.client.post(url, headers={**h, "content-type": "application/json"}, content=raw),
             raw,
         )
+
+
+def test_deeply_nested_bodies_are_4xx(
+    env: AppEnv, keys: dict[str, str], dataset: dict[str, Any]
+) -> None:
+    """Nesting deeper than the parsers recurse (RecursionError) is bad input, not a bug."""
+    h = {**auth(keys["admin"]), "content-type": "application/json"}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    params = b'{"a":' * 5_000 + b"1" + b"}" * 5_000
+    model = (
+        b'{"name": "deep", "dataset_id": "%s", "unlearning": {"mode": "monolithic",'
+        b' "strategy_params": %s}}' % (dataset["id"].encode(), params)
+    )
+    for url, raw in (
+        ("/v1/deletion-requests", deep),
+        ("/v1/models", deep),
+        ("/v1/models", model),
+        ("/v1/webhooks", deep),
+    ):
+        resp = env.client.post(url, headers=h, content=raw)
+        assert 400 <= resp.status_code < 500, (url, resp.status_code, resp.text[:200])
+        check(resp, url)
+
+
+@pytest.mark.parametrize("version", ["9223372036854775808", str(2**64), "0", "-1", str(2**31)])
+def test_promote_of_a_version_out_of_range_is_422(
+    env: AppEnv, keys: dict[str, str], version: str
+) -> None:
+    resp = env.client.post(
+        f"/v1/models/any/versions/{version}/promote", headers=auth(keys["admin"])
+    )
+    assert resp.status_code == 422, resp.text
+    check(resp, version)
