@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.openapi import install as install_openapi
 from app.core.db import get_engine
 from app.core.errors import AppError
 from app.core.logging import new_request_id, request_id_var
@@ -53,6 +54,19 @@ def _validation_message(exc: RequestValidationError) -> str:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body",))
         parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI document lists for the template `path` matches."""
+    methods: set[str] = set()
+    for template, item in app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods |= {m.upper() for m in item if m in _HTTP_METHODS}
+    return sorted(methods)
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
 
 def create_app() -> FastAPI:
@@ -102,9 +116,14 @@ def create_app() -> FastAPI:
         return _error(422, "invalid", _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            # Every method the path serves, not only those of the route that matched
+            # (FastAPI makes one route per method).
+            headers = {"Allow": ", ".join(_allowed_methods(app, request.url.path))}
+        return _error(exc.status_code, code, str(exc.detail), headers=headers)
 
     # A busy database is not the caller's fault and not a bug: a JSON 503 with
     # Retry-After, so that clients (and their idempotency keys) simply try again.
@@ -166,10 +185,21 @@ def create_app() -> FastAPI:
             return _error(503, "not_ready", f"database unreachable: {type(exc).__name__}")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     def metrics() -> Response:
         # The process's own metrics plus the service's, read from the database.
         body = generate_latest() + generate_latest(metrics_registry())
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app)
     return app

@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -47,14 +48,19 @@ class Caller:
         return f"key:{self.name}"
 
 
-def get_caller(request: Request, session: SessionDep) -> Caller:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+# Declared as a security scheme in the OpenAPI document; the refusal is ours (401 in the
+# error shape), not FastAPI's.
+bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer plm_...`")
+
+
+def get_caller(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Caller:
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
         raise Unauthorized("missing bearer API key (Authorization: Bearer <key>)")
-    key = session.scalars(
-        select(ApiKey).where(ApiKey.key_hash == hash_api_key(token.strip()))
-    ).first()
+    key = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_api_key(token))).first()
     if key is None or key.revoked_at is not None:
         raise Unauthorized("unknown or revoked API key")
     return Caller(key.id, key.name, key.role)  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -11,13 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class ArchitectureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["logreg", "mlp"] = "logreg"
-    hidden: list[int] = Field(default_factory=lambda: [64], min_length=1, max_length=6)
-
-    @model_validator(mode="after")
-    def _sizes(self) -> ArchitectureIn:
-        if any(h < 1 or h > 4096 for h in self.hidden):
-            raise ValueError("hidden sizes must be between 1 and 4096")
-        return self
+    # Hidden layer widths (MLP), each between 1 and 4096.
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [64], min_length=1, max_length=6
+    )
 
 
 class TrainingIn(BaseModel):
@@ -80,7 +77,10 @@ class BatchingIn(BaseModel):
     first request once it holds `min_batch` requests, or `max_wait_seconds` after it in
     any case; a request due within `deadline_margin_hours` starts it at once. Several
     requests in one job blur which record changed the model, and each job retrains the
-    shards of all of them once."""
+    shards of all of them once.
+
+    Rules across fields (a 422 otherwise): `max_batch`, when set, is at least
+    `min_batch`, and `max_wait_seconds` is at least `window_seconds`."""
 
     model_config = ConfigDict(extra="forbid")
     window_seconds: float = Field(default=0.0, ge=0, le=30 * 86400)
@@ -112,17 +112,11 @@ class UnlearningPatch(BaseModel):
 
 class ModelPatch(BaseModel):
     """`PATCH /v1/models/{name}`: settings that may change after creation. Each block
-    given replaces the model's (`unlearning`: only the keys given); at least one."""
+    given replaces the model's (`unlearning`: only the keys given); none changes nothing."""
 
     model_config = ConfigDict(extra="forbid")
     batching: BatchingIn | None = None
     unlearning: UnlearningPatch | None = None
-
-    @model_validator(mode="after")
-    def _something(self) -> ModelPatch:
-        if self.batching is None and self.unlearning is None:
-            raise ValueError("give batching, unlearning or both")
-        return self
 
 
 class ModelCreate(BaseModel):

@@ -204,6 +204,8 @@ def update_settings(session: Session, model: MLModel, body: ModelPatch, actor: s
             "after": body.batching.model_dump(),
         }
         config["batching"] = body.batching.model_dump()
+    if not changes:
+        return
     model.config = config
     audit.record(
         session,

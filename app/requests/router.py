@@ -30,7 +30,11 @@ def create_request(
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    # The length rule is stated here and enforced by the service (a 400).
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", json_schema_extra={"minLength": 1, "maxLength": 200}),
+    ] = None,
 ) -> RequestAccepted:
     accepted, created = service.create(session, body, caller, settings, idempotency_key)
     if not created:

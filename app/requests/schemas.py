@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RequestKind = Literal["subject", "records", "source", "feature"]
+TARGET_FIELD = {
+    "subject": "subject_id",
+    "records": "record_ids",
+    "source": "source",
+    "feature": "feature",
+}
+
+
+def _given(field: str) -> dict[str, Any]:
+    return {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+
+
+def _one_target_per_kind(schema: dict[str, Any]) -> None:
+    """State the cross-field rules in the JSON schema: each kind carries its own target
+    (and a feature request its model) and no other kind's; only a records request may
+    name a dataset."""
+    variants = []
+    for kind, field in TARGET_FIELD.items():
+        needed = [field, "model"] if kind == "feature" else [field]
+        others = [f for k, f in TARGET_FIELD.items() if k != kind]
+        if kind != "records":
+            others.append("dataset_id")  # it only narrows record ids
+        variants.append(
+            {
+                "properties": {"kind": {"const": kind}},
+                "allOf": [_given(f) for f in needed],
+                "not": {"anyOf": [_given(f) for f in others]},
+            }
+        )
+    schema["oneOf"] = variants
 
 
 class DeletionRequestIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_target_per_kind)
     kind: RequestKind
-    subject_id: str | None = Field(default=None, min_length=1, max_length=500)
+    subject_id: str | None = Field(default=None, min_length=1, max_length=500, pattern=r"\S")
     record_ids: list[str] | None = Field(default=None, min_length=1, max_length=100_000)
     source: str | None = Field(default=None, min_length=1, max_length=200)
     feature: str | None = Field(default=None, min_length=1, max_length=200)
@@ -24,12 +54,7 @@ class DeletionRequestIn(BaseModel):
 
     @model_validator(mode="after")
     def _target(self) -> DeletionRequestIn:
-        need = {
-            "subject": "subject_id",
-            "records": "record_ids",
-            "source": "source",
-            "feature": "feature",
-        }
+        need = TARGET_FIELD
         field = need[self.kind]
         if getattr(self, field) in (None, "", []):
             raise ValueError(f"a {self.kind!r} request needs {field!r}")
