@@ -182,7 +182,12 @@ def create_app() -> FastAPI:
             with get_engine().connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:  # readiness reports the dependency, it does not crash
-            return _error(503, "not_ready", f"database unreachable: {type(exc).__name__}")
+            return _error(
+                503,
+                "not_ready",
+                f"database unreachable: {type(exc).__name__}",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)},
+            )
         return JSONResponse({"status": "ready"})
 
     @app.get(
