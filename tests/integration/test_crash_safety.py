@@ -67,7 +67,13 @@ def _postgres_env() -> tuple[dict[str, str], Any]:
     if not pg or not _reachable(pg, 5432):
         _unavailable(f"PostgreSQL not reachable at {pg or '(PALIMPSEST_TEST_POSTGRES_URL unset)'}")
     name = _postgres_database(pg)
-    return {"PALIMPSEST_DATABASE_URL": f"{pg.rsplit('/', 1)[0]}/{name}"}, (
+    env = {
+        "PALIMPSEST_DATABASE_URL": f"{pg.rsplit('/', 1)[0]}/{name}",
+        # A server database is production: it refuses to start without secrets.
+        "PALIMPSEST_SUBJECT_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
+        "PALIMPSEST_DASHBOARD_SESSION_SECRET": f"test-session-{uuid.uuid4().hex}",
+    }
+    return env, (
         lambda: _drop_postgres_database(pg, name)
     )
 
