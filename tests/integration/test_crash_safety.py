@@ -73,9 +73,7 @@ def _postgres_env() -> tuple[dict[str, str], Any]:
         "PALIMPSEST_SUBJECT_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
         "PALIMPSEST_DASHBOARD_SESSION_SECRET": f"test-session-{uuid.uuid4().hex}",
     }
-    return env, (
-        lambda: _drop_postgres_database(pg, name)
-    )
+    return env, (lambda: _drop_postgres_database(pg, name))
 
 
 def _shared_redis_env() -> dict[str, str]:
