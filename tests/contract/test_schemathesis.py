@@ -108,10 +108,14 @@ def _run(api: tuple[str, str, Path], name: str, *args: str) -> None:
         *NEVER,
         *args,
     ]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.contract.schemathesis_hooks"}
-    out = subprocess.run(
-        cmd, env=env, cwd=HERE.parent.parent, capture_output=True, text=True, timeout=300
-    )
+    root = str(HERE.parent.parent)
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.contract.schemathesis_hooks",
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+    }
+    # Run in the test's folder: schemathesis keeps a cache where it runs.
+    out = subprocess.run(cmd, env=env, cwd=folder, capture_output=True, text=True, timeout=300)
     (folder / f"schemathesis-{name}.log").write_text(out.stdout + out.stderr)
     assert out.returncode == 0, f"schemathesis ({name}) failed:\n{out.stdout[-12000:]}"
     server_log = (folder / "api.log").read_text()
