@@ -274,33 +274,47 @@ def read_rows(store: ArtifactStore, ds: Dataset, record_ids: np.ndarray) -> pa.T
     return pa.concat_tables(tables, promote_options="default")
 
 
+def _objects(col: pa.ChunkedArray) -> np.ndarray:
+    """A column as an object array of Python values (strings stay strings), converted
+    by Arrow in one call rather than cell by cell."""
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+
+
 def to_tabular(ds: Dataset, table: pa.Table, record_ids: np.ndarray | None = None) -> TabularData:
     """Arrow rows -> engine data, optionally restricted to `record_ids` (sorted by id)."""
     if record_ids is not None:
         table = table.filter(pc.is_in(table.column(RID), pa.array(record_ids, pa.int64())))
+    # Sorted by id in Arrow, before anything is converted.
+    table = table.sort_by(RID)
     schema = ds.schema
     columns: dict[str, np.ndarray] = {}
     for name in schema["numeric_columns"]:
         columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     for name in schema["categorical_columns"]:
-        columns[name] = np.asarray(table.column(name).to_pylist(), dtype=object)
+        columns[name] = _objects(table.column(name))
     for name in schema["group_columns"]:
         if name not in columns:
-            columns[name] = np.asarray(
-                [str(v) for v in table.column(name).to_pylist()], dtype=object
-            )
-    classes = {c: i for i, c in enumerate(schema["label_classes"])}
-    labels = np.asarray(
-        [classes[v] for v in table.column(schema["label_column"]).to_pylist()], dtype=np.int64
-    )
+            col = table.column(name)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                columns[name] = _objects(pc.fill_null(col, "None"))  # as str(None) reads
+            else:  # str() of each value, as it always was (Arrow prints floats its own way)
+                columns[name] = np.asarray([str(v) for v in col.to_pylist()], dtype=object)
+    # Label values -> class index, matched in Arrow (the classes are the schema's).
+    label = table.column(schema["label_column"])
+    if not pa.types.is_string(label.type):
+        label = pc.cast(label, pa.string())
+    classes = pa.array(schema["label_classes"], type=label.type)
+    codes = pc.index_in(label, value_set=classes)
+    if codes.null_count:
+        raise ValueError("a label value is not one of the dataset's classes")
     data = TabularData(
         record_ids=table.column(RID).to_numpy().astype(np.int64),
         columns=columns,
-        labels=labels,
-        subjects=np.asarray(table.column(SKEY).to_pylist(), dtype=object),
-        sources=np.asarray(table.column(SRC).to_pylist(), dtype=object),
+        labels=codes.to_numpy(zero_copy_only=False).astype(np.int64),
+        subjects=_objects(table.column(SKEY)),
+        sources=_objects(table.column(SRC)),
     )
-    return data.sorted_by_id()
+    return data
 
 
 def erase_from_partitions(

@@ -46,8 +46,9 @@ class Candidate:
     compute_seconds: float
 
 
-def conclude(inputs: JobInputs, cand: Candidate, events: RequestEvents) -> None:
-    """Persist the candidate, report and decide; finish and unlock; tell the requests."""
+def conclude(inputs: JobInputs, cand: Candidate, events: RequestEvents) -> str:
+    """Persist the candidate, report and decide; finish and unlock; tell the requests.
+    Returns the report's decision."""
     t0 = time.perf_counter()
     method = str(cand.result.get("method", "sisa"))
     approximate = bool(cand.result.get("approximate", False))
@@ -98,6 +99,7 @@ def conclude(inputs: JobInputs, cand: Candidate, events: RequestEvents) -> None:
             allow_retrain=cand.allow_retrain,
         )
         retrain_job: Job | None = None
+        decision = str(report.decision)
         if report.decision == "promote":
             registry.promote(s, model, mv, WORKER, reason=f"{job.kind} job {inputs.job_id}")
         elif report.decision == "retrain":
@@ -146,6 +148,7 @@ def conclude(inputs: JobInputs, cand: Candidate, events: RequestEvents) -> None:
         artifacts.drop_other_manifests(inputs.store, inputs.model_id, inputs.new_version, cand.rel)
     except Exception:  # tidying only: the version is committed
         log.warning("could not remove stale manifests of %s", inputs.model_id, exc_info=True)
+    return decision
 
 
 def _decision(decision: str) -> Any:

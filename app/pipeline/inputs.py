@@ -254,6 +254,35 @@ def _concat(a: TabularData, b: TabularData) -> TabularData:
     )
 
 
+def _lineage_rows(
+    session: Session, model_id: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The model's open lineage sorted by record id, as arrays: record, shard, slice,
+    is-train, is-active. Tens of thousands of rows: they are read as the driver's plain
+    tuples (no ORM rows; the columns need no type processing) straight into numpy."""
+    stmt = (
+        select(
+            Lineage.record_id,
+            Lineage.shard,
+            Lineage.slice,
+            Lineage.split == "train",
+            Record.status == "active",
+        )
+        .join(Record, Record.id == Lineage.record_id)
+        .where(Lineage.model_id == model_id, Lineage.to_version.is_(None))
+        .order_by(Lineage.record_id)
+    )
+    rows = session.connection().execute(stmt).cursor.fetchall()
+    table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+    return (
+        table[:, 0].copy(),
+        table[:, 1].copy(),
+        table[:, 2].copy(),
+        table[:, 3].astype(bool),
+        table[:, 4].astype(bool),
+    )
+
+
 def next_version(session: Session, model_id: str) -> int:
     top = session.scalar(
         select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id)
@@ -280,12 +309,7 @@ def build(session: Session, job: Job, stage: str, events: RequestEvents) -> JobI
         if req.kind == "feature" and req.feature
     )
     events.started(session, job.id, stage, model.production_version)
-    lineage = session.execute(
-        select(Lineage.record_id, Lineage.shard, Lineage.slice, Lineage.split, Record.status)
-        .join(Record, Record.id == Lineage.record_id)
-        .where(Lineage.model_id == model.id, Lineage.to_version.is_(None))
-        .order_by(Lineage.record_id)
-    ).all()
+    lineage = _lineage_rows(session, model.id)
     ds = datasets.get(session, model.dataset_id)
     session.expunge(ds)
     train_job = session.scalars(
@@ -302,11 +326,11 @@ def build(session: Session, job: Job, stage: str, events: RequestEvents) -> JobI
         manifest_rel=base.manifest_path,
         request_ids=request_ids,
         features=features,
-        ids=np.asarray([r[0] for r in lineage], dtype=np.int64),
-        shard=np.asarray([r[1] for r in lineage], dtype=np.int64),
-        slc=np.asarray([r[2] for r in lineage], dtype=np.int64),
-        is_train=np.asarray([r[3] == "train" for r in lineage], dtype=bool),
-        is_active=np.asarray([r[4] == "active" for r in lineage], dtype=bool),
+        ids=lineage[0],
+        shard=lineage[1],
+        slc=lineage[2],
+        is_train=lineage[3],
+        is_active=lineage[4],
         retrain_estimate=float(train_job.cost.get("wall_seconds", 0.0)) if train_job else None,
         attempt=job.attempts,
     )

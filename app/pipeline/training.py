@@ -26,6 +26,7 @@ from app.ml.sisa import SisaEnsemble, train_sisa
 from app.models import Lineage, MLModel, ModelVersion, Record
 from app.pipeline import methods
 from app.pipeline.inputs import Phases
+from app.pipeline.outputs import ShardOutputs, SharedEnsemble, save_test_outputs
 from app.pipeline.spec import ModelSpec
 from app.pipeline.start import WORKER, begin, device, test_split
 from app.registry import artifacts, references
@@ -113,7 +114,8 @@ def run_training(job_id: str) -> None:
     lease.check(job_id)  # a taken-over execution writes no version
     rel = artifacts.save_manifest(store, model_id, 1, manifest)
     with phases.timed("metrics"):
-        ensemble = SisaEnsemble.load(manifest, ckpt, dev)
+        outputs = ShardOutputs()
+        ensemble = SharedEnsemble.of(SisaEnsemble.load(manifest, ckpt, dev), outputs)
         metrics = version_metrics(ensemble, test, len(train))
     t_conclude = time.perf_counter()
     with session_scope() as s:
@@ -160,6 +162,15 @@ def run_training(job_id: str) -> None:
             energy_joules=meter.joules(),
         )
         jobs.unlock(s, model_id, job_id)
+    # The first version serves now: its shard outputs on the test rows are kept for the
+    # first unlearning job's verification.
+    save_test_outputs(
+        store,
+        model_id,
+        test.record_ids,
+        manifest,
+        outputs.of(test.columns, list(ensemble.keys.values())),
+    )
 
 
 def _write_lineage(

@@ -7,9 +7,7 @@ test for each feature removed by the job.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +17,6 @@ from app.core.db import session_scope
 from app.core.settings import get_settings
 from app.jobs import lease
 from app.jobs import service as jobs
-from app.ml.checkpoints import canonical_json
 from app.ml.data import TabularData
 from app.ml.device import derive_seed
 from app.ml.preprocess import PreprocessorState
@@ -27,64 +24,19 @@ from app.ml.sisa import SisaEnsemble, SisaManifest
 from app.pipeline.conclude import Candidate, conclude
 from app.pipeline.inputs import JobInputs
 from app.pipeline.outcome import RequestEvents
+from app.pipeline.outputs import (
+    ShardOutputs,
+    SharedEnsemble,
+    load_test_outputs,
+    save_test_outputs,
+)
 from app.pipeline.start import device
 from app.pipeline.training import version_metrics
 from app.registry import artifacts, references
 from app.verification import service as verification
 from app.verification.fairness import fairness
-from app.verification.forgetting import forgetting
+from app.verification.forgetting import cap_index, forgetting
 from app.verification.injection import injection
-
-
-class ShardOutputs:
-    """Shard outputs computed once per (checkpoint, preprocessor, input rows) for one
-    verification: a candidate shares every unaffected shard with the baseline (the same
-    checkpoint), the checks score the same rows, and a SISA model's out-references are
-    the baseline's own shards, so each output is computed once for all of them."""
-
-    def __init__(self) -> None:
-        self._out: dict[tuple[str, int], torch.Tensor] = {}
-        # The inputs stay referenced while the cache lives, so their ids stay unique.
-        self._inputs: dict[int, Mapping[str, np.ndarray]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def get(
-        self, key: str, columns: Mapping[str, np.ndarray], compute: Callable[[], torch.Tensor]
-    ) -> torch.Tensor:
-        self._inputs.setdefault(id(columns), columns)
-        k = (key, id(columns))
-        if k in self._out:
-            self.hits += 1
-        else:
-            self.misses += 1
-            self._out[k] = compute()
-        return self._out[k]
-
-
-class SharedEnsemble(SisaEnsemble):
-    """A loaded ensemble whose shard outputs go through a `ShardOutputs` cache."""
-
-    outputs: ShardOutputs
-    _keys: dict[int, str]
-
-    @classmethod
-    def of(cls, ensemble: SisaEnsemble, outputs: ShardOutputs) -> SharedEnsemble:
-        shared = cls(ensemble.manifest, ensemble.models, ensemble.preprocessors, ensemble.device)
-        shared.outputs = outputs
-        shared._keys = {
-            e.shard: hashlib.sha256(
-                canonical_json([e.final_key, e.preprocessor]).encode()
-            ).hexdigest()
-            for e in ensemble.manifest.entries
-            if e.shard in ensemble.models
-        }
-        return shared
-
-    def shard_proba(self, columns: Mapping[str, np.ndarray], shard: int) -> torch.Tensor:
-        return self.outputs.get(
-            self._keys[shard], columns, lambda: SisaEnsemble.shard_proba(self, columns, shard)
-        )
 
 
 def verify_candidate(
@@ -117,6 +69,18 @@ def verify_candidate(
     outputs = ShardOutputs()
     candidate = SharedEnsemble.of(SisaEnsemble.load(new_manifest, ckpt, dev), outputs)
     baseline = SharedEnsemble.of(SisaEnsemble.load(inputs.manifest, ckpt, dev), outputs)
+    # The production version's shard outputs on these very test rows, kept from when it
+    # was promoted: the candidate's unchanged shards and the baseline are not run again.
+    saved = load_test_outputs(store, inputs.model_id, inputs.test_ids)
+    seed = derive_seed(inputs.job_id, "forgetting") % (2**31)
+    # The attack's sample of the test rows, drawn as the check draws it, so that the
+    # saved outputs serve it too.
+    cap = cap_index(len(test), seed + 1)
+    attack_test = test if cap is None else test.take(cap)
+    if saved:
+        outputs.preload(test.columns, saved)
+        if cap is not None:
+            outputs.preload(attack_test.columns, {k: v[cap] for k, v in saved.items()})
     inputs.phases.add("verify.load", time.perf_counter() - t0)
     checks: dict[str, verification.Check] = {}
     timed = inputs.phases.timed
@@ -127,7 +91,16 @@ def verify_candidate(
             checks["lineage"] = verification.lineage_check(new_manifest, forgotten)
     members = inputs.members() if forget is not None and len(forget) else None
     checks |= quality_checks(
-        inputs, candidate, baseline, test, forget, dev, exact=exact, retained=members
+        inputs,
+        candidate,
+        baseline,
+        test,
+        forget,
+        dev,
+        exact=exact,
+        retained=members,
+        attack_test=attack_test,
+        seed=seed,
     )
     if not exact and forget is not None and not inputs.spec.unlearning.certified:
         # Izzo et al.'s injection test of the strategy itself, on a sample of this job.
@@ -149,8 +122,12 @@ def verify_candidate(
     for feature in features:
         with timed("verify.feature"):
             checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
-    result["verification_cache"] = {"shard_outputs": outputs.misses, "reused": outputs.hits}
-    conclude(
+    result["verification_cache"] = {
+        "shard_outputs_computed": outputs.misses,
+        "reused": outputs.hits,
+        "kept_from_production": outputs.preloaded,
+    }
+    decision = conclude(
         inputs,
         Candidate(
             manifest=new_manifest,
@@ -166,6 +143,11 @@ def verify_candidate(
         ),
         events,
     )
+    if decision == "promote":
+        keys = list(candidate.keys.values())
+        save_test_outputs(
+            store, inputs.model_id, inputs.test_ids, new_manifest, outputs.of(test.columns, keys)
+        )
 
 
 def verify_unlearning(
@@ -230,6 +212,8 @@ def quality_checks(
     *,
     exact: bool = True,
     retained: TabularData | None = None,
+    attack_test: TabularData | None = None,
+    seed: int | None = None,
 ) -> dict[str, verification.Check]:
     """Utility and fairness always; forgetting when records were forgotten, calibrated by
     out-references (a SISA model's own shards; a monolithic model's half-data models)."""
@@ -259,10 +243,10 @@ def quality_checks(
                 baseline,
                 refs,
                 forget,
-                test,
+                test if attack_test is None else attack_test,
                 margin=v.forgetting_margin,
                 exact=exact,
-                seed=derive_seed(inputs.job_id, "forgetting") % (2**31),
+                seed=derive_seed(inputs.job_id, "forgetting") % (2**31) if seed is None else seed,
                 retained=retained,
             )
     return checks

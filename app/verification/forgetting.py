@@ -34,11 +34,17 @@ def _units(data: TabularData) -> int | None:
     return len(set(keys)) if keys else None
 
 
-def _cap(data: TabularData, seed: int) -> TabularData:
-    if len(data) <= MAX_ROWS:
-        return data
+def cap_index(n: int, seed: int) -> np.ndarray | None:
+    """The rows the attack uses of `n` (a seeded sample of MAX_ROWS; None: all)."""
+    if n <= MAX_ROWS:
+        return None
     rng = np.random.default_rng(seed)
-    return data.take(np.sort(rng.choice(len(data), MAX_ROWS, replace=False)))
+    return np.sort(rng.choice(n, MAX_ROWS, replace=False))
+
+
+def _cap(data: TabularData, seed: int) -> TabularData:
+    index = cap_index(len(data), seed)
+    return data if index is None else data.take(index)
 
 
 def score_samples(

@@ -1,0 +1,132 @@
+"""Shard outputs computed once: within one verification (`ShardOutputs`, shared by the
+candidate, the baseline and a SISA model's out-references, which are the baseline's own
+shards) and across jobs (the production version's shard outputs on the test rows, saved
+when it is promoted and read by the next job's verification while the test rows are
+the same).
+
+Only the production version's outputs on held-out test rows are kept, one file per
+model, replaced at each promotion and deleted when a test row is erased: nothing lets
+anyone compare a retired version's outputs, and no erased row's prediction stays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from app.core.storage import ArtifactStore
+from app.ml.checkpoints import canonical_json
+from app.ml.sisa import SisaEnsemble, SisaManifest
+
+
+def shard_key(entry_final_key: str, preprocessor: dict[str, object]) -> str:
+    """What a shard's outputs depend on: its weights and its preprocessing."""
+    return hashlib.sha256(canonical_json([entry_final_key, preprocessor]).encode()).hexdigest()
+
+
+class ShardOutputs:
+    """Shard outputs per (shard key, input rows) for one verification."""
+
+    def __init__(self) -> None:
+        self._out: dict[tuple[str, int], torch.Tensor] = {}
+        # The inputs stay referenced while the cache lives, so their ids stay unique.
+        self._inputs: dict[int, Mapping[str, np.ndarray]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.preloaded = 0
+
+    def get(
+        self, key: str, columns: Mapping[str, np.ndarray], compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        self._inputs.setdefault(id(columns), columns)
+        k = (key, id(columns))
+        if k in self._out:
+            self.hits += 1
+        else:
+            self.misses += 1
+            self._out[k] = compute()
+        return self._out[k]
+
+    def preload(
+        self, columns: Mapping[str, np.ndarray], outputs: Mapping[str, torch.Tensor]
+    ) -> None:
+        self._inputs.setdefault(id(columns), columns)
+        for key, value in outputs.items():
+            self._out[(key, id(columns))] = value
+            self.preloaded += 1
+
+    def of(self, columns: Mapping[str, np.ndarray], keys: list[str]) -> dict[str, torch.Tensor]:
+        """The outputs computed on `columns` for `keys` (those that were computed)."""
+        return {k: self._out[(k, id(columns))] for k in keys if (k, id(columns)) in self._out}
+
+
+class SharedEnsemble(SisaEnsemble):
+    """A loaded ensemble whose shard outputs go through a `ShardOutputs` cache."""
+
+    outputs: ShardOutputs
+    keys: dict[int, str]
+
+    @classmethod
+    def of(cls, ensemble: SisaEnsemble, outputs: ShardOutputs) -> SharedEnsemble:
+        shared = cls(ensemble.manifest, ensemble.models, ensemble.preprocessors, ensemble.device)
+        shared.outputs = outputs
+        shared.keys = {
+            e.shard: shard_key(e.final_key, e.preprocessor)
+            for e in ensemble.manifest.entries
+            if e.shard in ensemble.models
+        }
+        return shared
+
+    def shard_proba(self, columns: Mapping[str, np.ndarray], shard: int) -> torch.Tensor:
+        return self.outputs.get(
+            self.keys[shard], columns, lambda: SisaEnsemble.shard_proba(self, columns, shard)
+        )
+
+
+def rows_digest(record_ids: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(record_ids, dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+def _folder(model_id: str) -> str:
+    return f"models/{model_id}/outputs"
+
+
+def load_test_outputs(
+    store: ArtifactStore, model_id: str, test_ids: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """The saved shard outputs on exactly these test rows ({} when there are none)."""
+    rel = f"{_folder(model_id)}/test-{rows_digest(test_ids)}.safetensors"
+    if not store.exists(rel):
+        return {}
+    return dict(st_load(store.read_bytes(rel)))
+
+
+def save_test_outputs(
+    store: ArtifactStore,
+    model_id: str,
+    test_ids: np.ndarray,
+    manifest: SisaManifest,
+    outputs: Mapping[str, torch.Tensor],
+) -> None:
+    """Keep the production version's shard outputs on the test rows (every shard of
+    `manifest` must be present), replacing whatever was kept before."""
+    keys = [shard_key(e.final_key, e.preprocessor) for e in manifest.entries if e.n_records]
+    if not keys or any(k not in outputs for k in keys):
+        return
+    rel = f"{_folder(model_id)}/test-{rows_digest(test_ids)}.safetensors"
+    blob = st_save({k: outputs[k].contiguous() for k in keys})
+    store.write_bytes(rel, bytes(blob))
+    for other in store.list(_folder(model_id)):
+        if other != rel:
+            store.delete(other)
+
+
+def drop_outputs(store: ArtifactStore, model_id: str) -> None:
+    """Forget the kept outputs (a test row of the model is being erased)."""
+    for rel in store.list(_folder(model_id)):
+        store.delete(rel)

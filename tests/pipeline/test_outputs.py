@@ -1,0 +1,134 @@
+"""Shard outputs kept from the production version: equal to computing them afresh, used by
+the next job's verification, replaced on promotion, and gone once a test row is erased."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from app.core.db import session_scope
+from app.core.storage import get_store
+from app.datasets import service as datasets
+from app.ml.device import resolve_device
+from app.ml.sisa import SisaEnsemble
+from app.models import Lineage, MLModel, ModelVersion, Record, Subject
+from app.pipeline import outputs
+from app.registry import artifacts
+from app.requests import lifecycle
+from tests.support.app_env import AppEnv
+from tests.support.factories import (
+    auth,
+    create_key,
+    create_model,
+    make_csv,
+    plan_and_run,
+    upload_dataset,
+)
+
+
+def _kept(env: AppEnv) -> list[str]:
+    return sorted(p for p in env.artifact_files() if "/outputs/" in p)
+
+
+def _production() -> tuple[str, ModelVersion, np.ndarray]:
+    with session_scope() as s:
+        model = s.scalars(select(MLModel)).one()
+        version = s.scalars(
+            select(ModelVersion).where(
+                ModelVersion.model_id == model.id,
+                ModelVersion.version == model.production_version,
+            )
+        ).one()
+        s.expunge(version)
+        test_ids = np.asarray(
+            sorted(
+                s.scalars(
+                    select(Lineage.record_id).where(
+                        Lineage.model_id == model.id,
+                        Lineage.split == "test",
+                        Lineage.to_version.is_(None),
+                    )
+                )
+            ),
+            dtype=np.int64,
+        )
+        return model.id, version, test_ids
+
+
+def _assert_kept_equal_fresh(model_id: str, version: ModelVersion, test_ids: np.ndarray) -> None:
+    store = get_store()
+    saved = outputs.load_test_outputs(store, model_id, test_ids)
+    manifest = artifacts.load_manifest(store, version.manifest_path)
+    ensemble = SisaEnsemble.load(
+        manifest, artifacts.checkpoint_store(store, model_id), resolve_device("cpu")
+    )
+    with session_scope() as s:
+        ds = datasets.get(s, s.get(MLModel, model_id).dataset_id)  # type: ignore[union-attr]
+        s.expunge(ds)
+    test = datasets.to_tabular(ds, datasets.read_partitions(store, ds), test_ids)
+    trained = [e for e in manifest.entries if e.n_records]
+    assert len(saved) == len(trained)
+    for e in trained:
+        fresh = ensemble.shard_proba(test.columns, e.shard)
+        assert torch.equal(saved[outputs.shard_key(e.final_key, e.preprocessor)], fresh)
+
+
+def _request(env: AppEnv, admin: str, subject_id: str) -> str:
+    body = {"kind": "subject", "subject_id": subject_id}
+    return str(
+        env.client.post("/v1/deletion-requests", headers=auth(admin), json=body).json()["id"]
+    )
+
+
+def _subject_with(split: str) -> str:
+    """The external id of a subject whose rows lie only in `split` of the model."""
+    with session_scope() as s:
+        rows = s.execute(
+            select(Subject.subject_key, Record.id, Lineage.split)
+            .join(Record, Record.subject_id == Subject.id)
+            .join(Lineage, Lineage.record_id == Record.id)
+        ).all()
+    splits: dict[str, set[str]] = {}
+    for key, _, sp in rows:
+        splits.setdefault(key, set()).add(sp)
+    keys = {k for k, v in splits.items() if v == {split}}
+    from app.core.security import subject_key
+    from app.core.settings import get_settings
+
+    pepper = get_settings().pepper
+    for i in range(60):
+        sid = f"subj-{i:04d}"
+        if subject_key(sid, pepper) in keys:
+            return sid
+    raise AssertionError(f"no subject only in {split}")
+
+
+def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_test_row(env: AppEnv) -> None:
+    admin = create_key("admin")
+    ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=60, rows_per_subject=2))
+    create_model(env.client, admin, ds["id"], unlearning={"mode": "sisa", "shards": 3, "slices": 2})
+    assert len(_kept(env)) == 1  # the first version's, on its test rows
+    _assert_kept_equal_fresh(*_production())
+
+    # The next job's verification reads them instead of running the unchanged shards,
+    # and its promoted version's outputs replace them.
+    rid = _request(env, admin, _subject_with("train"))
+    view = plan_and_run(env.client, admin, rid)
+    assert view["status"] == "erasing", view
+    job = env.client.get(f"/v1/jobs/{view['models'][0]['job_id']}", headers=auth(admin)).json()
+    assert job["result"]["unlearning"]["verification_cache"]["kept_from_production"] > 0
+    with session_scope() as s:
+        lifecycle.erase(s, get_store(), rid)
+    model_id, version, test_ids = _production()
+    assert version.version == 2 and len(_kept(env)) == 1
+    _assert_kept_equal_fresh(model_id, version, test_ids)
+
+    # A subject with test rows only: erasing them drops the kept outputs (predictions on
+    # those rows), whatever else happens.
+    rid = _request(env, admin, _subject_with("test"))
+    with session_scope() as s:
+        lifecycle.plan(s, rid)
+    with session_scope() as s:
+        lifecycle.erase(s, get_store(), rid)
+    assert _kept(env) == []
