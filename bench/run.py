@@ -4,7 +4,8 @@ B1 SISA subject unlearning vs a monolithic retrain; B2 certified removal vs retr
 logistic model; B3 approximate strategies vs retraining an MLP; B4 1,000 subject requests
 through the whole service, batched into jobs vs one job each; B8 how the service's costs
 grow with 100k, 300k and 1M records, and B9 intake of deletion requests under concurrent
-load, both on PostgreSQL + Redis (skipped when they do not answer). Each prints its table
+load, both on PostgreSQL + Redis (skipped when they do not answer); E1 one subject erased
+end to end through the API from a SISA model vs training the same network monolithically. Each prints its table
 and writes JSON under bench/results/. Pass --quick for a small smoke run.
 """
 
@@ -13,13 +14,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench import b1_sisa, b2_certified, b3_strategies, b4_batching, b8_scale, b9_intake
+from bench import (
+    b1_sisa,
+    b2_certified,
+    b3_strategies,
+    b4_batching,
+    b8_scale,
+    b9_intake,
+    e1_erasure,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", choices=["b1", "b2", "b3", "b4", "b8", "b9"], action="append")
+    parser.add_argument(
+        "--only", choices=["b1", "b2", "b3", "b4", "b8", "b9", "e1"], action="append"
+    )
     args = parser.parse_args()
     runs = {
         "b1": b1_sisa.main,
@@ -28,6 +39,7 @@ def main() -> None:
         "b4": b4_batching.main,
         "b8": b8_scale.main,
         "b9": b9_intake.main,
+        "e1": e1_erasure.main,
     }
     for name, fn in runs.items():
         if args.only and name not in args.only:
