@@ -70,6 +70,25 @@ def _out_masks(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
     return out
 
 
+_OUT_SALT = np.uint64(derive_seed("out-reference") % 2**63)
+
+
+def _pick(out: np.ndarray, record_ids: np.ndarray, k_use: int) -> np.ndarray:
+    """(k_use, N): for each row, `k_use` of the references that did not train on it, the
+    ones with the smallest hash of (record id, reference): a fixed pseudo-random choice
+    per record, made for all rows at once."""
+    k = out.shape[0]
+    with np.errstate(over="ignore"):
+        z = np.asarray(record_ids, dtype=np.uint64)[None, :] * np.uint64(k + 1)
+        z = z + np.arange(k, dtype=np.uint64)[:, None] + _OUT_SALT
+        # splitmix64's finaliser: every bit of the input moves every bit of the output.
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    z = np.where(out, z, np.uint64(np.iinfo(np.uint64).max))
+    return np.argsort(z, axis=0, kind="stable")[:k_use].astype(np.int64)
+
+
 def _out_reference(
     refs: SisaEnsemble, data: TabularData, out: np.ndarray, k_use: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -81,11 +100,7 @@ def _out_reference(
     probas = refs.shard_probas(data.columns)
     stacked = np.stack([probas[s].numpy() for s in shards])  # (K, N, C)
     n = len(data)
-    chosen = np.zeros((k_use, n), dtype=np.int64)
-    for i in range(n):
-        candidates = np.flatnonzero(out[:, i])
-        rng = np.random.default_rng(derive_seed("out-reference", int(data.record_ids[i])))
-        chosen[:, i] = rng.permutation(candidates)[:k_use]
+    chosen = _pick(out, data.record_ids, k_use)
     cols = np.arange(n)
     picked = stacked[chosen, cols[None, :]]  # (k_use, N, C)
     per_ref = np.stack([member_scores(picked[j], data.labels) for j in range(k_use)])
