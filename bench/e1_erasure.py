@@ -16,7 +16,8 @@ pool) on the same seeded data, as `make demo` runs it:
   conclusion, including loading, the retraining of the affected shard, every
   verification check and concluding), for 8 subjects one after another (the slice a
   subject's records sit in decides how much of its shard retrains, so the mean counts),
-  against the monolithic model's training job (job wall time). The phase breakdown of both comes from the jobs' `result.phases`.
+  against the monolithic model's training job (job wall time). The phase breakdown of
+  both comes from the jobs' `result.phases`.
 """
 
 from __future__ import annotations
