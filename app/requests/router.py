@@ -35,7 +35,10 @@ def create_request(
         str | None,
         Header(alias="Idempotency-Key", json_schema_extra={"minLength": 1, "maxLength": 200}),
     ] = None,
-    reply_to: Annotated[str | None, Header(alias="Reply-To", max_length=2000)] = None,
+    # A platform's callback (Fides): an http(s) URL of a public host, with its token.
+    reply_to: Annotated[
+        str | None, Header(alias="Reply-To", max_length=2000, pattern=r"^https?://\S+$")
+    ] = None,
     reply_to_token: Annotated[str | None, Header(alias="Reply-To-Token")] = None,
 ) -> RequestAccepted:
     """`Reply-To` and `Reply-To-Token` (Fides's asynchronous callback): Palimpsest calls

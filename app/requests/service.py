@@ -343,6 +343,9 @@ def retry(session: Session, req: DeletionRequest, caller: Caller) -> None:
 
 
 def cancel(session: Session, req: DeletionRequest, caller: Caller) -> None:
+    # Locked first: planning quarantines in steps, each holding this row, so the release
+    # below sees every step that committed and no later step starts (it re-checks).
+    session.refresh(req, with_for_update=True)
     if req.status not in CANCELLABLE:
         raise Conflict(
             f"a request in status {req.status!r} can no longer be cancelled", code="not_cancellable"

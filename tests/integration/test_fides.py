@@ -73,6 +73,9 @@ def palimpsest(fides_install: Path, tmp_path: Path) -> Iterator[tuple[LocalStack
         "PALIMPSEST_DEVICE": "cpu",
         "PALIMPSEST_TORCH_THREADS": "1",
         "PALIMPSEST_DATABASE_URL": f"{pg.rsplit('/', 1)[0]}/{name}",
+        # A server database is production: it refuses to start without secrets.
+        "PALIMPSEST_SUBJECT_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
+        "PALIMPSEST_DASHBOARD_SESSION_SECRET": f"test-session-{uuid.uuid4().hex}",
         "PALIMPSEST_BROKER_URL": f"{redis_url.rstrip('/')}/{db_index}",
         "PALIMPSEST_RESULT_BACKEND": f"{redis_url.rstrip('/')}/{db_index}",
         # Fides runs on 127.0.0.1 here: the operator allows that network for callbacks.

@@ -105,6 +105,9 @@ def s3_stack(
         broker = f"{redis_url.rstrip('/')}/{1 + uuid.uuid4().int % 15}"
         env |= {
             "PALIMPSEST_DATABASE_URL": f"{pg.rsplit('/', 1)[0]}/{name}",
+            # A server database is production: it refuses to start without secrets.
+            "PALIMPSEST_SUBJECT_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
+            "PALIMPSEST_DASHBOARD_SESSION_SECRET": f"test-session-{uuid.uuid4().hex}",
             "PALIMPSEST_BROKER_URL": broker,
             "PALIMPSEST_RESULT_BACKEND": broker,
         }

@@ -56,6 +56,9 @@ def _env(pg: str, db: str, redis_url: str) -> dict[str, str]:
     return {
         **ENV,
         "PALIMPSEST_DATABASE_URL": f"{pg.rsplit('/', 1)[0]}/{db}",
+        # A server database is production: it refuses to start without secrets.
+        "PALIMPSEST_SUBJECT_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
+        "PALIMPSEST_DASHBOARD_SESSION_SECRET": f"test-session-{uuid.uuid4().hex}",
         "PALIMPSEST_BROKER_URL": broker,
         "PALIMPSEST_RESULT_BACKEND": broker,
     }

@@ -33,7 +33,7 @@ class Statements:
     def __call__(self, conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
         if self.thread is not None and threading.get_ident() != self.thread:
             return
-        n = len(params) if isinstance(params, (list, tuple)) else 0
+        n = len(params) if isinstance(params, (list, tuple, dict)) else 0
         with self.lock:
             words = statement.split()
             self.transactions[-1].append((words[0].upper(), words[1].strip('"'), n))
