@@ -95,6 +95,8 @@ class JobInputs:
     phases: Phases = field(default_factory=Phases)
     _manifest: SisaManifest | None = field(default=None, repr=False)
     _data: TabularData | None = field(default=None, repr=False)
+    _stored: pa.Table | None = field(default=None, repr=False)
+    _retained: TabularData | None = field(default=None, repr=False)
 
     # -- layout -----------------------------------------------------------------------
 
@@ -126,28 +128,39 @@ class JobInputs:
 
     # -- data -------------------------------------------------------------------------
 
-    def _all(self) -> TabularData:
-        """Every lineage row of the model (retained, forgotten and test), converted once
-        and aligned with `ids`."""
-        if self._data is None:
+    def _table(self) -> pa.Table:
+        """The dataset's rows as stored, read once per job."""
+        if self._stored is None:
             with self.phases.timed("load"):
-                table = datasets.read_partitions(self.store, self.ds)
+                self._stored = datasets.read_partitions(self.store, self.ds)
                 self.phases.parquet_reads += 1
-                self._data = self._align(datasets.to_tabular(self.ds, table, self.ids))
-        return self._data
+        return self._stored
 
-    def _align(self, data: TabularData) -> TabularData:
-        if not np.array_equal(data.record_ids, self.ids):
-            raise RuntimeError(
-                f"job {self.job_id}: {len(self.ids)} lineage rows, {len(data)} stored rows"
-            )
+    def _align(self, data: TabularData, ids: np.ndarray) -> TabularData:
+        if not np.array_equal(data.record_ids, ids):
+            raise RuntimeError(f"job {self.job_id}: {len(ids)} lineage rows, {len(data)} stored")
         return data
 
     def rows(self, mask: np.ndarray) -> TabularData:
-        return self._all().take(np.flatnonzero(mask))
+        """The lineage rows under `mask`, converted from the stored table (only those:
+        a one-shard job never converts the other shards' rows)."""
+        ids = self.ids[np.asarray(mask, dtype=bool)]
+        if self._data is not None:
+            return self._data.take(np.flatnonzero(mask))
+        table = self._table()
+        with self.phases.timed("load"):
+            return self._align(datasets.to_tabular(self.ds, table, ids), ids)
 
     def retained(self) -> TabularData:
-        return self.rows(self.retained_mask)
+        """Every retained training row (converted once per job)."""
+        if self._retained is None:
+            self._retained = self.rows(self.retained_mask)
+        return self._retained
+
+    def retained_in(self, shards: list[int]) -> tuple[TabularData, np.ndarray]:
+        """The retained rows of `shards` only, and their mask over the layout."""
+        mask = self.retained_mask & np.isin(self.shard, np.asarray(shards, dtype=np.int64))
+        return self.rows(mask), mask
 
     def forget(self, record_ids: np.ndarray | None = None) -> TabularData:
         """Quarantined rows are still readable until erasure: approximate methods need
@@ -175,7 +188,9 @@ class JobInputs:
         pool = np.flatnonzero(self.retained_mask)
         rng = np.random.default_rng(derive_seed(self.job_id, "members") % (2**32))
         pick = np.sort(rng.choice(pool, size=min(len(pool), MEMBER_SAMPLE), replace=False))
-        return self._all().take(pick)
+        mask = np.zeros(len(self.ids), dtype=bool)
+        mask[pick] = True
+        return self.rows(mask)
 
     def shard_rows(self, shard: int) -> tuple[TabularData, np.ndarray]:
         """One shard's retained rows and their slices, reading only those rows (a fanned

@@ -20,7 +20,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from app.core.storage import ArtifactStore
-from app.ml.checkpoints import canonical_json
+from app.ml.architectures import build_model
+from app.ml.checkpoints import CheckpointStore, canonical_json
+from app.ml.preprocess import PreprocessorState
 from app.ml.sisa import SisaEnsemble, SisaManifest
 
 
@@ -86,6 +88,38 @@ class SharedEnsemble(SisaEnsemble):
         return self.outputs.get(
             self.keys[shard], columns, lambda: SisaEnsemble.shard_proba(self, columns, shard)
         )
+
+
+def load_sharing(
+    manifest: SisaManifest, other: SisaEnsemble, store: CheckpointStore, device: torch.device
+) -> SisaEnsemble:
+    """`manifest`'s ensemble, taking every shard it shares with `other` (the same
+    checkpoint and preprocessing: a candidate's unaffected shards) from `other` rather
+    than loading it again. Models are only ever evaluated, so sharing them is safe."""
+    same = {
+        e.shard
+        for e in manifest.entries
+        if e.n_records
+        and e.shard in other.models
+        and other.manifest.entry(e.shard).final_key == e.final_key
+        and other.manifest.entry(e.shard).preprocessor == e.preprocessor
+    }
+    models, preps = {}, {}
+    for e in manifest.entries:
+        if not e.n_records:
+            continue
+        if e.shard in same:
+            models[e.shard], preps[e.shard] = other.models[e.shard], other.preprocessors[e.shard]
+            continue
+        prep = PreprocessorState.from_dict(e.preprocessor)
+        model = build_model(manifest.arch, prep.n_inputs, manifest.n_classes)
+        tensors, _ = store.load(e.final_key)
+        model.load_state_dict(tensors)
+        model.to(device).eval()
+        models[e.shard], preps[e.shard] = model, prep
+    if not models:
+        raise ValueError("the manifest has no trained shard")
+    return SisaEnsemble(manifest, models, preps, device)
 
 
 def rows_digest(record_ids: np.ndarray) -> str:

@@ -56,12 +56,13 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
         return
     dev = device()
     ckpt = artifacts.checkpoint_store(inputs.store, inputs.model_id)
-    retained = inputs.retained()
+    n_retained = int(inputs.retained_mask.sum())
     progress = jobs.ProgressReporter(job_id).sub(0.0, 0.8)
     meter = EnergyMeter(dev)
     t_compute = time.perf_counter()
     if not u.is_sisa:
         try:
+            retained = inputs.retained()
             new_manifest, result = methods.approximate_unlearn(
                 manifest,
                 retained,
@@ -76,7 +77,8 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
             fall_back_to_retrain(inputs, events, u.method, exc)
             return
     else:
-        mask = inputs.retained_mask
+        # Only the affected shard's rows are converted: the others are not retrained.
+        retained, mask = inputs.retained_in(affected)
         new_manifest, stats = unlearn_sisa(
             manifest,
             retained,
@@ -99,4 +101,4 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
     # of this model (a fallback retrain) still must: the table stays with the model.
     new_manifest.weighting = manifest.weighting
     result["energy_joules"] = meter.joules()
-    verify_unlearning(inputs, new_manifest, result, events, len(retained), time.perf_counter() - t0)
+    verify_unlearning(inputs, new_manifest, result, events, n_retained, time.perf_counter() - t0)

@@ -27,6 +27,7 @@ from app.pipeline.outcome import RequestEvents
 from app.pipeline.outputs import (
     ShardOutputs,
     SharedEnsemble,
+    load_sharing,
     load_test_outputs,
     save_test_outputs,
 )
@@ -67,8 +68,9 @@ def verify_candidate(
     test = inputs.test()
     forget = inputs.forget(forgotten) if len(forgotten) else None
     outputs = ShardOutputs()
-    candidate = SharedEnsemble.of(SisaEnsemble.load(new_manifest, ckpt, dev), outputs)
-    baseline = SharedEnsemble.of(SisaEnsemble.load(inputs.manifest, ckpt, dev), outputs)
+    loaded = SisaEnsemble.load(inputs.manifest, ckpt, dev)
+    baseline = SharedEnsemble.of(loaded, outputs)
+    candidate = SharedEnsemble.of(load_sharing(new_manifest, loaded, ckpt, dev), outputs)
     # The production version's shard outputs on these very test rows, kept from when it
     # was promoted: the candidate's unchanged shards and the baseline are not run again.
     saved = load_test_outputs(store, inputs.model_id, inputs.test_ids)
