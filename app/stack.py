@@ -64,6 +64,9 @@ class LocalStack:
             "PALIMPSEST_ARTIFACT_ROOT": str(folder / "artifacts"),
             "PALIMPSEST_SIGNING_KEY_FILE": str(folder / "signing-key.pem"),
             "PALIMPSEST_BEAT_SCHEDULE_FILE": str(folder / "celerybeat-schedule"),
+            # One API process: the demo and the tests need no more, and each costs a start-up.
+            # A deployment's `palimpsest api` takes the core count (B9 asks for it).
+            "PALIMPSEST_API_WORKERS": os.environ.get("PALIMPSEST_API_WORKERS", "1"),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

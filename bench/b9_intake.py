@@ -259,9 +259,9 @@ def run(
         "PALIMPSEST_TORCH_THREADS": "1",
         "PALIMPSEST_LOG_LEVEL": "WARNING",  # a log line per request is not intake's cost
     }
-    if api_workers:
-        env["PALIMPSEST_API_WORKERS"] = str(api_workers)
     workers = api_workers or len(os.sched_getaffinity(0))
+    # As deployed: one process per core unless told (LocalStack's own default is one).
+    env["PALIMPSEST_API_WORKERS"] = str(workers)
     run_id = uuid.uuid4().hex[:6]
     try:
         with tempfile.TemporaryDirectory(prefix="b9-") as tmp:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -73,6 +74,8 @@ def run_once(
     env = {
         "PALIMPSEST_LOG_LEVEL": "WARNING",
         "PALIMPSEST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        # API processes as deployed: one per core.
+        "PALIMPSEST_API_WORKERS": str(len(os.sched_getaffinity(0))),
     }
     dbname = None
     if shape == "postgres":
