@@ -35,9 +35,15 @@ def create_request(
         str | None,
         Header(alias="Idempotency-Key", json_schema_extra={"minLength": 1, "maxLength": 200}),
     ] = None,
-    # A platform's callback (Fides): an http(s) URL of a public host, with its token.
+    # A platform's callback (Fides): an http(s) URL of a public host, with its token;
+    # the service checks both (422 `callback_url_refused` names why).
     reply_to: Annotated[
-        str | None, Header(alias="Reply-To", max_length=2000, pattern=r"^https?://\S+$")
+        str | None,
+        Header(
+            alias="Reply-To",
+            max_length=2000,
+            description="http(s) URL of a public host (with Reply-To-Token)",
+        ),
     ] = None,
     reply_to_token: Annotated[str | None, Header(alias="Reply-To-Token")] = None,
 ) -> RequestAccepted:
