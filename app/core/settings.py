@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     # progress write, so that tests can crash a worker in the middle of one.
     test_slow_unlearning_seconds: float = Field(default=0.0, ge=0)
     torch_threads: int = Field(default=0, ge=0)  # 0 = torch's default
+    # A worker keeps the converted rows of the datasets its recent jobs read (at most two,
+    # each up to `warm_data_max_rows`), dropping a copy unused for this long; an erasure
+    # drops its rows from the copy at once (app.datasets.warm). 0: never kept.
+    warm_data_seconds: float = Field(default=120.0, ge=0)
+    warm_data_max_rows: int = Field(default=500_000, ge=0)
     # CIDRs (comma-separated) that webhook targets may resolve to although they are
     # loopback, private, link-local ... (app.webhooks.targets); empty: none.
     webhook_allowed_networks: str = ""

@@ -71,6 +71,7 @@ class JobDetail:
     failures: list[AuditEvent]
     phases: list[Phase]
     parquet_reads: int | None
+    warm_reads: int = 0  # rows taken from the worker's warm copy instead of a read
 
 
 def job_phases(job: Job) -> tuple[list[Phase], int | None]:
@@ -105,7 +106,8 @@ def job_detail(session: Session, job_id: str) -> JobDetail:
         )
     )
     phases, reads = job_phases(job)
-    return JobDetail(job_rows(session, [job])[0], failures, phases, reads)
+    warm = int(((job.result or {}).get("phases") or {}).get("warm_reads") or 0)
+    return JobDetail(job_rows(session, [job])[0], failures, phases, reads, warm)
 
 
 # -- models -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from app.core.settings import Settings
 from app.core.storage import ArtifactStore
 from app.datasets.parsing import validate
 from app.datasets.schemas import DatasetAccepted, DatasetOut, DatasetSpec
+from app.datasets.warm import WARM
 from app.jobs import routing
 from app.ml.data import TabularData
 from app.ml.device import derive_seed
@@ -260,6 +261,31 @@ def read_partitions(store: ArtifactStore, ds: Dataset) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
+def warm_rows(
+    store: ArtifactStore,
+    ds: Dataset,
+    record_ids: np.ndarray,
+    settings: Settings,
+    on_read: Callable[[pa.Table], None],
+) -> tuple[TabularData, bool] | None:
+    """`record_ids`' rows from this worker's warm copy of the dataset (`app.datasets.warm`),
+    reading and converting the whole dataset once if no copy is held (`on_read` is given
+    the table read, so that a caller whose dataset is too large to keep still reads it
+    only once), and whether the copy was already warm. None: no copy is kept (turned
+    off, or the dataset is above `warm_data_max_rows`)."""
+    if settings.warm_data_seconds <= 0:
+        return None
+
+    def load() -> TabularData | None:
+        table = read_partitions(store, ds)
+        on_read(table)
+        if table.num_rows > settings.warm_data_max_rows:
+            return None
+        return to_tabular(ds, table)
+
+    return WARM.rows(ds.id, record_ids, load, ttl=settings.warm_data_seconds)
+
+
 def read_rows(store: ArtifactStore, ds: Dataset, record_ids: np.ndarray) -> pa.Table:
     """Only the rows of `record_ids` (a fanned-out shard's), filtered partition by
     partition so that no more than one partition is held whole at a time."""
@@ -333,6 +359,8 @@ def erase_from_partitions(
         if n == 0:
             continue
         removed += n
+        # This worker's warm copy loses the rows before the partition does.
+        WARM.drop_rows(ds.id, record_ids)
         kept = table.filter(pc.invert(mask))
         if kept.num_rows == 0:
             store.delete(path)

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
+from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
 from app.ml.data import TabularData
@@ -48,6 +49,10 @@ class Phases:
 
     seconds: dict[str, float] = field(default_factory=dict)
     parquet_reads: int = 0
+    # 1 when the job's rows came from the worker's warm copy, kept from an earlier job
+    # (app.datasets.warm), instead of a read: every job reads its dataset once, here or
+    # there.
+    warm_reads: int = 0
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -61,12 +66,18 @@ class Phases:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds": dict(self.seconds), "parquet_reads": self.parquet_reads}
+        return {
+            "seconds": dict(self.seconds),
+            "parquet_reads": self.parquet_reads,
+            "warm_reads": self.warm_reads,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Phases:
         d = d or {}
-        return cls(dict(d.get("seconds", {})), int(d.get("parquet_reads", 0)))
+        return cls(
+            dict(d.get("seconds", {})), int(d.get("parquet_reads", 0)), int(d.get("warm_reads", 0))
+        )
 
 
 @dataclass
@@ -142,14 +153,27 @@ class JobInputs:
         return data
 
     def rows(self, mask: np.ndarray) -> TabularData:
-        """The lineage rows under `mask`, converted from the stored table (only those:
-        a one-shard job never converts the other shards' rows)."""
+        """The lineage rows under `mask`: from the worker's warm copy of the dataset when
+        it holds one, else converted from the stored table (only those rows: a one-shard
+        job never converts the other shards' rows)."""
         ids = self.ids[np.asarray(mask, dtype=bool)]
         if self._data is not None:
             return self._data.take(np.flatnonzero(mask))
+        if self._stored is None:
+            with self.phases.timed("load"):
+                warm = datasets.warm_rows(self.store, self.ds, ids, get_settings(), self._read)
+            if warm is not None:
+                data, was_warm = warm
+                if was_warm and not self.phases.parquet_reads:
+                    self.phases.warm_reads = 1
+                return data
         table = self._table()
         with self.phases.timed("load"):
             return self._align(datasets.to_tabular(self.ds, table, ids), ids)
+
+    def _read(self, table: pa.Table) -> None:
+        self._stored = table
+        self.phases.parquet_reads += 1
 
     def retained(self) -> TabularData:
         """Every retained training row (converted once per job)."""

@@ -12,6 +12,8 @@ anyone compare a retired version's outputs, and no erased row's prediction stays
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from app.core.settings import get_settings
 from app.core.storage import ArtifactStore
 from app.ml.architectures import build_model
 from app.ml.checkpoints import CheckpointStore, canonical_json
@@ -38,20 +41,29 @@ class ShardOutputs:
         self._out: dict[tuple[str, int], torch.Tensor] = {}
         # The inputs stay referenced while the cache lives, so their ids stay unique.
         self._inputs: dict[int, Mapping[str, np.ndarray]] = {}
+        self._views: dict[int, tuple[Mapping[str, np.ndarray], np.ndarray]] = {}
         self.hits = 0
         self.misses = 0
         self.preloaded = 0
 
     def get(
-        self, key: str, columns: Mapping[str, np.ndarray], compute: Callable[[], torch.Tensor]
+        self,
+        key: str,
+        columns: Mapping[str, np.ndarray],
+        compute: Callable[[Mapping[str, np.ndarray]], torch.Tensor],
     ) -> torch.Tensor:
+        """The output for `key` on `columns`: cached, a slice of the output on the rows
+        `columns` are a view of, or `compute(columns)`."""
         self._inputs.setdefault(id(columns), columns)
         k = (key, id(columns))
         if k in self._out:
             self.hits += 1
+        elif id(columns) in self._views:
+            whole, index = self._views[id(columns)]
+            self._out[k] = self.get(key, whole, compute)[torch.as_tensor(index)]
         else:
             self.misses += 1
-            self._out[k] = compute()
+            self._out[k] = compute(columns)
         return self._out[k]
 
     def preload(
@@ -61,6 +73,15 @@ class ShardOutputs:
         for key, value in outputs.items():
             self._out[(key, id(columns))] = value
             self.preloaded += 1
+
+    def view(
+        self, columns: Mapping[str, np.ndarray], whole: Mapping[str, np.ndarray], index: np.ndarray
+    ) -> None:
+        """`columns` are the rows `index` of `whole`: an output wanted on them is a slice
+        of the output on `whole` (computed there once, or taken from what is there)."""
+        self._inputs.setdefault(id(columns), columns)
+        self._inputs.setdefault(id(whole), whole)
+        self._views[id(columns)] = (whole, index)
 
     def of(self, columns: Mapping[str, np.ndarray], keys: list[str]) -> dict[str, torch.Tensor]:
         """The outputs computed on `columns` for `keys` (those that were computed)."""
@@ -86,8 +107,103 @@ class SharedEnsemble(SisaEnsemble):
 
     def shard_proba(self, columns: Mapping[str, np.ndarray], shard: int) -> torch.Tensor:
         return self.outputs.get(
-            self.keys[shard], columns, lambda: SisaEnsemble.shard_proba(self, columns, shard)
+            self.keys[shard], columns, lambda rows: SisaEnsemble.shard_proba(self, rows, shard)
         )
+
+
+class WarmModels:
+    """A worker's loaded shard models, kept for the jobs that follow (each unlearning
+    job verifies against the production ensemble, whose shards are mostly the previous
+    job's). Keyed by checkpoint key and the SHA-256 recorded beside the checkpoint (read
+    at every use), so a rewritten checkpoint is never served stale and a deleted one
+    (a purged version's) is never served at all; at most `capacity` models, each dropped
+    when unused for `warm_data_seconds`, like the warm datasets (0: none kept). Models
+    are only evaluated, never trained."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._models: dict[tuple[str, ...], tuple[torch.nn.Module, float]] = {}
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def get(
+        self,
+        manifest: SisaManifest,
+        entry_key: str,
+        prep: PreprocessorState,
+        store: CheckpointStore,
+        device: torch.device,
+    ) -> torch.nn.Module:
+        ttl = get_settings().warm_data_seconds
+        digest = getattr(store, "digest", lambda key: None)(entry_key)
+        key = (
+            entry_key,
+            str(digest),
+            repr(manifest.arch),
+            str(prep.n_inputs),
+            str(manifest.n_classes),
+            str(device),
+        )
+        with self._lock:
+            hit = self._models.get(key)
+            if hit is not None and ttl > 0 and digest is not None:
+                self._models[key] = (hit[0], time.monotonic())
+                return hit[0]
+        model = build_model(manifest.arch, prep.n_inputs, manifest.n_classes)
+        tensors, _ = store.load(entry_key)
+        model.load_state_dict(tensors)
+        model.to(device).eval()
+        if ttl > 0 and digest is not None:
+            with self._lock:
+                self._models[key] = (model, time.monotonic())
+                while len(self._models) > self.capacity:
+                    oldest = min(self._models, key=lambda k: self._models[k][1])
+                    del self._models[oldest]
+                if self._timer is None:
+                    self._timer = threading.Timer(ttl, self._expire, args=(ttl,))
+                    self._timer.daemon = True
+                    self._timer.start()
+        return model
+
+    def _expire(self, ttl: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for k in [k for k, (_, used) in self._models.items() if now - used >= ttl]:
+                del self._models[k]
+            self._timer = None
+            if self._models:
+                due = min(u for _, u in self._models.values()) + ttl - now
+                self._timer = threading.Timer(max(due, 0.0) + 0.01, self._expire, args=(ttl,))
+                self._timer.daemon = True
+                self._timer.start()
+
+    def drop(self, entry_keys: set[str] | None = None) -> None:
+        with self._lock:
+            for k in list(self._models):
+                if entry_keys is None or k[0] in entry_keys:
+                    del self._models[k]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+WARM_MODELS = WarmModels()
+
+
+def load_ensemble(
+    manifest: SisaManifest, store: CheckpointStore, device: torch.device
+) -> SisaEnsemble:
+    """`SisaEnsemble.load`, through this worker's warm models."""
+    models, preps = {}, {}
+    for e in manifest.entries:
+        if not e.n_records:
+            continue
+        prep = PreprocessorState.from_dict(e.preprocessor)
+        models[e.shard] = WARM_MODELS.get(manifest, e.final_key, prep, store, device)
+        preps[e.shard] = prep
+    if not models:
+        raise ValueError("the manifest has no trained shard")
+    return SisaEnsemble(manifest, models, preps, device)
 
 
 def load_sharing(
@@ -112,11 +228,8 @@ def load_sharing(
             models[e.shard], preps[e.shard] = other.models[e.shard], other.preprocessors[e.shard]
             continue
         prep = PreprocessorState.from_dict(e.preprocessor)
-        model = build_model(manifest.arch, prep.n_inputs, manifest.n_classes)
-        tensors, _ = store.load(e.final_key)
-        model.load_state_dict(tensors)
-        model.to(device).eval()
-        models[e.shard], preps[e.shard] = model, prep
+        models[e.shard] = WARM_MODELS.get(manifest, e.final_key, prep, store, device)
+        preps[e.shard] = prep
     if not models:
         raise ValueError("the manifest has no trained shard")
     return SisaEnsemble(manifest, models, preps, device)

@@ -11,9 +11,11 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from sqlalchemy import insert, select
 
 from app.core.db import session_scope
+from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.datasets import service as datasets
 from app.jobs import lease
@@ -59,8 +61,15 @@ def run_training(job_id: str) -> None:
     store = get_store()
     dev = device()
     with phases.timed("load"):
-        data = datasets.to_tabular(ds, datasets.read_partitions(store, ds), active)
-        phases.parquet_reads += 1
+        read: list[pa.Table] = []
+        warm = datasets.warm_rows(store, ds, active, get_settings(), read.append)
+        if warm is not None:
+            data = warm[0]
+            phases.warm_reads = int(warm[1])
+        else:
+            table = read[0] if read else datasets.read_partitions(store, ds)
+            data = datasets.to_tabular(ds, table, active)
+        phases.parquet_reads += 1 if read or warm is None else 0
     test_mask = test_split(data.record_ids, spec.training.seed, spec.test_fraction)
     train, test = data.take(~test_mask), data.take(test_mask)
     shard_of = assign_shards(train, spec.sisa, spec.training.seed)

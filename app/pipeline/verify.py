@@ -27,6 +27,7 @@ from app.pipeline.outcome import RequestEvents
 from app.pipeline.outputs import (
     ShardOutputs,
     SharedEnsemble,
+    load_ensemble,
     load_sharing,
     load_test_outputs,
     save_test_outputs,
@@ -68,7 +69,7 @@ def verify_candidate(
     test = inputs.test()
     forget = inputs.forget(forgotten) if len(forgotten) else None
     outputs = ShardOutputs()
-    loaded = SisaEnsemble.load(inputs.manifest, ckpt, dev)
+    loaded = load_ensemble(inputs.manifest, ckpt, dev)
     baseline = SharedEnsemble.of(loaded, outputs)
     candidate = SharedEnsemble.of(load_sharing(new_manifest, loaded, ckpt, dev), outputs)
     # The production version's shard outputs on these very test rows, kept from when it
@@ -79,10 +80,10 @@ def verify_candidate(
     # saved outputs serve it too.
     cap = cap_index(len(test), seed + 1)
     attack_test = test if cap is None else test.take(cap)
+    if cap is not None:
+        outputs.view(attack_test.columns, test.columns, cap)
     if saved:
         outputs.preload(test.columns, saved)
-        if cap is not None:
-            outputs.preload(attack_test.columns, {k: v[cap] for k, v in saved.items()})
     inputs.phases.add("verify.load", time.perf_counter() - t0)
     checks: dict[str, verification.Check] = {}
     timed = inputs.phases.timed

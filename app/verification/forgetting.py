@@ -175,7 +175,8 @@ def forgetting(
         }
         return Check(exact, metrics, threshold)
     usable = np.asarray(usable, dtype=bool)
-    forget, cand_f, out_f = forget.take(usable), cand_f[usable], out_f[:, usable]
+    if not usable.all():  # (a new row set: the references' outputs on it are new too)
+        forget, cand_f, out_f = forget.take(usable), cand_f[usable], out_f[:, usable]
     k_use = int(min(out_f.sum(axis=0).min(), out_n.sum(axis=0).min()))
     ref_f, per_ref_f = _out_reference(refs, forget, out_f, k_use)
     ref_n, per_ref_n = _out_reference(refs, test, out_n, k_use)

@@ -4,6 +4,7 @@ out shard reading only its rows, and a snapshot that rebuilds the same inputs.""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.datasets import service as datasets
+from app.datasets.warm import WARM, WarmDatasets
 from app.jobs import routing
-from app.models import Job, MLModel
+from app.ml.data import TabularData
+from app.models import Job, MLModel, Record
 from app.pipeline.inputs import JobInputs, build
 from app.pipeline.outcome import Outcome
 from app.pipeline.spec import ModelSpec, UnlearningConfig
@@ -66,14 +69,69 @@ def test_inputs_are_built_once_and_split_without_rereading(
     monkeypatch.setattr(
         datasets, "read_partitions", lambda store, ds: reads.append(ds.id) or real(store, ds)
     )
+    WARM.drop()  # a worker that has not read this dataset yet
     retained, test, members = inputs.retained(), inputs.test(), inputs.members()
     assert len(reads) == 1 and inputs.phases.parquet_reads == 1
+    assert inputs.phases.warm_reads == 0
     assert np.array_equal(retained.record_ids, inputs.ids[inputs.retained_mask])
     assert np.array_equal(test.record_ids, inputs.test_ids)
     assert set(members.record_ids) <= set(retained.record_ids)
     # Every split lines up with the lineage layout it came from.
     assert len(retained) + len(test) == len(inputs.ids)
     assert "load" in inputs.phases.seconds
+
+
+def test_the_next_job_takes_its_rows_from_the_warm_copy_which_loses_erased_rows(
+    env: AppEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _inputs(env, Recorder())
+    WARM.drop()
+    cold = first.retained()
+    assert first.phases.parquet_reads == 1
+    reads: list[str] = []
+    real = datasets.read_partitions
+    monkeypatch.setattr(
+        datasets, "read_partitions", lambda store, ds: reads.append(ds.id) or real(store, ds)
+    )
+    with session_scope() as s:
+        job = s.get(Job, first.job_id)
+        assert job is not None
+        second = build(s, job, "unlearning", Recorder())
+    warm = second.retained()
+    # No storage read: the same rows, converted alike, from this worker's copy.
+    assert reads == [] and second.phases.parquet_reads == 0 and second.phases.warm_reads == 1
+    assert np.array_equal(warm.record_ids, cold.record_ids)
+    assert np.array_equal(warm.labels, cold.labels)
+    for name, col in cold.columns.items():
+        assert np.array_equal(warm.columns[name], col), name
+    # Erasing rows from the dataset's partitions takes them out of the warm copy too.
+    held = WARM.held()[first.ds.id]
+    gone = [int(i) for i in cold.record_ids[:3]]
+    with session_scope() as s:
+        parts = s.scalars(select(Record.partition).where(Record.id.in_(gone))).all()
+    assert datasets.erase_from_partitions(first.store, first.ds, gone, set(parts)) == len(gone)
+    assert WARM.held()[first.ds.id] == held - len(gone)
+    # A row the copy does not hold is never made up: the job reads storage instead.
+    assert WARM.rows(first.ds.id, np.asarray(gone), lambda: None, ttl=60.0) is None
+    assert first.ds.id not in WARM.held()
+
+
+def test_a_warm_copy_unused_for_its_time_is_dropped_by_a_timer() -> None:
+    cache = WarmDatasets()
+    data = TabularData(
+        record_ids=np.arange(5, dtype=np.int64),
+        columns={"x": np.arange(5, dtype=np.float64)},
+        labels=np.zeros(5, dtype=np.int64),
+    )
+    got = cache.rows("ds", np.asarray([1, 3]), lambda: data, ttl=0.2)
+    assert got is not None and list(got[0].record_ids) == [1, 3] and got[1] is False
+    again = cache.rows("ds", np.asarray([4]), lambda: None, ttl=0.2)
+    assert again is not None and again[1] is True and cache.loads == 1
+    deadline = time.monotonic() + 10
+    while cache.held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Nobody asked again: the timer let the rows go.
+    assert cache.held() == {}
 
 
 def test_a_shard_reads_only_its_rows_and_the_snapshot_round_trips(env: AppEnv) -> None:

@@ -4,6 +4,7 @@ the next job's verification, replaced on promotion, and gone once a test row is 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sqlalchemy import select
 
@@ -132,3 +133,45 @@ def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_test_row(env: App
     with session_scope() as s:
         lifecycle.erase(s, get_store(), rid)
     assert _kept(env) == []
+
+
+def test_rows_that_are_a_view_of_others_take_a_slice_of_their_outputs() -> None:
+    cache = outputs.ShardOutputs()
+    whole = {"x": np.arange(6, dtype=np.float64)}
+    part = {"x": whole["x"][[1, 4]]}
+    cache.view(part, whole, np.asarray([1, 4]))
+    calls: list[int] = []
+
+    def compute(rows: dict[str, np.ndarray]) -> torch.Tensor:
+        calls.append(len(rows["x"]))
+        return torch.as_tensor(rows["x"] * 10)
+
+    assert torch.equal(
+        cache.get("k", part, compute), torch.tensor([10.0, 40.0], dtype=torch.float64)
+    )
+    # Computed once, on the whole rows; asking for them then is a hit.
+    assert calls == [6]
+    assert torch.equal(cache.get("k", whole, compute), torch.as_tensor(whole["x"] * 10))
+    assert calls == [6] and cache.misses == 1
+
+
+def test_warm_models_serve_the_next_job_but_never_a_deleted_checkpoint(env: AppEnv) -> None:
+    admin = create_key("admin")
+    ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=30, rows_per_subject=2))
+    create_model(env.client, admin, ds["id"], unlearning={"mode": "sisa", "shards": 2, "slices": 2})
+    model_id, version, _ = _production()
+    store = get_store()
+    manifest = artifacts.load_manifest(store, version.manifest_path)
+    ckpt = artifacts.checkpoint_store(store, model_id)
+    dev = resolve_device("cpu")
+    first = outputs.load_ensemble(manifest, ckpt, dev)
+    again = outputs.load_ensemble(manifest, ckpt, dev)
+    fresh = SisaEnsemble.load(manifest, ckpt, dev)
+    shard = first.shards[0]
+    assert again.models[shard] is first.models[shard]  # kept, not loaded again
+    for name, t in fresh.models[shard].state_dict().items():
+        assert torch.equal(first.models[shard].state_dict()[name], t)
+    ckpt.delete(manifest.entry(shard).final_key)
+    # A purged checkpoint is gone for the warm copy too: loading it fails as it would.
+    with pytest.raises((FileNotFoundError, KeyError, OSError)):
+        outputs.load_ensemble(manifest, ckpt, dev)
