@@ -18,30 +18,19 @@ it must not do is outlive an erasure:
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
+from app.core.warm import Expiring
 from app.ml.data import TabularData
 
 
-@dataclass
-class _Entry:
-    data: TabularData
-    used: float
-
-
 class WarmDatasets:
-    """At most `capacity` datasets, each dropped `ttl` seconds after its last use."""
+    """At most `capacity` datasets' rows, each dropped `ttl` seconds after its last use."""
 
     def __init__(self, capacity: int = 2) -> None:
-        self.capacity = capacity
-        self._entries: dict[str, _Entry] = {}
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._copies: Expiring[str, TabularData] = Expiring(capacity)
         self.loads = 0
         self.hits = 0
 
@@ -57,71 +46,33 @@ class WarmDatasets:
         None when no copy is kept (`load` declined: too large) or a row is missing from
         it (the copy is dropped and the caller reads storage)."""
         ids = np.asarray(record_ids, dtype=np.int64)
-        with self._lock:
-            entry = self._entries.get(dataset_id)
-            warm = entry is not None
-            if entry is None:
-                data = load()
-                if data is None:
-                    return None
-                entry = _Entry(data, time.monotonic())
-                self._entries[dataset_id] = entry
-                self.loads += 1
-                while len(self._entries) > self.capacity:
-                    oldest = min(self._entries, key=lambda k: self._entries[k].used)
-                    del self._entries[oldest]
-            else:
-                self.hits += 1
-            entry.used = time.monotonic()
-            full = entry.data
-            self._arm(ttl)
-        pos = np.searchsorted(full.record_ids, ids)
-        pos = np.minimum(pos, max(len(full) - 1, 0))
+        full = self._copies.get(dataset_id)
+        warm = full is not None
+        if full is None:
+            full = load()
+            if full is None:
+                return None
+            self._copies.put(dataset_id, full, ttl)
+            self.loads += 1
+        else:
+            self.hits += 1
+        pos = np.minimum(np.searchsorted(full.record_ids, ids), max(len(full) - 1, 0))
         if len(ids) and (len(full) == 0 or not np.array_equal(full.record_ids[pos], ids)):
-            self.drop(dataset_id)
+            self._copies.drop(dataset_id)
             return None
         return full.take(pos), warm
 
     def drop_rows(self, dataset_id: str, record_ids: list[int] | np.ndarray) -> None:
         """Erased rows leave the warm copy (the erasure calls this before it commits)."""
-        with self._lock:
-            entry = self._entries.get(dataset_id)
-            if entry is None:
-                return
-            keep = ~np.isin(entry.data.record_ids, np.asarray(record_ids, dtype=np.int64))
-            entry.data = entry.data.take(keep)
+        gone = np.asarray(record_ids, dtype=np.int64)
+        self._copies.update(dataset_id, lambda d: d.take(~np.isin(d.record_ids, gone)))
 
     def drop(self, dataset_id: str | None = None) -> None:
-        with self._lock:
-            if dataset_id is None:
-                self._entries.clear()
-            else:
-                self._entries.pop(dataset_id, None)
+        self._copies.drop(dataset_id)
 
     def held(self) -> dict[str, int]:
-        """Rows held per dataset (for tests and the metrics)."""
-        with self._lock:
-            return {k: len(v.data) for k, v in self._entries.items()}
-
-    def expire(self, ttl: float) -> None:
-        """Drop every copy unused for `ttl` seconds."""
-        now = time.monotonic()
-        with self._lock:
-            for k in [k for k, v in self._entries.items() if now - v.used >= ttl]:
-                del self._entries[k]
-            self._timer = None
-            if self._entries:
-                self._arm(ttl)
-
-    def _arm(self, ttl: float) -> None:
-        # Called with the lock held: one timer at a time, firing when the least recently
-        # used copy is due (it re-arms itself while copies remain).
-        if self._timer is not None:
-            return
-        due = min(v.used for v in self._entries.values()) + ttl - time.monotonic()
-        self._timer = threading.Timer(max(due, 0.0) + 0.01, self.expire, args=(ttl,))
-        self._timer.daemon = True
-        self._timer.start()
+        """Rows held per dataset (for tests)."""
+        return {k: len(v) for k, v in self._copies.items()}
 
 
 WARM = WarmDatasets()

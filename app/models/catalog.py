@@ -56,6 +56,8 @@ class Record(Base):
         UniqueConstraint("dataset_id", "external_id"),
         Index("ix_records_subject_status", "subject_id", "status"),
         Index("ix_records_source_status", "source_id", "status"),
+        # A job's records of a dataset that are not active (quarantined, staged).
+        Index("ix_records_dataset_status", "dataset_id", "status"),
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))

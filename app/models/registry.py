@@ -67,6 +67,8 @@ class Lineage(Base):
     __table_args__ = (
         UniqueConstraint("record_id", "model_id"),
         Index("ix_lineage_model_shard", "model_id", "shard"),
+        # A job's open rows of a model and the ones closed since (app.pipeline.inputs).
+        Index("ix_lineage_model_to_version", "model_id", "to_version"),
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     record_id: Mapped[int] = mapped_column(ForeignKey("records.id", ondelete="CASCADE"))

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from app.core.db import session_scope
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
+from app.core.warm import Expiring
 from app.datasets import service as datasets
 from app.ml.data import TabularData
 from app.ml.device import derive_seed
@@ -293,33 +294,81 @@ def _concat(a: TabularData, b: TabularData) -> TabularData:
     )
 
 
-def _lineage_rows(
-    session: Session, model_id: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The model's open lineage sorted by record id, as arrays: record, shard, slice,
-    is-train, is-active. Tens of thousands of rows: they are read as the driver's plain
-    tuples (no ORM rows; the columns need no type processing) straight into numpy."""
-    stmt = (
-        select(
-            Lineage.record_id,
-            Lineage.shard,
-            Lineage.slice,
-            Lineage.split == "train",
-            Record.status == "active",
-        )
-        .join(Record, Record.id == Lineage.record_id)
-        .where(Lineage.model_id == model_id, Lineage.to_version.is_(None))
-        .order_by(Lineage.record_id)
+@dataclass(frozen=True)
+class _Layout:
+    """A model's open lineage as arrays sorted by record id: record, shard, slice,
+    is-train."""
+
+    ids: np.ndarray
+    shard: np.ndarray
+    slc: np.ndarray
+    is_train: np.ndarray
+
+    def take(self, keep: np.ndarray) -> _Layout:
+        return _Layout(self.ids[keep], self.shard[keep], self.slc[keep], self.is_train[keep])
+
+
+# A worker's last-read lineage layout per model. A model's open lineage rows are written
+# once, when its first version is trained, and never change after: they are only closed
+# (`to_version` set) or deleted (erased). So a layout read earlier holds every row that
+# is still open, with the right shard, slice and split, and the rows to take out of it
+# are the ones closed or deleted since; the count of open rows proves that nothing
+# else differs (else the layout is read again).
+_LAYOUTS: Expiring[str, _Layout] = Expiring(capacity=8)
+
+
+def _read_layout(session: Session, model_id: str) -> _Layout:
+    """Tens of thousands of rows: read as the driver's plain tuples (no ORM rows; the
+    columns need no type processing) straight into numpy, sorted there."""
+    stmt = select(Lineage.record_id, Lineage.shard, Lineage.slice, Lineage.split == "train").where(
+        Lineage.model_id == model_id, Lineage.to_version.is_(None)
     )
     rows = session.connection().execute(stmt).cursor.fetchall()
-    table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
-    return (
-        table[:, 0].copy(),
-        table[:, 1].copy(),
-        table[:, 2].copy(),
-        table[:, 3].astype(bool),
-        table[:, 4].astype(bool),
+    table = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return _Layout(
+        table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy(), table[:, 3].astype(bool)
     )
+
+
+def _open_layout(session: Session, model_id: str) -> _Layout:
+    """The model's open lineage: the worker's earlier layout less the rows closed since
+    (when the count of open rows proves that is all that changed), or read afresh."""
+    ttl = get_settings().warm_data_seconds
+    cached = _LAYOUTS.get(model_id) if ttl > 0 else None
+    if cached is not None:
+        n_rows = session.scalar(
+            select(func.count()).select_from(Lineage).where(Lineage.model_id == model_id)
+        )
+        closed = np.asarray(
+            session.scalars(
+                select(Lineage.record_id).where(
+                    Lineage.model_id == model_id, Lineage.to_version.is_not(None)
+                )
+            ).all(),
+            dtype=np.int64,
+        )
+        layout = cached.take(~np.isin(cached.ids, closed)) if len(closed) else cached
+        if len(layout.ids) == int(n_rows or 0) - len(closed):
+            return layout
+    layout = _read_layout(session, model_id)
+    _LAYOUTS.put(model_id, layout, ttl)
+    return layout
+
+
+def _lineage_rows(
+    session: Session, model_id: str, dataset_id: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The model's open lineage sorted by record id, as arrays: record, shard, slice,
+    is-train, is-active (its record is neither quarantined nor staged)."""
+    layout = _open_layout(session, model_id)
+    inactive = np.asarray(
+        session.scalars(
+            select(Record.id).where(Record.dataset_id == dataset_id, Record.status != "active")
+        ).all(),
+        dtype=np.int64,
+    )
+    return layout.ids, layout.shard, layout.slc, layout.is_train, ~np.isin(layout.ids, inactive)
 
 
 def next_version(session: Session, model_id: str) -> int:
@@ -348,7 +397,7 @@ def build(session: Session, job: Job, stage: str, events: RequestEvents) -> JobI
         if req.kind == "feature" and req.feature
     )
     events.started(session, job.id, stage, model.production_version)
-    lineage = _lineage_rows(session, model.id)
+    lineage = _lineage_rows(session, model.id, model.dataset_id)
     ds = datasets.get(session, model.dataset_id)
     session.expunge(ds)
     train_job = session.scalars(

@@ -12,8 +12,6 @@ anyone compare a retired version's outputs, and no erased row's prediction stays
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -23,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore
+from app.core.warm import Expiring
 from app.ml.architectures import build_model
 from app.ml.checkpoints import CheckpointStore, canonical_json
 from app.ml.preprocess import PreprocessorState
@@ -121,10 +120,7 @@ class WarmModels:
     are only evaluated, never trained."""
 
     def __init__(self, capacity: int = 64) -> None:
-        self.capacity = capacity
-        self._models: dict[tuple[str, ...], tuple[torch.nn.Module, float]] = {}
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._models: Expiring[tuple[str, ...], torch.nn.Module] = Expiring(capacity)
 
     def get(
         self,
@@ -134,7 +130,6 @@ class WarmModels:
         store: CheckpointStore,
         device: torch.device,
     ) -> torch.nn.Module:
-        ttl = get_settings().warm_data_seconds
         digest = getattr(store, "digest", lambda key: None)(entry_key)
         key = (
             entry_key,
@@ -144,44 +139,19 @@ class WarmModels:
             str(manifest.n_classes),
             str(device),
         )
-        with self._lock:
-            hit = self._models.get(key)
-            if hit is not None and ttl > 0 and digest is not None:
-                self._models[key] = (hit[0], time.monotonic())
-                return hit[0]
+        hit = self._models.get(key) if digest is not None else None
+        if hit is not None:
+            return hit
         model = build_model(manifest.arch, prep.n_inputs, manifest.n_classes)
         tensors, _ = store.load(entry_key)
         model.load_state_dict(tensors)
         model.to(device).eval()
-        if ttl > 0 and digest is not None:
-            with self._lock:
-                self._models[key] = (model, time.monotonic())
-                while len(self._models) > self.capacity:
-                    oldest = min(self._models, key=lambda k: self._models[k][1])
-                    del self._models[oldest]
-                if self._timer is None:
-                    self._timer = threading.Timer(ttl, self._expire, args=(ttl,))
-                    self._timer.daemon = True
-                    self._timer.start()
+        if digest is not None:
+            self._models.put(key, model, get_settings().warm_data_seconds)
         return model
 
-    def _expire(self, ttl: float) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for k in [k for k, (_, used) in self._models.items() if now - used >= ttl]:
-                del self._models[k]
-            self._timer = None
-            if self._models:
-                due = min(u for _, u in self._models.values()) + ttl - now
-                self._timer = threading.Timer(max(due, 0.0) + 0.01, self._expire, args=(ttl,))
-                self._timer.daemon = True
-                self._timer.start()
-
-    def drop(self, entry_keys: set[str] | None = None) -> None:
-        with self._lock:
-            for k in list(self._models):
-                if entry_keys is None or k[0] in entry_keys:
-                    del self._models[k]
+    def drop(self) -> None:
+        self._models.drop()
 
     def __len__(self) -> int:
         return len(self._models)

@@ -224,3 +224,41 @@ def test_jobs_are_created_and_sent_after_commit(env: AppEnv) -> None:
         assert len(sent) == 1  # a rolled-back job is never sent
     finally:
         outbox.register_sender(previous)
+
+
+def test_the_lineage_layout_kept_from_the_last_job_is_the_one_the_database_holds(
+    env: AppEnv,
+) -> None:
+    from sqlalchemy import delete, update
+
+    from app.models import Lineage
+    from app.pipeline import inputs as inputs_module
+
+    first = _inputs(env, Recorder())
+
+    def layout_now() -> tuple[np.ndarray, ...]:
+        with session_scope() as s:
+            return inputs_module._lineage_rows(s, first.model_id, first.ds.id)
+
+    def fresh() -> tuple[np.ndarray, ...]:
+        inputs_module._LAYOUTS.drop()
+        return layout_now()
+
+    def same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert inputs_module._LAYOUTS.get(first.model_id) is not None  # kept by `first`
+    assert same(layout_now(), fresh())
+    ids = [int(i) for i in first.ids[first.is_train][:4]]
+    # Rows closed by a job (to_version set) leave the kept layout ...
+    with session_scope() as s:
+        s.execute(update(Lineage).where(Lineage.record_id.in_(ids[:2])).values(to_version=1))
+    kept = layout_now()
+    assert not set(ids[:2]) & set(kept[0].tolist()) and same(kept, fresh())
+    # ... and rows deleted elsewhere (an erasure in another worker) are noticed by the
+    # count of rows: the layout is read again, never served with rows that are gone.
+    layout_now()
+    with session_scope() as s:
+        s.execute(delete(Lineage).where(Lineage.record_id.in_(ids[2:])))
+    after = layout_now()
+    assert not set(ids) & set(after[0].tolist()) and same(after, fresh())
