@@ -5,8 +5,9 @@ when it is promoted and read by the next job's verification while the test rows 
 the same).
 
 Only the production version's outputs on held-out test rows are kept, one file per
-model, replaced at each promotion and deleted when a test row is erased: nothing lets
-anyone compare a retired version's outputs, and no erased row's prediction stays.
+model, replaced at each promotion and rewritten without a test row's outputs when that
+row is erased: nothing lets anyone compare a retired version's outputs, and no erased
+row's prediction stays.
 """
 
 from __future__ import annotations
@@ -213,14 +214,42 @@ def _folder(model_id: str) -> str:
     return f"models/{model_id}/outputs"
 
 
+_ROWS = "__record_ids__"  # the test rows a kept file's outputs are on, in order
+
+
 def load_test_outputs(
     store: ArtifactStore, model_id: str, test_ids: np.ndarray
 ) -> dict[str, torch.Tensor]:
-    """The saved shard outputs on exactly these test rows ({} when there are none)."""
+    """The saved shard outputs on these test rows ({} when none are kept): the kept file
+    of exactly these rows, or one kept on more rows (a job whose requests quarantined
+    test rows: they are no longer test rows of the job), taken at these rows."""
     rel = f"{_folder(model_id)}/test-{rows_digest(test_ids)}.safetensors"
-    if not store.exists(rel):
-        return {}
-    return dict(st_load(store.read_bytes(rel)))
+    if store.exists(rel):
+        return {k: v for k, v in st_load(store.read_bytes(rel)).items() if k != _ROWS}
+    wanted = np.asarray(test_ids, dtype=np.int64)
+    for other in store.list(_folder(model_id)):
+        tensors = dict(st_load(store.read_bytes(other)))
+        rows = tensors.pop(_ROWS, None)
+        if rows is None:
+            continue
+        ids = rows.numpy()
+        pos = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))
+        if len(ids) and np.array_equal(ids[pos], wanted):
+            index = torch.as_tensor(pos)
+            return {k: v[index] for k, v in tensors.items()}
+    return {}
+
+
+def _write(
+    store: ArtifactStore, model_id: str, test_ids: np.ndarray, tensors: dict[str, torch.Tensor]
+) -> None:
+    rel = f"{_folder(model_id)}/test-{rows_digest(test_ids)}.safetensors"
+    rows = torch.as_tensor(np.asarray(test_ids, dtype=np.int64))
+    blob = st_save({**{k: v.contiguous() for k, v in tensors.items()}, _ROWS: rows})
+    store.write_bytes(rel, bytes(blob))
+    for other in store.list(_folder(model_id)):
+        if other != rel:
+            store.delete(other)
 
 
 def save_test_outputs(
@@ -235,15 +264,27 @@ def save_test_outputs(
     keys = [shard_key(e.final_key, e.preprocessor) for e in manifest.entries if e.n_records]
     if not keys or any(k not in outputs for k in keys):
         return
-    rel = f"{_folder(model_id)}/test-{rows_digest(test_ids)}.safetensors"
-    blob = st_save({k: outputs[k].contiguous() for k in keys})
-    store.write_bytes(rel, bytes(blob))
-    for other in store.list(_folder(model_id)):
-        if other != rel:
-            store.delete(other)
+    _write(store, model_id, test_ids, {k: outputs[k] for k in keys})
 
 
-def drop_outputs(store: ArtifactStore, model_id: str) -> None:
-    """Forget the kept outputs (a test row of the model is being erased)."""
+def drop_rows(store: ArtifactStore, model_id: str, record_ids: list[int]) -> None:
+    """Test rows of the model are being erased: the kept outputs lose their rows (the
+    file is rewritten for the test rows that remain), so no prediction on an erased
+    row is kept and the next job's verification still finds the others. A file that
+    does not say which rows it holds is deleted."""
+    gone = np.asarray(record_ids, dtype=np.int64)
     for rel in store.list(_folder(model_id)):
-        store.delete(rel)
+        if not store.exists(rel):
+            continue  # replaced by the file written for an earlier one
+        tensors = dict(st_load(store.read_bytes(rel)))
+        rows = tensors.pop(_ROWS, None)
+        if rows is None:
+            store.delete(rel)
+            continue
+        ids = rows.numpy()
+        keep = ~np.isin(ids, gone)
+        if keep.all():
+            continue
+        index = torch.as_tensor(np.flatnonzero(keep))
+        # Written under the remaining rows' name; the old file goes with the rest.
+        _write(store, model_id, ids[keep], {k: v[index] for k, v in tensors.items()})

@@ -26,7 +26,8 @@ def fairness(
         return Check(True, {"note": "the model has no group columns", "groups": []}, limits)
     before = torch.argmax(baseline.predict_proba(test.columns), dim=1).numpy()
     after = torch.argmax(candidate.predict_proba(test.columns), dim=1).numpy()
-    groups = {c: np.asarray([str(v) for v in test.columns[c]], dtype=object) for c in columns}
+    # Values compared as strings (numpy's str() of each, in one call).
+    groups = {c: np.asarray(test.columns[c]).astype(str) for c in columns}
     result = fairness_check(
         before, after, test.labels, groups, threshold=threshold, min_group_size=min_group_size
     )

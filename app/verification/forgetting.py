@@ -30,8 +30,9 @@ SAMPLE_SCORES = 200
 
 def _units(data: TabularData) -> int | None:
     """Distinct subjects behind the rows (None when the rows carry no subject keys)."""
-    keys = [k for k in data.subjects if k]
-    return len(set(keys)) if keys else None
+    subjects = np.asarray(data.subjects, dtype=object)
+    keys = subjects[subjects.astype(bool)] if len(subjects) else subjects
+    return len(set(keys.tolist())) if len(keys) else None
 
 
 def cap_index(n: int, seed: int) -> np.ndarray | None:
@@ -65,8 +66,13 @@ def score_samples(
 def _out_masks(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
     """(K, N): which references did NOT train on each row."""
     out = np.ones((len(refs.shards), len(data)), dtype=bool)
+    rows = np.asarray(data.record_ids, dtype=np.int64)
     for j, s in enumerate(refs.shards):
-        out[j] = ~np.isin(data.record_ids, np.asarray(refs.manifest.entry(s).record_ids))
+        # A sorted search, not a hash set per reference: the rows are often thousands.
+        trained = np.sort(refs.manifest.entry(s).ids)
+        if len(trained):
+            pos = np.minimum(np.searchsorted(trained, rows), len(trained) - 1)
+            out[j] = trained[pos] != rows
     return out
 
 

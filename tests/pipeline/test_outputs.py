@@ -125,14 +125,36 @@ def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_test_row(env: App
     assert version.version == 2 and len(_kept(env)) == 1
     _assert_kept_equal_fresh(model_id, version, test_ids)
 
-    # A subject with test rows only: erasing them drops the kept outputs (predictions on
-    # those rows), whatever else happens.
-    rid = _request(env, admin, _subject_with("test"))
+    # A subject with test rows only: erasing them takes their rows out of the kept
+    # outputs (no prediction on an erased row stays); the rest still serve and are
+    # still what the production version computes on the remaining test rows.
+    sid = _subject_with("test")
+    with session_scope() as s:
+        from app.core.security import subject_key
+        from app.core.settings import get_settings
+
+        key = subject_key(sid, get_settings().pepper)
+        erased = set(
+            s.scalars(
+                select(Record.id)
+                .join(Subject, Record.subject_id == Subject.id)
+                .where(Subject.subject_key == key)
+            )
+        )
+    assert erased and erased <= set(test_ids.tolist())
+    rid = _request(env, admin, sid)
     with session_scope() as s:
         lifecycle.plan(s, rid)
     with session_scope() as s:
         lifecycle.erase(s, get_store(), rid)
-    assert _kept(env) == []
+    model_id, version, remaining = _production()
+    assert len(remaining) == len(test_ids) - len(erased)
+    (kept,) = _kept(env)
+    from safetensors.torch import load as st_load
+
+    rows = st_load(get_store().read_bytes(kept))["__record_ids__"].numpy()
+    assert np.array_equal(rows, remaining) and not erased & set(rows.tolist())
+    _assert_kept_equal_fresh(model_id, version, remaining)
 
 
 def test_rows_that_are_a_view_of_others_take_a_slice_of_their_outputs() -> None:

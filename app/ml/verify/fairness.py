@@ -58,8 +58,14 @@ def _is_binary(pred: np.ndarray, labels: np.ndarray) -> bool:
 
 
 def _group_rows(values: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    keys = np.array([str(v) for v in values], dtype=object)
-    return [(g, np.flatnonzero(keys == g)) for g in sorted(set(keys.tolist()))]
+    """(group, its row positions) per distinct value as a string, groups sorted."""
+    keys = values if values.dtype.kind == "U" else values.astype(str)
+    if len(keys) == 0:
+        return []
+    groups, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(groups)))[:-1]
+    return [(str(g), rows) for g, rows in zip(groups, np.split(order, bounds), strict=True)]
 
 
 def _check_inputs(labels: np.ndarray, groups: dict[str, np.ndarray], *preds: np.ndarray) -> None:
