@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import NotFound
 from app.dashboard import charts
 from app.models import MLModel, Report, RequestModel
+from app.verification.service import check_status
 
 
 @dataclass
@@ -37,6 +38,27 @@ class CheckRow:
     passed: bool
     summary: str
     threshold: dict[str, Any]
+    status: str = ""
+    reason: str = ""
+    power: str = ""  # the attack's power on the baseline, beside the verdict
+
+
+def power_summary(check: dict[str, Any]) -> str:
+    """The forgetting attack on the baseline (which still holds the forget set): did it
+    find the forget set there, by how much."""
+    m = check.get("metrics") if isinstance(check.get("metrics"), dict) else {}
+    p = (m or {}).get("power")
+    if not isinstance(p, dict):
+        return ""
+    has = p.get("has_power")
+    if has is None:
+        return "not measurable (no out-references)"
+    parts = [
+        f"baseline AUC {_fmt(p.get('baseline_auc'))} vs reference {_fmt(p.get('reference_auc'))}"
+    ]
+    if p.get("baseline_lira_auc") is not None:
+        parts.append(f"LiRA {_fmt(p.get('baseline_lira_auc'))} vs {_fmt(p.get('lira_threshold'))}")
+    return ("has power: " if has else "no power: ") + ", ".join(parts)
 
 
 def _fmt(value: Any) -> str:
@@ -61,6 +83,11 @@ def check_summary(name: str, check: dict[str, Any]) -> str:
             parts.append(f"reference {_fmt(ref.get('auc'))}")
         if m.get("lira_auc") is not None:
             parts.append(f"LiRA AUC {_fmt(m.get('lira_auc'))}")
+        rm = ((m.get("attacks") or {}).get("candidate") or {}).get("rmia") or {}
+        if rm.get("auc") is not None:
+            parts.append(
+                f"RMIA AUC {_fmt(rm.get('auc'))}, TPR@0.1% {_fmt(rm.get('tpr_at_0.1pct_fpr'))}"
+            )
         if m.get("note"):
             parts.append(str(m["note"]))
         return ", ".join(parts)
@@ -122,9 +149,14 @@ def report_view(session: Session, report_id: str, suffix: str = "") -> ReportVie
         checks=[
             CheckRow(
                 name=name,
-                passed=bool(c.get("passed")),
+                passed=check_status(c) == "pass",
                 summary=check_summary(name, c),
-                threshold=dict(c.get("threshold") or {}),
+                threshold={
+                    k: v for k, v in dict(c.get("threshold") or {}).items() if k != "power_rule"
+                },
+                status=check_status(c),
+                reason=str(c.get("reason") or ""),
+                power=power_summary(c) if name == "forgetting" else "",
             )
             for name, c in checks.items()
             if isinstance(c, dict)
