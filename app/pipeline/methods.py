@@ -265,7 +265,14 @@ def approximate_unlearn(
         _xy(prep, forget, device),
         _xy(prep, retained, device),
         params=u.strategy_params,
-        seed=derive_seed(manifest.training.seed, manifest.model_key, "unlearn", job_id),
+        # From the model and the data (not the job's random id): the same request on
+        # the same data and settings unlearns alike on any install.
+        seed=derive_seed(
+            manifest.training.seed,
+            manifest.model_key,
+            "unlearn",
+            ids_digest(np.asarray(forget.record_ids, dtype=np.int64)),
+        ),
         progress=progress,
     )
     key = f"mono-{_tag(e.final_key, job_id)}"
@@ -383,7 +390,7 @@ def _entry_without_feature(
         upd = linear_feature_update(model, x, y, columns, lam)
         result = {"method": "feature_linear", "lam": lam, "update": upd.to_dict()}
     else:
-        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", job_id, e.shard)
+        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", feature, e.shard)
         rep = mlp_feature_removal(model, x, y, columns, manifest.training, seed)
         result = {"method": "feature_repair", "repair": rep.to_dict()}
     new_prep = prep.with_removed(feature)
