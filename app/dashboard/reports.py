@@ -165,3 +165,88 @@ def report_view(session: Session, report_id: str, suffix: str = "") -> ReportVie
         flagged=[f for f in flagged if isinstance(f, dict)],
         request_ids=request_ids,
     )
+
+
+@dataclass
+class CandidateRow:
+    """One candidate made for a request (the first unlearned one, a fallback retrain,
+    each mitigation tried), side by side on the review page."""
+
+    report_id: str
+    model: str
+    version: int
+    method: str
+    decision: str
+    statuses: dict[str, str]
+    accuracy: float | None
+    groups: list[dict[str, Any]]  # per group: accuracy / TPR / FPR before -> after
+    flagged: list[str]
+    wall_seconds: float | None
+
+
+def _groups(fair: dict[str, Any]) -> list[dict[str, Any]]:
+    m = fair.get("metrics") if isinstance(fair.get("metrics"), dict) else {}
+    before = {
+        (g.get("column"), g.get("group")): g
+        for g in (m or {}).get("before") or []
+        if isinstance(g, dict)
+    }
+    out = []
+    for g in (m or {}).get("after") or []:
+        if not isinstance(g, dict):
+            continue
+        b = before.get((g.get("column"), g.get("group")), {})
+        out.append(
+            {
+                "group": f"{g.get('column')}={g.get('group')}",
+                **{
+                    f"{k}_{when}": src.get(k)
+                    for k in ("accuracy", "tpr", "fpr")
+                    for when, src in (("before", b), ("after", g))
+                },
+            }
+        )
+    return out
+
+
+def candidate_rows(session: Session, model_id: str, since: datetime) -> list[CandidateRow]:
+    """Every report on the model since `since` (the request's arrival), oldest first."""
+    from app.models import Job
+
+    model = session.get(MLModel, model_id)
+    rows = []
+    for r in session.scalars(
+        select(Report)
+        .where(Report.model_id == model_id, Report.created_at >= since)
+        .order_by(Report.created_at)
+    ):
+        job = session.get(Job, r.job_id) if r.job_id else None
+        result = dict((job.result or {}) if job else {})
+        mit = (result.get("unlearning") or {}).get("mitigation") or {}
+        checks = dict(r.checks or {})
+        util = (checks.get("utility") or {}).get("metrics") or {}
+        fair = checks.get("fairness") if isinstance(checks.get("fairness"), dict) else {}
+        flagged = (((fair or {}).get("metrics") or {}).get("flagged")) or []
+        rows.append(
+            CandidateRow(
+                report_id=r.id,
+                model=model.name if model else model_id,
+                version=r.candidate_version,
+                method=(
+                    f"mitigation: {mit.get('kind', 'reweight')}"
+                    if mit
+                    else str(result.get("method") or (job.kind if job else ""))
+                ),
+                decision=r.decision,
+                statuses={k: check_status(c) for k, c in checks.items() if isinstance(c, dict)},
+                accuracy=util.get("candidate_accuracy") if isinstance(util, dict) else None,
+                groups=_groups(fair or {}),
+                flagged=[
+                    f"{f.get('column')}={f.get('group')} {f.get('metric')}"
+                    for f in flagged
+                    if isinstance(f, dict)
+                ],
+                wall_seconds=((job.cost or {}).get("wall_seconds") if job else None),
+            )
+        )
+    return rows

@@ -100,5 +100,6 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
     # Approximate methods do not apply a mitigation's weights, but later exact trainings
     # of this model (a fallback retrain) still must: the table stays with the model.
     new_manifest.weighting = manifest.weighting
+    new_manifest.thresholds = manifest.thresholds
     result["energy_joules"] = meter.joules()
     verify_unlearning(inputs, new_manifest, result, events, n_retained, time.perf_counter() - t0)

@@ -390,14 +390,30 @@ def extend(
     )
 
 
+MITIGATIONS = {
+    "reweight": "retrain upweighting the groups the fairness check flagged",
+    "group_dro": "group-robust retrain: every group weighted by its loss (group DRO, frozen)",
+    "thresholds": "retrain, then per-group decision thresholds fitted on retained rows "
+    "(post-processing)",
+}
+
+
 def review(
-    session: Session, req: DeletionRequest, caller: Caller, action: str, note: str | None
+    session: Session,
+    req: DeletionRequest,
+    caller: Caller,
+    action: str,
+    note: str | None,
+    *,
+    mitigation: str | None = None,
 ) -> None:
     """An admin settles a request in `needs_review`: approve promotes each candidate as
     it is; reject retrains from scratch instead; mitigate, for now, also retrains (group
     reweighting arrives with the fairness checks)."""
     from app.registry import service as registry
 
+    if mitigation is not None and action != "mitigate":
+        raise Unprocessable("a mitigation is chosen only with action 'mitigate'", code="invalid")
     if req.status != "needs_review":
         raise Conflict(
             f"only a request in 'needs_review' can be reviewed (it is {req.status!r})",
@@ -419,7 +435,10 @@ def review(
             "note": note,
             "models": [rm.model_id for rm in rms],
             **(
-                {"mitigation": "retrain upweighting the groups the fairness check flagged"}
+                {
+                    "mitigation": MITIGATIONS[mitigation or "reweight"],
+                    "mitigation_kind": mitigation or "reweight",
+                }
                 if action == "mitigate"
                 else {}
             ),
@@ -444,13 +463,16 @@ def review(
                 mv = registry.get_version(session, model, rm.to_version)
                 if mv.status == "candidate":
                     mv.status = "rejected"
-            mitigation = None
+            plan: dict[str, Any] = {}
             if action == "mitigate":
                 report = session.get(Report, rm.report_id) if rm.report_id else None
                 fair = (report.checks.get("fairness", {}) if report else {}).get("metrics", {})
-                mitigation = {"flagged": list(fair.get("flagged", []))}
+                plan = {"flagged": list(fair.get("flagged", [])), "kind": mitigation or "reweight"}
             job = routing.create_retrain(
-                session, model.id, f"review {action} of {req.id}", mitigation
+                session,
+                model.id,
+                f"review {action} of {req.id}",
+                plan if action == "mitigate" else None,
             )
             rm.status, rm.job_id = "retraining", job.id
     if action == "approve":

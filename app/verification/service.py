@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from app.core.errors import NotFound
 from app.ml.data import TabularData
 from app.ml.features import flip_test
-from app.ml.metrics import accuracy
 from app.ml.sisa import SisaEnsemble, SisaManifest
+from app.ml.thresholds import decide as decide_labels
 from app.models import MLModel, Report
 from app.registry.artifacts import Predictor
 from app.verification.schemas import ReportOut
@@ -87,14 +87,20 @@ def lineage_check(candidate: SisaManifest, forgotten_ids: np.ndarray) -> Check:
     )
 
 
+def _accuracy(predictor: Predictor, test: TabularData) -> float:
+    """Test accuracy of the predictor's decisions (its per-group thresholds, if any)."""
+    labels = decide_labels(predictor, predictor.predict_proba(test.columns), test.columns)
+    return float(np.mean(labels == np.asarray(test.labels)))
+
+
 def utility_check(
     candidate: Predictor, baseline: Predictor | None, test: TabularData, max_drop: float
 ) -> Check:
     """Test accuracy of the candidate against the current version on the same rows."""
     if len(test) == 0:
         return Check(True, {"test_rows": 0, "note": "no test rows left"}, {"max_drop": max_drop})
-    cand = accuracy(candidate.predict_proba(test.columns), test.labels)
-    base = accuracy(baseline.predict_proba(test.columns), test.labels) if baseline else cand
+    cand = _accuracy(candidate, test)
+    base = _accuracy(baseline, test) if baseline else cand
     drop = base - cand
     return Check(
         passed=drop <= max_drop + 1e-12,
