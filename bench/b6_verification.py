@@ -26,9 +26,13 @@ then population AUC, offline LiRA and RMIA against out-references).
   (1 - delta - FNR) / FPR (delta = 0.01, clipped rates), and the score is the mean of
   2^(-epsilon / epsilon_max) over examples (1: indistinguishable from retraining). M is
   stated in the output (default 6 each side on 2 cores).
+* (a') The same check on exact erasures it can see: 20 batches of 40 records of one
+  shard each; every `fail` is a false alarm here too.
 * Verdict flip rate: the same requests (5 of (a), 5 of (b)'s no-op and under-trained)
   verified under 5 training seeds of the model; per check, the share of requests whose
-  verdict is not the same under every seed.
+  verdict is not the same under every seed; and the decision flip rate, the share whose
+  decision (promote or not: exact methods promote on pass or inconclusive, approximate
+  ones only on pass) is not the same.
 """
 
 from __future__ import annotations
@@ -130,6 +134,24 @@ def sisa_world(
         device=CPU,
     )
     return manifest, shard_of, slice_of
+
+
+def erase_rows(
+    manifest: SisaManifest,
+    train: TabularData,
+    shard_of: np.ndarray,
+    slice_of: np.ndarray,
+    rows: np.ndarray,
+    store: FsspecCheckpointStore,
+    test: TabularData,
+) -> str:
+    forget = train.take(np.sort(rows))
+    unlearned, _ = unlearn_sisa(
+        manifest, train, shard_of, slice_of, forget.record_ids, store=store, device=CPU
+    )
+    base = SisaEnsemble.load(manifest, store, CPU)
+    cand = SisaEnsemble.load(unlearned, store, CPU)
+    return _check(cand, base, base, forget, test, exact=True)
 
 
 def erase_subject(
@@ -277,6 +299,12 @@ def main(
         SisaEnsemble.load(manifest, store, CPU).predict_proba(test.columns), test.labels
     )
     a = [erase_subject(manifest, train, shard_of, slice_of, str(s), store, test) for s in subjects]
+    # (a') exact erasures the attack can see: 40 records of one shard each (a batch).
+    batches = []
+    for j in range(n_requests):
+        in_shard = np.flatnonzero(shard_of == j % 6)
+        batches.append(rng.choice(in_shard, 40, replace=False))
+    a_batch = [erase_rows(manifest, train, shard_of, slice_of, b, store, test) for b in batches]
     t_a = time.perf_counter()
     # (b)
     model, refs = mono_world(train, store, SEED, epochs, k_refs)
@@ -337,10 +365,16 @@ def main(
             )
         per_seed["no_op"].append(row_n)
         per_seed["undertrained"].append(row_u)
-    flip_rate = {}
+    flip_rate, decision_flip_rate = {}, {}
+    # What each verdict decides: exact methods promote on pass or inconclusive (the
+    # lineage proof); approximate ones promote only on pass.
+    promotes = {"exact_sisa": {"pass", "inconclusive"}, "no_op": {"pass"}, "undertrained": {"pass"}}
     for k, rows in per_seed.items():
         cols = list(zip(*rows, strict=True))  # per request, its verdicts across seeds
         flip_rate[k] = float(np.mean([len(set(c)) > 1 for c in cols])) if cols else 0.0
+        decision_flip_rate[k] = (
+            float(np.mean([len({v in promotes[k] for v in c}) > 1 for c in cols])) if cols else 0.0
+        )
     t_end = time.perf_counter()
 
     def rate(xs: list[str], what: set[str]) -> float:
@@ -365,6 +399,12 @@ def main(
             "pass_rate": rate(a, {"pass"}),
             "target": TARGET_FALSE_ALARMS,
         },
+        "a_exact_sisa_batches": {
+            "requests": len(a_batch),
+            "false_alarm_rate": rate(a_batch, {"fail"}),
+            "inconclusive_rate": rate(a_batch, {"inconclusive"}),
+            "pass_rate": rate(a_batch, {"pass"}),
+        },
         "b_no_op": {
             "detected": rate(noop, {"fail", "inconclusive"}),
             "failed": rate(noop, {"fail"}),
@@ -376,10 +416,12 @@ def main(
         },
         "c_challenge": challenge,
         "verdict_flip_rate": flip_rate,
+        "decision_flip_rate": decision_flip_rate,
         "seconds": {"a": t_a - t0, "b": t_b - t_a, "c": t_c - t_b, "flips": t_end - t_c},
     }
     result["targets_met"] = bool(
         result["a_exact_sisa"]["false_alarm_rate"] <= TARGET_FALSE_ALARMS
+        and result["a_exact_sisa_batches"]["false_alarm_rate"] <= TARGET_FALSE_ALARMS
         and result["b_no_op"]["detected"] >= TARGET_DETECTION
     )
     print("B6 verification calibration")
@@ -392,6 +434,12 @@ def main(
         f"  (a) {n_erasures} exact SISA single-subject erasures: false alarms "
         f"{aa['false_alarm_rate']:.1%} (target <= 5%), inconclusive {aa['inconclusive_rate']:.1%},"
         f" pass {aa['pass_rate']:.1%}"
+    )
+    ab = result["a_exact_sisa_batches"]
+    print(
+        f"  (a') {len(a_batch)} exact SISA erasures of 40 records (one shard): false alarms "
+        f"{ab['false_alarm_rate']:.1%}, inconclusive {ab['inconclusive_rate']:.1%},"
+        f" pass {ab['pass_rate']:.1%}"
     )
     bn, bu = result["b_no_op"], result["b_undertrained"]
     print(
@@ -407,6 +455,10 @@ def main(
     print(
         f"  verdict flip rate across {n_seeds} seeds: "
         + ", ".join(f"{k} {v:.0%}" for k, v in flip_rate.items())
+    )
+    print(
+        "  decision flip rate (promote or not) across seeds: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in decision_flip_rate.items())
     )
     print(f"  targets met: {result['targets_met']}")
     path = out or RESULTS
