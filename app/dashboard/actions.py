@@ -38,10 +38,11 @@ def review(
     if action not in ("approve", "reject", "mitigate"):
         raise BadRequest("action must be approve, reject or mitigate", code="invalid")
     if mitigation is not None and (
-        action != "mitigate" or mitigation not in ("reweight", "group_dro", "thresholds")
+        action == "reject" or mitigation not in ("reweight", "group_dro", "thresholds")
     ):
         raise BadRequest(
-            "mitigation must be reweight, group_dro or thresholds, with mitigate", code="invalid"
+            "mitigation must be reweight, group_dro or thresholds, with mitigate or approve",
+            code="invalid",
         )
     if note is not None and len(note) > 2000:
         raise BadRequest("the note is at most 2000 characters", code="invalid")

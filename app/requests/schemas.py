@@ -133,5 +133,7 @@ class ReviewIn(BaseModel):
     # `reweight` upweights the flagged groups; `group_dro` weights every group by its
     # loss under the current model (group DRO's step, frozen); `thresholds` retrains
     # plainly and fits per-group decision thresholds (post-processing). Each candidate is
-    # verified like any other before it can be promoted.
+    # verified like any other before it can be promoted. With `approve`: promote the
+    # verified candidate that mitigation made for this request (the admin's pick among
+    # the candidates shown side by side); without it, the latest candidate.
     mitigation: Literal["reweight", "group_dro", "thresholds"] | None = None

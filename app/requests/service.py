@@ -23,6 +23,7 @@ from app.models import (
     DeletionRequest,
     Job,
     MLModel,
+    ModelVersion,
     Record,
     Report,
     RequestModel,
@@ -398,6 +399,39 @@ MITIGATIONS = {
 }
 
 
+def _mitigation_candidates(
+    session: Session, model_id: str, req: DeletionRequest
+) -> list[tuple[str, ModelVersion]]:
+    """(kind, version) of every verified candidate a mitigation made for this request's
+    model since the request arrived (each has a report: it was verified like any other),
+    newest first."""
+    jobs = session.scalars(
+        select(Job)
+        .where(
+            Job.model_id == model_id,
+            Job.kind == "retrain",
+            Job.status == "succeeded",
+            Job.created_at >= req.received_at,
+            Job.report_id.is_not(None),
+        )
+        .order_by(Job.created_at.desc())
+    ).all()
+    out: list[tuple[str, ModelVersion]] = []
+    for job in jobs:
+        result = job.result or {}
+        mit = (result.get("unlearning") or {}).get("mitigation") or {}
+        if mit and result.get("version") is not None:
+            mv = session.scalars(
+                select(ModelVersion).where(
+                    ModelVersion.model_id == model_id,
+                    ModelVersion.version == int(result["version"]),
+                )
+            ).first()
+            if mv is not None and mv.status == "candidate":
+                out.append((str(mit.get("kind") or "reweight"), mv))
+    return out
+
+
 def review(
     session: Session,
     req: DeletionRequest,
@@ -412,8 +446,12 @@ def review(
     reweighting arrives with the fairness checks)."""
     from app.registry import service as registry
 
-    if mitigation is not None and action != "mitigate":
-        raise Unprocessable("a mitigation is chosen only with action 'mitigate'", code="invalid")
+    if mitigation is not None and action == "reject":
+        raise Unprocessable(
+            "a mitigation is named with 'mitigate' (run it) or 'approve' (promote its "
+            "verified candidate)",
+            code="invalid",
+        )
     if req.status != "needs_review":
         raise Conflict(
             f"only a request in 'needs_review' can be reviewed (it is {req.status!r})",
@@ -453,13 +491,32 @@ def review(
                 code="model_busy",
             )
         if action == "approve":
-            if rm.to_version is None:
+            made = _mitigation_candidates(session, model.id, req)
+            version = rm.to_version
+            if mitigation is not None:
+                chosen = [mv.version for kind, mv in made if kind == mitigation]
+                if not chosen:
+                    raise Conflict(
+                        f"no verified {mitigation!r} candidate for this request",
+                        code="no_candidate",
+                    )
+                version = chosen[0]
+            if version is None:
                 raise Conflict("the model has no candidate version", code="no_candidate")
-            mv = registry.get_version(session, model, rm.to_version)
+            mv = registry.get_version(session, model, version)
             registry.promote(session, model, mv, caller.actor, reason=f"review of {req.id}")
-            rm.status = "promoted"
+            rm.status, rm.to_version = "promoted", version
+            if mitigation is not None:
+                job = session.get(Job, mv.created_by_job) if mv.created_by_job else None
+                rm.report_id = job.report_id if job is not None else rm.report_id
+            # The other mitigation candidates made for this request will not serve.
+            for _, other in made:
+                if other.version != version:
+                    other.status = "rejected"
         else:
-            if rm.to_version is not None:
+            if rm.to_version is not None and action != "mitigate":
+                # A mitigation keeps the candidate under review: the admin may still
+                # choose it over the mitigated one (side by side on the review page).
                 mv = registry.get_version(session, model, rm.to_version)
                 if mv.status == "candidate":
                     mv.status = "rejected"

@@ -67,11 +67,19 @@ def test_each_mitigation_is_verified_before_it_can_be_promoted(
     assert _view(env, keys, rid)["status"] == "needs_review"
     # A mitigation is named only with `mitigate`, and only a known one.
     for body in (
-        {"action": "approve", "mitigation": "group_dro"},
+        {"action": "reject", "mitigation": "group_dro"},
         {"action": "mitigate", "mitigation": "magic"},
     ):
         r = env.client.post(f"/v1/deletion-requests/{rid}/review", headers=h, json=body)
         assert r.status_code == 422, r.text
+    # Approving a mitigation that has not run yet: nothing to promote.
+    r = env.client.post(
+        f"/v1/deletion-requests/{rid}/review",
+        headers=h,
+        json={"action": "approve", "mitigation": "group_dro"},
+    )
+    assert r.status_code == 409, r.text
+    made: dict[str, int] = {}
     production = env.client.get(f"/v1/models/{model}", headers=h).json()["production_version"]
     for kind in ("reweight", "group_dro", "thresholds"):
         r = env.client.post(
@@ -97,6 +105,7 @@ def test_each_mitigation_is_verified_before_it_can_be_promoted(
             checks = dict(report.checks)
             decision, status = report.decision, version.status
         assert mit["kind"] == kind
+        made[kind] = version.version
         if kind == "group_dro":
             assert set(mit["group_losses"]["colour"]) == {"red", "green", "blue"}
         if kind == "thresholds":
@@ -112,13 +121,25 @@ def test_each_mitigation_is_verified_before_it_can_be_promoted(
     assert 'data-testid="candidates"' in page
     for kind in ("reweight", "group_dro", "thresholds"):
         assert f"mitigation: {kind}" in page
-    # The admin picks the last one (thresholds): it is promoted.
+    # The admin picks one by name (thresholds): it is promoted, the others will not serve.
     r = env.client.post(
-        f"/v1/deletion-requests/{rid}/review", headers=h, json={"action": "approve"}
+        f"/v1/deletion-requests/{rid}/review",
+        headers=h,
+        json={"action": "approve", "mitigation": "thresholds"},
     )
     assert r.status_code == 200, r.text
     prod = env.client.get(f"/v1/models/{model}", headers=h).json()["production_version"]
-    assert prod == version.version
+    assert prod == made["thresholds"]
+    with session_scope() as s:
+        statuses = {
+            v.version: v.status
+            for v in s.scalars(select(ModelVersion).where(ModelVersion.version.in_(made.values())))
+        }
+    assert statuses == {
+        made["reweight"]: "rejected",
+        made["group_dro"]: "rejected",
+        made["thresholds"]: "production",
+    }
     # The promoted version decides with its thresholds when it predicts.
     table = mit["thresholds"]["thresholds"]
     records = [
