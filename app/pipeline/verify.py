@@ -114,8 +114,9 @@ def verify_candidate(
                 PreprocessorState.from_dict(new_manifest.entries[0].preprocessor),
                 inputs.retained(),
                 forget,
-                strategy=u.strategy_name,
-                params=u.strategy_params,
+                # What the job ran (strategy "auto" chose it).
+                strategy=str((result.get("strategy") or {}).get("strategy") or u.strategy_name),
+                params=(result.get("strategy") or {}).get("params", u.strategy_params),
                 device=dev,
                 seed=inputs.verify_seed("injection") % (2**31),
                 max_residual=inputs.spec.verification.injection_max_residual,

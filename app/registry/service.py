@@ -120,6 +120,14 @@ def _check_strategy(strategy_name: str | None, overrides: dict[str, Any] | None)
     surface only when an erasure runs, and fail every request on the model."""
     if strategy_name is None and overrides is None:
         return
+    if strategy_name == "auto":
+        # A validation search picks the strategy and its parameters per job.
+        if overrides:
+            raise Unprocessable(
+                "strategy 'auto' chooses its own parameters: give no strategy_params",
+                code="invalid_config",
+            )
+        return
     try:
         strategy = get_strategy(strategy_name or DEFAULT_STRATEGY)
     except KeyError as exc:
