@@ -12,8 +12,9 @@ what a model that never saw the forget set looks like, measured on the same rows
 - the forget rows' mean membership score against the out-references' (in units of the
   references' score spread, weighted a tenth).
 
-The search stops adding candidates once it has spent its budget (a share of one
-retrain's estimated time; the first candidate always runs); the best is then run on the
+The search starts a candidate only if it should end within its budget (a share of one
+retrain's estimated time, predicted from the slowest candidate so far; the first always
+runs, so a model whose single strategy run costs more than the budget overshoots); the best is then run on the
 job's full data as the job's method. The choice, the candidates' scores and the search's
 cost go into the job's result, and later jobs on the same trained state reuse it.
 """
@@ -120,7 +121,10 @@ def select(
     search: list[dict[str, Any]] = []
     for i, (name, params) in enumerate(CANDIDATES):
         spent = time.perf_counter() - t0
-        if i > 0 and budget is not None and spent >= budget:
+        # The next candidate starts only if it should end within the budget (its cost
+        # predicted by the slowest so far); the first always runs.
+        slowest = max((r["seconds"] for r in search), default=0.0)
+        if i > 0 and budget is not None and spent + slowest > budget:
             break
         trial = copy.deepcopy(model)
         t1 = time.perf_counter()
@@ -138,7 +142,7 @@ def select(
             "forget_accuracy": f,
             "retain_accuracy": r,
             "test_accuracy": t,
-            "seconds": time.perf_counter() - t1,
+            "seconds": time.perf_counter() - t1,  # the run and its scoring
         }
         if ref_mu is not None and ref_sd is not None:
             gap = abs(_mean_score(trial, forget) - ref_mu) / ref_sd
