@@ -15,8 +15,9 @@ what a model that never saw the forget set looks like, measured on the same rows
 The search starts a candidate only if it should end within its budget (a share of one
 retrain's estimated time, predicted from the slowest candidate so far; the first always
 runs, so a model whose single strategy run costs more than the budget overshoots); the
-best is then run on the job's full data as the job's method. The choice, the candidates' scores and the search's
-cost go into the job's result, and later jobs on the same trained state reuse it.
+best is then run on the job's full data as the job's method. The choice, the
+candidates' scores and the search's cost go into the job's result, and later jobs on
+the same trained state reuse it.
 """
 
 from __future__ import annotations
