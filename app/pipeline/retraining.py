@@ -20,7 +20,7 @@ from app.pipeline.inputs import build
 from app.pipeline.outcome import RequestEvents
 from app.pipeline.start import begin, device
 from app.pipeline.verify import verify_candidate
-from app.registry import artifacts
+from app.registry import artifacts, references
 
 
 def run_retrain(job_id: str, events: RequestEvents) -> None:
@@ -67,6 +67,26 @@ def run_retrain(job_id: str, events: RequestEvents) -> None:
         sample_weight=weights,
     )
     inputs.phases.add("compute", time.perf_counter() - t_compute)
+    u = inputs.spec.unlearning
+    k = inputs.spec.verification.reference_models
+    if not u.is_sisa and k > 0 and references.count(inputs.store, inputs.model_id) < k:
+        # Erasures deleted references that trained on erased rows: the retrain, which
+        # trains on the retained data anyway, trains a fresh set on it (only when some
+        # are missing: they are cached until the data they saw changes).
+        with inputs.phases.timed("references"):
+            references.train_references(
+                inputs.store,
+                inputs.model_id,
+                retained,
+                seed_key=manifest.model_key,
+                k=k,
+                feature_spec=spec,
+                arch=manifest.arch,
+                training=manifest.training,
+                n_classes=manifest.n_classes,
+                device=dev,
+            )
+        result["references_retrained"] = k
     result["approximate"] = False
     new_manifest.weighting = table.to_dict() if table is not None else None
     new_manifest.thresholds = manifest.thresholds

@@ -120,3 +120,12 @@ def drop_trained_on(store: ArtifactStore, model_id: str, record_ids: list[int]) 
         else:
             store.delete(rel)
     return dropped
+
+
+def count(store: ArtifactStore, model_id: str) -> int:
+    """How many references are left (erasures delete those that trained on erased rows)."""
+    rel = path(model_id)
+    if not store.exists(rel):
+        return 0
+    manifest = SisaManifest.from_dict(json.loads(store.read_bytes(rel)))
+    return sum(1 for e in manifest.entries if e.n_records > 0)
