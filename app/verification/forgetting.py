@@ -1,5 +1,5 @@
-"""The forgetting check: a membership-inference attack on the forget set, calibrated by
-reference models that never saw it.
+"""The forgetting check: membership-inference attacks on the forget set, calibrated by
+reference models that never saw it, and measured for power on the baseline first.
 
 References are shard-like models with known training sets (a `SisaManifest`): for a SISA
 model, the production version's own shards (a record is in exactly one shard, so the
@@ -194,13 +194,17 @@ def forgetting(
     """Attack the candidate on the forget set against test non-members, and compare with
     the out-references, after measuring the attack's power on the baseline.
 
-    Power before verdict: the same check is first run with the baseline (which still
-    holds the forget set) in the candidate's place. If the baseline passes it too, the
-    attack cannot separate the forget set from non-members even where they are members,
-    so a pass on the candidate proves nothing: the check is `inconclusive` with that
-    reason (the decision then rests on the lineage proof for exact methods, or falls back
-    to exact retraining for approximate ones, `app.verification.service.decide`).
-    Otherwise the candidate's verdict is `pass` or `fail`.
+    Power before verdict: each gating attack (the population attack against the
+    references' AUC, offline LiRA with four or more references, RMIA; per-example
+    thresholds 0.5 + max(margin, 3 null standard errors in people)) is first run with the
+    baseline (which still holds the forget set) in the candidate's place. An attack that
+    does not beat its threshold there cannot separate the forget set from non-members
+    even where they are members. With no attack having power, a pass on the candidate
+    would prove nothing: the check is `inconclusive` with that reason (the decision then
+    rests on the lineage proof for exact methods, or falls back to exact retraining for
+    approximate ones, `app.verification.service.decide`). Otherwise the candidate fails
+    if any attack that had power still beats its threshold on it, and passes if none
+    does.
 
     Without out-references (or when every reference trained on the forget rows) the
     attack cannot be calibrated: `inconclusive` too.
