@@ -135,5 +135,6 @@ class ReviewIn(BaseModel):
     # plainly and fits per-group decision thresholds (post-processing). Each candidate is
     # verified like any other before it can be promoted. With `approve`: promote the
     # verified candidate that mitigation made for this request (the admin's pick among
-    # the candidates shown side by side); without it, the latest candidate.
+    # the candidates shown side by side); without it, the latest candidate. Ignored with
+    # `reject` (a plain retrain).
     mitigation: Literal["reweight", "group_dro", "thresholds"] | None = None

@@ -446,12 +446,8 @@ def review(
     reweighting arrives with the fairness checks)."""
     from app.registry import service as registry
 
-    if mitigation is not None and action == "reject":
-        raise Unprocessable(
-            "a mitigation is named with 'mitigate' (run it) or 'approve' (promote its "
-            "verified candidate)",
-            code="invalid",
-        )
+    if action == "reject":
+        mitigation = None  # a plain retrain: a named mitigation has no meaning here
     if req.status != "needs_review":
         raise Conflict(
             f"only a request in 'needs_review' can be reviewed (it is {req.status!r})",
