@@ -60,3 +60,21 @@ def test_status_and_passed_agree() -> None:
     assert d["reason"] == "no power on the baseline"
     with pytest.raises(ValueError):
         Check(True, {}, status="maybe")
+
+
+def test_report_and_certificate_say_what_decides_an_inconclusive_forgetting_check() -> None:
+    from app.certificates.service import _forgetting_evidence
+    from app.verification.service import explain_inconclusive
+
+    exact = {"lineage": OK, "forgetting": Check.inconclusive({}, reason="no power")}
+    explain_inconclusive(exact, approximate=False, accepted=False)
+    assert "lineage proof" in exact["forgetting"].reason
+    assert exact["forgetting"].metrics["decided_by"] == "lineage"
+    stored = {k: c.to_dict() for k, c in exact.items()}
+    assert "lineage proof" in _forgetting_evidence(stored)["forgetting_evidence"]
+    approx = {"forgetting": Check.inconclusive({}, reason="no power")}
+    explain_inconclusive(approx, approximate=True, accepted=False)
+    assert "falls back to exact retraining" in approx["forgetting"].reason
+    assert _forgetting_evidence({"forgetting": OK.to_dict()})["forgetting_evidence"].startswith(
+        "membership attack with power"
+    )
