@@ -4,12 +4,14 @@ fresh set; a retrain with the set complete trains none."""
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.core.storage import get_store
 from app.jobs import routing
-from app.models import Job, MLModel
+from app.models import Job, MLModel, ModelVersion
 from app.pipeline import retraining
 from app.registry import references
 from app.requests import lifecycle
@@ -48,6 +50,14 @@ def test_references_are_rebuilt_by_a_retrain_only_when_erasure_took_some(env: Ap
         model_id = s.scalars(select(MLModel.id)).one()
     store = get_store()
     assert references.count(store, model_id) == 3
+    # Seeds and checkpoint addresses derive from the model's name, not its random id:
+    # the same data and settings give the same models on any install.
+    refs = json.loads(store.read_bytes(references.path(model_id)))
+    assert refs["model_key"] == "model:m:reference"
+    with session_scope() as s:
+        version = s.scalars(select(ModelVersion).where(ModelVersion.model_id == model_id)).one()
+        manifest = json.loads(store.read_bytes(str(version.manifest_path)))
+    assert manifest["model_key"] == "model:m" and model_id not in json.dumps(manifest["entries"])
     assert "references_retrained" not in _retrain(model_id)  # complete: none trained
     dropped = 0
     for i in range(1, 6):  # a few erased subjects take some references with them
