@@ -31,6 +31,7 @@ from app.models import (
 )
 from app.models.base import utcnow
 from app.registry import artifacts
+from app.verification.service import check_status
 
 FORMAT = "palimpsest.certificate/v1"
 ISSUER = "palimpsest"
@@ -117,10 +118,39 @@ def _report_summary(report: Report | None) -> dict[str, Any] | None:
         "passed": bool(report.passed),
         "decision": report.decision,
         "checks": {
-            name: bool(c.get("passed")) if isinstance(c, dict) else None
+            name: check_status(c) == "pass" if isinstance(c, dict) else None
             for name, c in sorted(report.checks.items())
         },
+        # pass / fail / inconclusive per check, and why a check could not tell.
+        "check_status": {name: check_status(c) for name, c in sorted(report.checks.items())},
+        "reasons": {
+            name: str(c.get("reason"))
+            for name, c in sorted(report.checks.items())
+            if isinstance(c, dict) and c.get("reason")
+        },
+        **_forgetting_evidence(report.checks),
     }
+
+
+def _forgetting_evidence(checks: dict[str, Any]) -> dict[str, Any]:
+    """What shows the forgetting: the attack (it had power and found nothing), or, when
+    the attack could not tell, the lineage proof (exact methods) or the model's policy."""
+    c = checks.get("forgetting")
+    if not isinstance(c, dict):
+        return {}
+    status = check_status(c)
+    if status == "pass":
+        return {"forgetting_evidence": "membership attack with power on the baseline"}
+    if status == "inconclusive":
+        by = str((c.get("metrics") or {}).get("decided_by") or "")
+        text = {
+            "lineage": "the attack could not tell (no power on the baseline): removal rests "
+            "on the lineage proof of an exact method",
+            "policy": "the attack could not tell (no power on the baseline): accepted by "
+            "the model's policy",
+        }.get(by, "the attack could not tell (no power on the baseline)")
+        return {"forgetting_evidence": text}
+    return {"forgetting_evidence": "the membership attack failed the candidate"}
 
 
 def _model_entry(session: Session, store: ArtifactStore, rm: RequestModel) -> dict[str, Any]:
@@ -147,6 +177,14 @@ def _model_entry(session: Session, store: ArtifactStore, rm: RequestModel) -> di
         "cost": {k: _finite((job.cost or {}).get(k)) for k in COST_FIELDS} if job else None,
         "report": _report_summary(report),
         "artifacts": _artifact_hashes(store, mv) if mv is not None else None,
+        **(
+            {
+                "statement": "the request's records reached this model only in its held-out "
+                "(test) split: no version of it trained on them, so nothing was unlearned"
+            }
+            if rm.status == "not_trained"
+            else {}
+        ),
     }
 
 

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # progress write, so that tests can crash a worker in the middle of one.
     test_slow_unlearning_seconds: float = Field(default=0.0, ge=0)
     torch_threads: int = Field(default=0, ge=0)  # 0 = torch's default
+    # A job writes its progress at most this often (its own short transactions).
+    progress_interval_seconds: float = Field(default=0.5, ge=0)
     # A worker keeps the converted rows of the datasets its recent jobs read (at most two,
     # each up to `warm_data_max_rows`), dropping a copy unused for this long; an erasure
     # drops its rows from the copy at once (app.datasets.warm). 0: never kept.

@@ -27,14 +27,30 @@ def run_action(session: Session, action: Callable[[], T]) -> T:
 
 
 def review(
-    session: Session, request_id: str, caller: Caller, action: str, note: str | None
+    session: Session,
+    request_id: str,
+    caller: Caller,
+    action: str,
+    note: str | None,
+    *,
+    mitigation: str | None = None,
 ) -> None:
     if action not in ("approve", "reject", "mitigate"):
         raise BadRequest("action must be approve, reject or mitigate", code="invalid")
+    if mitigation is not None and (
+        action == "reject" or mitigation not in ("reweight", "group_dro", "thresholds")
+    ):
+        raise BadRequest(
+            "mitigation must be reweight, group_dro or thresholds, with mitigate or approve",
+            code="invalid",
+        )
     if note is not None and len(note) > 2000:
         raise BadRequest("the note is at most 2000 characters", code="invalid")
     req = get_request(session, request_id, caller)
-    run_action(session, lambda: requests.review(session, req, caller, action, note or None))
+    run_action(
+        session,
+        lambda: requests.review(session, req, caller, action, note or None, mitigation=mitigation),
+    )
 
 
 def parse_days(days: str | None) -> int | None:

@@ -496,12 +496,93 @@ def feature(check: dict[str, Any]) -> Figure | None:
     }
 
 
+def power(check: dict[str, Any]) -> Figure | None:
+    """Each gating attack's AUC on the baseline (its power: it must beat the threshold
+    there) and on the candidate (its verdict: it must not), against the threshold."""
+    gates = (_metrics(check).get("power") or {}).get("attacks")
+    if not isinstance(gates, dict) or not gates:
+        return None
+    names = [n for n, g in gates.items() if isinstance(g, dict)]
+    data: list[dict[str, Any]] = [
+        {
+            "type": "bar",
+            "name": label,
+            "x": names,
+            "y": [_num(gates[n].get(key)) for n in names],
+            "marker": {"color": colour},
+        }
+        for key, label, colour in (
+            ("baseline", "baseline (power)", BEFORE),
+            ("candidate", "candidate (verdict)", AFTER),
+        )
+    ]
+    data.append(
+        {
+            "type": "scatter",
+            "mode": "markers",
+            "name": "threshold",
+            "x": names,
+            "y": [_num(gates[n].get("threshold")) for n in names],
+            "marker": {"color": FLAGGED, "symbol": "line-ew-open", "size": 30},
+        }
+    )
+    return {
+        "data": data,
+        "layout": _layout(
+            "Attack power on the baseline, verdict on the candidate",
+            barmode="group",
+            yaxis={"range": [0, 1], "title": {"text": "AUC"}},
+            height=340,
+        ),
+    }
+
+
+def per_example(check: dict[str, Any]) -> Figure | None:
+    """Per-example LiRA statistic of each forgotten record before and after unlearning
+    (each against its own out-references), beside the non-members'."""
+    pe = _metrics(check).get("per_example")
+    if not isinstance(pe, dict):
+        return None
+    data: list[dict[str, Any]] = []
+    for side, label in (("forgotten", "forgotten"), ("nonmembers", "non-members")):
+        block = pe.get(side)
+        if not isinstance(block, dict):
+            continue
+        for when, colour in (("before", BEFORE), ("after", AFTER)):
+            values = [v for v in block.get(f"lira_offline_{when}") or [] if _num(v) is not None]
+            if values:
+                data.append(
+                    {
+                        "type": "box",
+                        "name": f"{label} {when}",
+                        "y": values,
+                        "marker": {"color": colour},
+                        "boxpoints": "all",
+                        "jitter": 0.4,
+                        "pointpos": 0,
+                    }
+                )
+    if not data:
+        return None
+    return {
+        "data": data,
+        "layout": _layout(
+            "Per-example LiRA: each record against models that never saw it",
+            yaxis={"title": {"text": "LiRA z (higher: more member-like)"}},
+            showlegend=False,
+            height=360,
+        ),
+    }
+
+
 def report_charts(checks: dict[str, Any], suffix: str = "") -> dict[str, Figure]:
     """Element id -> figure for every chart a report's checks can draw."""
     out: dict[str, Figure] = {}
     builders = (
         ("fairness", "fairness", fairness),
         ("mia", "forgetting", membership),
+        ("power", "forgetting", power),
+        ("per-example", "forgetting", per_example),
         ("utility", "utility", utility),
         ("feature", "feature", feature),
     )

@@ -32,7 +32,10 @@ router = APIRouter(prefix="/admin", route_class=DashboardRoute, include_in_schem
 FLASH = {
     "approve": "Approved: the candidate versions are promoted and erasure follows.",
     "reject": "Rejected: the models are retrained from scratch without the records.",
-    "mitigate": "Mitigation started: a group-reweighted retraining is on its way.",
+    "mitigate": (
+        "Mitigation started: a mitigated retraining is on its way; its candidate is "
+        "verified before it can serve."
+    ),
     "extend": "The deadline is extended.",
     "cancel": "The request is cancelled and its quarantine released.",
 }
@@ -281,6 +284,7 @@ def review(
     csrf_token: CsrfField = "",
     action: Annotated[str, Form(max_length=20)] = "",
     note: Annotated[str, Form(max_length=4000)] = "",
+    mitigation: Annotated[str, Form(max_length=20)] = "",
 ) -> Response:
     admin_action(user, sessions, csrf_token)
     return _act(
@@ -290,7 +294,14 @@ def review(
         settings,
         request_id,
         action if action in FLASH else "approve",
-        lambda: actions.review(session, request_id, user.caller, action, note.strip() or None),
+        lambda: actions.review(
+            session,
+            request_id,
+            user.caller,
+            action,
+            note.strip() or None,
+            mitigation=mitigation or None,
+        ),
     )
 
 

@@ -5,7 +5,7 @@ apply."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ from app.core import signing
 from app.core.errors import BadRequest, NotFound
 from app.core.settings import Settings
 from app.dashboard import charts
-from app.dashboard.reports import ReportView, report_view
+from app.dashboard.reports import CandidateRow, ReportView, candidate_rows, report_view
 from app.dashboard.rows import ACTIVE_JOB, JobRow, RequestRow, as_float, job_rows, request_row
 from app.integrations.schemas import CallbackOut
 from app.models import (
@@ -340,6 +340,8 @@ class RequestDetail:
     timeline: list[TimelineEvent]
     certificate: CertificateStatus
     reviews: list[ReportView]
+    # Every candidate made for the request's models, side by side (review page).
+    candidates: list[CandidateRow] = field(default_factory=list)
     # A privacy platform's callback (Fides), when the request came with one.
     callback: CallbackOut | None = None
 
@@ -402,7 +404,17 @@ def request_detail(
             )
         )
     reviews: list[ReportView] = []
+    candidates: list[CandidateRow] = []
     if req.status == "needs_review":
+        for mid in dict.fromkeys(
+            rm.model_id
+            for rm in session.scalars(
+                select(RequestModel).where(
+                    RequestModel.request_id == req.id, RequestModel.status == "needs_review"
+                )
+            )
+        ):
+            candidates += candidate_rows(session, mid, req.received_at)
         under_review = [
             m.report_id for m in out.models if m.status == "needs_review" and m.report_id
         ]
@@ -420,6 +432,7 @@ def request_detail(
         timeline=timeline(session, req.id),
         certificate=certificate_status(session, req.id, settings),
         reviews=reviews,
+        candidates=candidates,
         callback=out.callback,
     )
 

@@ -155,13 +155,13 @@ class ProgressReporter:
         job_id: str,
         lo: float = 0.0,
         hi: float = 1.0,
-        interval: float = 0.5,
+        interval: float | None = None,
         *,
         write: bool = True,
     ) -> None:
         self.job_id = job_id
         self.lo, self.hi = lo, hi
-        self.interval = interval
+        self.interval = get_settings().progress_interval_seconds if interval is None else interval
         # False for one shard of a fanned-out job: the job's progress moves as shards
         # complete; the reporter still stops a shard whose job was taken over.
         self.write = write

@@ -326,6 +326,9 @@ class SisaManifest:
     # Frozen per-group loss weights of a fairness mitigation (`GroupWeighting.to_dict`);
     # every later training of this model applies them. None: unweighted.
     weighting: dict[str, Any] | None = None
+    # Per-group decision thresholds of a post-processing mitigation
+    # (`GroupThresholds.to_dict`): decisions only, the probabilities are untouched.
+    thresholds: dict[str, Any] | None = None
 
     def entry(self, shard: int) -> ShardEntry:
         for e in self.entries:
@@ -349,6 +352,7 @@ class SisaManifest:
             "entries": [e.to_dict() for e in self.entries],
             "runtime": dict(self.runtime),
             **({"weighting": self.weighting} if self.weighting else {}),
+            **({"thresholds": self.thresholds} if self.thresholds else {}),
         }
 
     @classmethod
@@ -363,6 +367,7 @@ class SisaManifest:
             entries=[ShardEntry.from_dict(e) for e in d["entries"]],
             runtime=dict(d.get("runtime", {})),
             weighting=d.get("weighting") or None,
+            thresholds=d.get("thresholds") or None,
         )
 
 
@@ -591,6 +596,7 @@ def unlearn_sisa(
         entries=entries,
         runtime=runtime_fingerprint(device),
         weighting=manifest.weighting,
+        thresholds=manifest.thresholds,
     )
     stats = UnlearnStats(
         affected_shards=affected,

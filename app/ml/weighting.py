@@ -47,6 +47,36 @@ class GroupWeighting:
         raw = cls(factors=factors, scale=1.0).apply(data)
         return cls(factors=factors, scale=float(1.0 / raw.mean()))
 
+    @classmethod
+    def group_robust(
+        cls,
+        data: TabularData,
+        losses: Mapping[str, Mapping[str, float]],
+        *,
+        eta: float = 2.0,
+        max_ratio: float = 10.0,
+    ) -> GroupWeighting | None:
+        """Group DRO's weights, frozen: per (column, group) a factor exp(eta * (loss_g -
+        min loss)) from the groups' mean losses under the current model (`losses`), capped
+        at `max_ratio`, renormalised to mean 1 on `data`. This is the exponentiated-
+        gradient step of group DRO (Sagawa et al., ICLR 2020) taken once, from the
+        current model, and then held fixed through training, so that later exact
+        unlearning replays the same weights (an online DRO's weights would depend on
+        every record). None if no group has a loss."""
+        factors: dict[str, dict[str, float]] = {}
+        for column, by_group in sorted(losses.items()):
+            if column not in data.columns or not by_group:
+                continue
+            low = min(by_group.values())
+            factors[column] = {
+                str(g): float(min(max_ratio, np.exp(eta * (loss - low))))
+                for g, loss in sorted(by_group.items())
+            }
+        if not factors or len(data) == 0:
+            return None
+        raw = cls(factors=factors, scale=1.0).apply(data)
+        return cls(factors=factors, scale=float(1.0 / raw.mean()))
+
     def apply(self, data: TabularData) -> np.ndarray:
         """Per-record weights (N,) aligned with `data`. A value not seen when the table
         was frozen (or a missing column) gets the factor of an unflagged group."""

@@ -157,6 +157,7 @@ def assemble(
         entries=[trained.get(e.shard, e) for e in base.entries],
         runtime=runtime_fingerprint(device()),
         weighting=base.weighting,
+        thresholds=base.thresholds,
     )
     by_shard = {int(r["entry"]["shard"]): r for r in results}
     shard_seconds = [float(by_shard[s]["seconds"]) for s in sorted(by_shard)]

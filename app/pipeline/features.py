@@ -77,4 +77,5 @@ def run_feature(job_id: str, events: RequestEvents) -> None:
     inputs.phases.add("compute", time.perf_counter() - t_compute)
     result["feature"] = feature
     new_manifest.weighting = manifest.weighting
+    new_manifest.thresholds = manifest.thresholds
     verify_feature(inputs, new_manifest, result, events, len(retained), time.perf_counter() - t0)

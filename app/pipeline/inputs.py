@@ -24,7 +24,7 @@ from app.core.warm import Expiring
 from app.datasets import service as datasets
 from app.ml.data import TabularData
 from app.ml.device import derive_seed
-from app.ml.sisa import SisaManifest
+from app.ml.sisa import SisaManifest, ids_digest
 from app.models import (
     Dataset,
     DeletionRequest,
@@ -207,11 +207,23 @@ class JobInputs:
     def test(self) -> TabularData:
         return self.rows(~self.is_train & self.is_active)
 
+    def verify_seed(self, *tag: object) -> int:
+        """A seed for the job's verification from the model's key (its name-derived key
+        for models trained since seeds stopped depending on install-random ids), its base
+        version and the records forgotten: the same request on the same data and
+        settings is verified alike on any install (never from the job's random id)."""
+        return derive_seed(
+            self.manifest.model_key,
+            self.base_version,
+            ids_digest(np.sort(np.asarray(self.forgotten, dtype=np.int64))),
+            *tag,
+        )
+
     def members(self) -> TabularData:
         """A seeded sample of the retained training rows (what "still a member" looks
         like beside the forgotten records' scores)."""
         pool = np.flatnonzero(self.retained_mask)
-        rng = np.random.default_rng(derive_seed(self.job_id, "members") % (2**32))
+        rng = np.random.default_rng(self.verify_seed("members") % (2**32))
         pick = np.sort(rng.choice(pool, size=min(len(pool), MEMBER_SAMPLE), replace=False))
         mask = np.zeros(len(self.ids), dtype=bool)
         mask[pick] = True

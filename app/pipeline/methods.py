@@ -20,6 +20,7 @@ from torch import nn
 
 from app.ml.approximate import run_strategy
 from app.ml.architectures import LogisticRegression, build_model
+from app.ml.autotune import AutoChoice, select
 from app.ml.certified import (
     CertifiedConfig,
     CertifiedState,
@@ -33,7 +34,15 @@ from app.ml.data import TabularData
 from app.ml.device import derive_seed, runtime_fingerprint
 from app.ml.features import linear_feature_update, mlp_feature_removal
 from app.ml.preprocess import PreprocessorState, fit_preprocessor
-from app.ml.sisa import ProgressFn, ShardEntry, SisaManifest, ids_digest, train_sisa
+from app.ml.sisa import (
+    ProgressFn,
+    ShardEntry,
+    SisaEnsemble,
+    SisaManifest,
+    ids_digest,
+    train_sisa,
+)
+from app.ml.verify.membership import member_scores
 from app.pipeline.spec import UnlearningConfig
 
 CERT_STATE_PREFIX = "certstate-"
@@ -246,8 +255,13 @@ def approximate_unlearn(
     store: CheckpointStore,
     device: torch.device,
     progress: ProgressFn | None = None,
+    test: TabularData | None = None,
+    refs: SisaEnsemble | None = None,
+    retrain_seconds: float | None = None,
 ) -> tuple[SisaManifest, dict[str, Any]]:
-    """Forget `forget` from a monolithic model: certified removal or the model's strategy.
+    """Forget `forget` from a monolithic model: certified removal or the model's strategy
+    (strategy "auto": chosen by `app.ml.autotune.select` against the references `refs`
+    on `test` rows, and reused by later jobs from the same trained state).
 
     The result's `method` is what was actually done ("retrain" when a certified budget
     ran out) and `approximate` says whether the lineage check can apply.
@@ -258,18 +272,34 @@ def approximate_unlearn(
         )
     e = _single_entry(manifest)
     model, prep = load_module(manifest, store, device)
-    name = u.strategy_name
+    name, params = u.strategy_name, u.strategy_params
+    auto: dict[str, Any] | None = None
+    if name == "auto":
+        choice, reused = _auto_choice(
+            model, prep, e.final_key, retained, forget, test, refs, retrain_seconds, store, device
+        )
+        name, params = choice.strategy, choice.params
+        auto = choice.to_dict() | {"reused": reused}
     run = run_strategy(
         name,
         model,
         _xy(prep, forget, device),
         _xy(prep, retained, device),
-        params=u.strategy_params,
-        seed=derive_seed(manifest.training.seed, manifest.model_key, "unlearn", job_id),
+        params=params,
+        # From the model and the data (not the job's random id): the same request on
+        # the same data and settings unlearns alike on any install.
+        seed=derive_seed(
+            manifest.training.seed,
+            manifest.model_key,
+            "unlearn",
+            ids_digest(np.asarray(forget.record_ids, dtype=np.int64)),
+        ),
         progress=progress,
     )
     key = f"mono-{_tag(e.final_key, job_id)}"
     store.save(key, _tensors(model), {"from": e.final_key, "job": job_id, "strategy": name})
+    if auto is not None:
+        _remember_auto(store, auto, [e.final_key, key])
     ids = np.sort(np.asarray(retained.record_ids, dtype=np.int64))
     entry = ShardEntry(0, key, [key], e.preprocessor, len(ids), [int(v) for v in ids])
     return _with_entry(manifest, entry, device), {
@@ -277,7 +307,70 @@ def approximate_unlearn(
         "approximate": True,
         "strategy": run.to_dict(),
         "caveat": PREPROCESSOR_CAVEAT,
+        **({"auto": auto} if auto is not None else {}),
     }
+
+
+AUTO_KEY = "auto-choice"
+
+
+def _remember_auto(store: CheckpointStore, auto: dict[str, Any], keys: list[str]) -> None:
+    """Keep the choice for later jobs from this trained state: valid for the weights it
+    was made on and those unlearned from them (a full retrain's new weights are not)."""
+    valid: list[str] = []
+    if store.exists(AUTO_KEY):
+        _, meta = store.load(AUTO_KEY)
+        if meta.get("choice", {}).get("strategy") == auto["strategy"]:
+            valid = list(meta.get("valid_for", []))
+    choice = {k: v for k, v in auto.items() if k != "reused"}
+    store.save(AUTO_KEY, {}, {"choice": choice, "valid_for": list(dict.fromkeys(valid + keys))})
+
+
+def _auto_choice(
+    model: torch.nn.Module,
+    prep: PreprocessorState,
+    final_key: str,
+    retained: TabularData,
+    forget: TabularData,
+    test: TabularData | None,
+    refs: SisaEnsemble | None,
+    retrain_seconds: float | None,
+    store: CheckpointStore,
+    device: torch.device,
+) -> tuple[AutoChoice, bool]:
+    """The cached choice when these weights descend from the state it was made on (the
+    data has not been retrained since), else a fresh validation search."""
+    if store.exists(AUTO_KEY):
+        _, meta = store.load(AUTO_KEY)
+        if final_key in meta.get("valid_for", []):
+            return AutoChoice.from_dict(meta["choice"]), True
+    ref_acc: float | None = None
+    ref_scores: np.ndarray | None = None
+    if refs is not None and len(forget):
+        ids = np.asarray(forget.record_ids, dtype=np.int64)
+        hits, scores = [], []
+        for s in refs.shards:
+            out = ~np.isin(ids, np.asarray(refs.manifest.entry(s).record_ids, dtype=np.int64))
+            if not out.any():
+                continue
+            rows = forget.take(np.flatnonzero(out))
+            p = refs.shard_proba(rows.columns, s)
+            hits.append((p.argmax(1).numpy() == rows.labels).astype(np.float64))
+            scores.append(member_scores(p, rows.labels))
+        if hits:
+            ref_acc = float(np.concatenate(hits).mean())
+            ref_scores = np.concatenate(scores)
+    choice = select(
+        model,
+        _xy(prep, forget, device),
+        _xy(prep, retained, device),
+        _xy(prep, test if test is not None and len(test) else retained, device),
+        reference_forget_accuracy=ref_acc,
+        reference_forget_scores=ref_scores,
+        retrain_seconds=retrain_seconds,
+        seed=derive_seed(final_key, "auto"),
+    )
+    return choice, False
 
 
 # -- feature removal ----------------------------------------------------------------------
@@ -383,7 +476,7 @@ def _entry_without_feature(
         upd = linear_feature_update(model, x, y, columns, lam)
         result = {"method": "feature_linear", "lam": lam, "update": upd.to_dict()}
     else:
-        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", job_id, e.shard)
+        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", feature, e.shard)
         rep = mlp_feature_removal(model, x, y, columns, manifest.training, seed)
         result = {"method": "feature_repair", "repair": rep.to_dict()}
     new_prep = prep.with_removed(feature)

@@ -109,6 +109,14 @@ class VerificationConfig:
         )
 
 
+def seed_key(model_name: str) -> str:
+    """The key a new model's seeds and checkpoint addresses derive from: its name (with
+    the training seed beside it in every derivation), never an install-random id. Kept
+    in each manifest (`model_key`), which later jobs read, so models trained before
+    keep their id-based key and stay bit-exact."""
+    return f"model:{model_name}"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the engine needs to train, unlearn and verify one model."""

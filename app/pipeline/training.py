@@ -29,7 +29,7 @@ from app.models import Lineage, MLModel, ModelVersion, Record
 from app.pipeline import methods
 from app.pipeline.inputs import Phases
 from app.pipeline.outputs import ShardOutputs, SharedEnsemble, save_test_outputs
-from app.pipeline.spec import ModelSpec
+from app.pipeline.spec import ModelSpec, seed_key
 from app.pipeline.start import WORKER, begin, device, test_split
 from app.registry import artifacts, references
 from app.registry import service as registry
@@ -56,6 +56,10 @@ def run_training(job_id: str) -> None:
             dtype=np.int64,
         )
         model_id, config = model.id, model.config
+        # Seeds and content addresses of a new model derive from its name and training
+        # seed, not from the install's random model id: the same data and settings give
+        # the same models (and verdicts) on any install.
+        key = seed_key(model.name)
         s.expunge(ds)
     spec = ModelSpec.of(model_id, config)
     store = get_store()
@@ -87,7 +91,7 @@ def run_training(job_id: str) -> None:
                 training=spec.training,
                 sisa=spec.sisa,
                 n_classes=spec.n_classes,
-                model_key=model_id,
+                model_key=key,
                 cfg=spec.unlearning.certified_config(),
                 store=ckpt,
                 device=dev,
@@ -102,7 +106,7 @@ def run_training(job_id: str) -> None:
                 training=spec.training,
                 sisa=spec.sisa,
                 n_classes=spec.n_classes,
-                model_key=model_id,
+                model_key=key,
                 store=ckpt,
                 device=dev,
                 progress=report.sub(0.0, 0.95),
@@ -113,6 +117,7 @@ def run_training(job_id: str) -> None:
                 store,
                 model_id,
                 train,
+                seed_key=key,
                 k=spec.verification.reference_models,
                 feature_spec=spec.feature_spec,
                 arch=spec.arch,

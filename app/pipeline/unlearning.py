@@ -19,7 +19,7 @@ from app.pipeline.inputs import JobInputs, build
 from app.pipeline.outcome import RequestEvents
 from app.pipeline.start import begin, device, is_held
 from app.pipeline.verify import verify_unlearning
-from app.registry import artifacts
+from app.registry import artifacts, references
 
 
 def start(session: Session, job_id: str, events: RequestEvents) -> JobInputs | None:
@@ -61,6 +61,7 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
     meter = EnergyMeter(dev)
     t_compute = time.perf_counter()
     if not u.is_sisa:
+        auto = u.strategy_name == "auto"
         try:
             retained = inputs.retained()
             new_manifest, result = methods.approximate_unlearn(
@@ -72,6 +73,9 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
                 store=ckpt,
                 device=dev,
                 progress=progress,
+                test=inputs.test() if auto else None,
+                refs=references.load(inputs.store, inputs.model_id, dev) if auto else None,
+                retrain_seconds=inputs.retrain_estimate,
             )
         except Exception as exc:
             fall_back_to_retrain(inputs, events, u.method, exc)
@@ -100,5 +104,6 @@ def run_unlearning(job_id: str, events: RequestEvents) -> None:
     # Approximate methods do not apply a mitigation's weights, but later exact trainings
     # of this model (a fallback retrain) still must: the table stays with the model.
     new_manifest.weighting = manifest.weighting
+    new_manifest.thresholds = manifest.thresholds
     result["energy_joules"] = meter.joules()
     verify_unlearning(inputs, new_manifest, result, events, n_retained, time.perf_counter() - t0)

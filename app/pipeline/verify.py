@@ -18,7 +18,6 @@ from app.core.settings import get_settings
 from app.jobs import lease
 from app.jobs import service as jobs
 from app.ml.data import TabularData
-from app.ml.device import derive_seed
 from app.ml.preprocess import PreprocessorState
 from app.ml.sisa import SisaEnsemble, SisaManifest
 from app.pipeline.conclude import Candidate, conclude
@@ -75,7 +74,7 @@ def verify_candidate(
     # The production version's shard outputs on these very test rows, kept from when it
     # was promoted: the candidate's unchanged shards and the baseline are not run again.
     saved = load_test_outputs(store, inputs.model_id, inputs.test_ids)
-    seed = derive_seed(inputs.job_id, "forgetting") % (2**31)
+    seed = inputs.verify_seed("forgetting") % (2**31)
     # The attack's sample of the test rows, drawn as the check draws it, so that the
     # saved outputs serve it too.
     cap = cap_index(len(test), seed + 1)
@@ -116,10 +115,11 @@ def verify_candidate(
                 PreprocessorState.from_dict(new_manifest.entries[0].preprocessor),
                 inputs.retained(),
                 forget,
-                strategy=u.strategy_name,
-                params=u.strategy_params,
+                # What the job ran (strategy "auto" chose it).
+                strategy=str((result.get("strategy") or {}).get("strategy") or u.strategy_name),
+                params=(result.get("strategy") or {}).get("params", u.strategy_params),
                 device=dev,
-                seed=derive_seed(inputs.job_id, "injection") % (2**31),
+                seed=inputs.verify_seed("injection") % (2**31),
                 max_residual=inputs.spec.verification.injection_max_residual,
             )
     for feature in features:
@@ -249,7 +249,7 @@ def quality_checks(
                 test if attack_test is None else attack_test,
                 margin=v.forgetting_margin,
                 exact=exact,
-                seed=derive_seed(inputs.job_id, "forgetting") % (2**31) if seed is None else seed,
+                seed=inputs.verify_seed("forgetting") % (2**31) if seed is None else seed,
                 retained=retained,
             )
     return checks

@@ -36,6 +36,7 @@ def train_references(
     model_id: str,
     train: TabularData,
     *,
+    seed_key: str | None = None,
     k: int,
     feature_spec: FeatureSpec,
     arch: ArchitectureConfig,
@@ -46,11 +47,12 @@ def train_references(
     """Train K half-data references and save their manifest; returns its path."""
     if k < 1 or len(train) < 4:
         return None
+    key = model_id if seed_key is None else seed_key
     sisa = SisaConfig(shards=k, slices=1, sharding="random")
     ckpt = artifacts.checkpoint_store(store, model_id)
     entries: list[ShardEntry] = []
     for j in range(k):
-        rng = np.random.default_rng(derive_seed(training.seed, model_id, "reference", j))
+        rng = np.random.default_rng(derive_seed(training.seed, key, "reference", j))
         half = np.flatnonzero(rng.random(len(train)) < 0.5)
         res = train_shard(
             train.take(half),
@@ -61,13 +63,13 @@ def train_references(
             training=training,
             sisa=sisa,
             n_classes=n_classes,
-            model_key=f"{model_id}:reference",
+            model_key=f"{key}:reference",
             store=ckpt,
             device=device,
         )
         entries.append(ShardEntry.from_result(res))
     manifest = SisaManifest(
-        model_key=f"{model_id}:reference",
+        model_key=f"{key}:reference",
         arch=arch,
         training=training,
         sisa=sisa,
@@ -118,3 +120,12 @@ def drop_trained_on(store: ArtifactStore, model_id: str, record_ids: list[int]) 
         else:
             store.delete(rel)
     return dropped
+
+
+def count(store: ArtifactStore, model_id: str) -> int:
+    """How many references are left (erasures delete those that trained on erased rows)."""
+    rel = path(model_id)
+    if not store.exists(rel):
+        return 0
+    manifest = SisaManifest.from_dict(json.loads(store.read_bytes(rel)))
+    return sum(1 for e in manifest.entries if e.n_records > 0)

@@ -72,6 +72,10 @@ class VerificationIn(BaseModel):
     injection_max_residual: float | None = Field(default=None, ge=0, le=10)
     # Promote only after an admin approves, even when every check passes.
     require_approval: bool = False
+    # An approximate method whose forgetting check is inconclusive (the attack cannot
+    # find the forget set even in the baseline) falls back to exact retraining unless
+    # this is true: the model's owner accepts "not shown to remember" as enough.
+    accept_inconclusive_forgetting: bool = False
 
 
 class UnlearningPatch(BaseModel):

@@ -6,7 +6,6 @@ import threading
 from typing import Any
 
 import numpy as np
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -18,6 +17,7 @@ from app.datasets import service as datasets
 from app.jobs import batching, routing
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy, params_from
 from app.ml.config import FeatureSpec
+from app.ml.thresholds import decide
 from app.models import Job, MLModel, ModelVersion
 from app.registry import artifacts
 from app.registry.schemas import (
@@ -119,6 +119,14 @@ def _check_strategy(strategy_name: str | None, overrides: dict[str, Any] | None)
     """The strategy exists and its parameters are in range: a bad value would otherwise
     surface only when an erasure runs, and fail every request on the model."""
     if strategy_name is None and overrides is None:
+        return
+    if strategy_name == "auto":
+        # A validation search picks the strategy and its parameters per job.
+        if overrides:
+            raise Unprocessable(
+                "strategy 'auto' chooses its own parameters: give no strategy_params",
+                code="invalid_config",
+            )
         return
     try:
         strategy = get_strategy(strategy_name or DEFAULT_STRATEGY)
@@ -320,9 +328,18 @@ def predict(
     if model.production_version is None:
         raise BadRequest(f"model {model.name!r} has no production version yet", code="not_ready")
     mv = get_version(session, model, model.production_version)
-    proba = _predictor(store, model, mv).predict_proba(_columns(model, records))
+    predictor = _predictor(store, model, mv)
+    columns = _columns(model, records)
+    proba = predictor.predict_proba(columns)
     classes: list[str] = model.config["resolved"]["label_classes"]
-    best = torch.argmax(proba, dim=1)
+    # A version with per-group decision thresholds (a post-processing mitigation)
+    # decides with them; the group column is read from the records.
+    table = getattr(getattr(predictor, "manifest", None), "thresholds", None) or {}
+    if table.get("column") and table["column"] not in columns:
+        columns[table["column"]] = np.asarray(
+            [str(r.get(table["column"], "")) for r in records], dtype=object
+        )
+    best = decide(predictor, proba, columns)
     preds = []
     for i in range(len(records)):
         label = int(best[i])

@@ -126,6 +126,21 @@ def _models_reached(session: Session, ids: list[int]) -> set[str]:
     return models
 
 
+def _models_not_trained(session: Session, ids: list[int], trained: set[str]) -> set[str]:
+    """Models the records reach without having trained on them: rows of theirs are in a
+    model's held-out (test) split only. Such a model is listed as `not_trained`."""
+    models: set[str] = set()
+    for chunk in in_chunks(ids):
+        models |= set(
+            session.scalars(
+                select(Lineage.model_id)
+                .where(Lineage.record_id.in_(chunk), Lineage.split == "test")
+                .distinct()
+            )
+        )
+    return models - trained
+
+
 def plan_in_steps(request_id: str) -> None:
     """What the planning task runs: `plan` in one transaction for an ordinary target; a
     large one is resolved and quarantined in steps of `PLAN_STEP` records, each step in a
@@ -187,7 +202,7 @@ def plan_in_steps(request_id: str) -> None:
     with session_scope() as s:
         req = _open(s, request_id)
         if req is not None:
-            _attach(s, req, ids, models)
+            _attach(s, req, ids, models, _models_not_trained(s, ids, models))
 
 
 def plan(session: Session, request_id: str) -> None:
@@ -208,10 +223,32 @@ def plan(session: Session, request_id: str) -> None:
         enqueue(session, "palimpsest.plan_request", req.id, countdown=2.0)
         return
     _quarantine(session, req, ids)
-    _attach(session, req, ids, _models_reached(session, ids))
+    models = _models_reached(session, ids)
+    _attach(session, req, ids, models, _models_not_trained(session, ids, models))
 
 
-def _attach(session: Session, req: DeletionRequest, ids: list[int], models: set[str]) -> None:
+def _attach(
+    session: Session,
+    req: DeletionRequest,
+    ids: list[int],
+    models: set[str],
+    untrained: set[str] | None = None,
+) -> None:
+    for model_id in sorted(untrained or ()):
+        # Reached, never trained on: nothing to unlearn; the erasure still drops the
+        # model's kept outputs on these rows. Listed so the request says so.
+        model = session.get(MLModel, model_id)
+        assert model is not None
+        session.add(
+            RequestModel(
+                request_id=req.id,
+                model_id=model_id,
+                status="not_trained",
+                from_version=model.production_version,
+                to_version=model.production_version,
+                method="none",
+            )
+        )
     for model_id in sorted(models):
         model = session.get(MLModel, model_id)
         assert model is not None
@@ -278,7 +315,7 @@ def advance(session: Session, request_ids: list[str]) -> None:
         statuses = set(
             session.scalars(select(RequestModel.status).where(RequestModel.request_id == rid))
         )
-        if statuses <= {"promoted"}:
+        if statuses <= {"promoted", "not_trained"}:
             transition(session, req, "erasing", WORKER)
             enqueue(session, "palimpsest.erase_request", rid)
         elif "failed" in statuses:

@@ -106,7 +106,7 @@ def review_request(
 ) -> DeletionRequestOut:
     """Settle a request in `needs_review`: approve, reject (retrain) or mitigate."""
     req = service.get(session, request_id, caller)
-    service.review(session, req, caller, body.action, body.note)
+    service.review(session, req, caller, body.action, body.note, mitigation=body.mitigation)
     return service.to_out(session, req, caller)
 
 

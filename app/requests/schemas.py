@@ -129,3 +129,12 @@ class ReviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["approve", "reject", "mitigate"]
     note: str | None = Field(default=None, max_length=2000)
+    # With `mitigate`: which mitigation the retrain applies (default `reweight`):
+    # `reweight` upweights the flagged groups; `group_dro` weights every group by its
+    # loss under the current model (group DRO's step, frozen); `thresholds` retrains
+    # plainly and fits per-group decision thresholds (post-processing). Each candidate is
+    # verified like any other before it can be promoted. With `approve`: promote the
+    # verified candidate that mitigation made for this request (the admin's pick among
+    # the candidates shown side by side); without it, the latest candidate. Ignored with
+    # `reject` (a plain retrain).
+    mitigation: Literal["reweight", "group_dro", "thresholds"] | None = None

@@ -23,6 +23,7 @@ from app.models import (
     DeletionRequest,
     Job,
     MLModel,
+    ModelVersion,
     Record,
     Report,
     RequestModel,
@@ -390,14 +391,63 @@ def extend(
     )
 
 
+MITIGATIONS = {
+    "reweight": "retrain upweighting the groups the fairness check flagged",
+    "group_dro": "group-robust retrain: every group weighted by its loss (group DRO, frozen)",
+    "thresholds": "retrain, then per-group decision thresholds fitted on retained rows "
+    "(post-processing)",
+}
+
+
+def _mitigation_candidates(
+    session: Session, model_id: str, req: DeletionRequest
+) -> list[tuple[str, ModelVersion]]:
+    """(kind, version) of every verified candidate a mitigation made for this request's
+    model since the request arrived (each has a report: it was verified like any other),
+    newest first."""
+    jobs = session.scalars(
+        select(Job)
+        .where(
+            Job.model_id == model_id,
+            Job.kind == "retrain",
+            Job.status == "succeeded",
+            Job.created_at >= req.received_at,
+            Job.report_id.is_not(None),
+        )
+        .order_by(Job.created_at.desc())
+    ).all()
+    out: list[tuple[str, ModelVersion]] = []
+    for job in jobs:
+        result = job.result or {}
+        mit = (result.get("unlearning") or {}).get("mitigation") or {}
+        if mit and result.get("version") is not None:
+            mv = session.scalars(
+                select(ModelVersion).where(
+                    ModelVersion.model_id == model_id,
+                    ModelVersion.version == int(result["version"]),
+                )
+            ).first()
+            if mv is not None and mv.status == "candidate":
+                out.append((str(mit.get("kind") or "reweight"), mv))
+    return out
+
+
 def review(
-    session: Session, req: DeletionRequest, caller: Caller, action: str, note: str | None
+    session: Session,
+    req: DeletionRequest,
+    caller: Caller,
+    action: str,
+    note: str | None,
+    *,
+    mitigation: str | None = None,
 ) -> None:
     """An admin settles a request in `needs_review`: approve promotes each candidate as
     it is; reject retrains from scratch instead; mitigate, for now, also retrains (group
     reweighting arrives with the fairness checks)."""
     from app.registry import service as registry
 
+    if action == "reject":
+        mitigation = None  # a plain retrain: a named mitigation has no meaning here
     if req.status != "needs_review":
         raise Conflict(
             f"only a request in 'needs_review' can be reviewed (it is {req.status!r})",
@@ -419,7 +469,10 @@ def review(
             "note": note,
             "models": [rm.model_id for rm in rms],
             **(
-                {"mitigation": "retrain upweighting the groups the fairness check flagged"}
+                {
+                    "mitigation": MITIGATIONS[mitigation or "reweight"],
+                    "mitigation_kind": mitigation or "reweight",
+                }
                 if action == "mitigate"
                 else {}
             ),
@@ -434,23 +487,45 @@ def review(
                 code="model_busy",
             )
         if action == "approve":
-            if rm.to_version is None:
+            made = _mitigation_candidates(session, model.id, req)
+            version = rm.to_version
+            if mitigation is not None:
+                chosen = [mv.version for kind, mv in made if kind == mitigation]
+                if not chosen:
+                    raise Conflict(
+                        f"no verified {mitigation!r} candidate for this request",
+                        code="no_candidate",
+                    )
+                version = chosen[0]
+            if version is None:
                 raise Conflict("the model has no candidate version", code="no_candidate")
-            mv = registry.get_version(session, model, rm.to_version)
+            mv = registry.get_version(session, model, version)
             registry.promote(session, model, mv, caller.actor, reason=f"review of {req.id}")
-            rm.status = "promoted"
+            rm.status, rm.to_version = "promoted", version
+            if mitigation is not None:
+                job = session.get(Job, mv.created_by_job) if mv.created_by_job else None
+                rm.report_id = job.report_id if job is not None else rm.report_id
+            # The other mitigation candidates made for this request will not serve.
+            for _, other in made:
+                if other.version != version:
+                    other.status = "rejected"
         else:
-            if rm.to_version is not None:
+            if rm.to_version is not None and action != "mitigate":
+                # A mitigation keeps the candidate under review: the admin may still
+                # choose it over the mitigated one (side by side on the review page).
                 mv = registry.get_version(session, model, rm.to_version)
                 if mv.status == "candidate":
                     mv.status = "rejected"
-            mitigation = None
+            plan: dict[str, Any] = {}
             if action == "mitigate":
                 report = session.get(Report, rm.report_id) if rm.report_id else None
                 fair = (report.checks.get("fairness", {}) if report else {}).get("metrics", {})
-                mitigation = {"flagged": list(fair.get("flagged", []))}
+                plan = {"flagged": list(fair.get("flagged", [])), "kind": mitigation or "reweight"}
             job = routing.create_retrain(
-                session, model.id, f"review {action} of {req.id}", mitigation
+                session,
+                model.id,
+                f"review {action} of {req.id}",
+                plan if action == "mitigate" else None,
             )
             rm.status, rm.job_id = "retraining", job.id
     if action == "approve":

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from app.ml.data import TabularData
+from app.ml.thresholds import decide
 from app.ml.verify.fairness import fairness_check
 from app.registry.artifacts import Predictor
 from app.verification.service import Check
@@ -24,8 +24,9 @@ def fairness(
     columns = [c for c in group_columns if c in test.columns]
     if not columns or len(test) == 0:
         return Check(True, {"note": "the model has no group columns", "groups": []}, limits)
-    before = torch.argmax(baseline.predict_proba(test.columns), dim=1).numpy()
-    after = torch.argmax(candidate.predict_proba(test.columns), dim=1).numpy()
+    # Decisions as the versions make them (per-group thresholds where a version has them).
+    before = decide(baseline, baseline.predict_proba(test.columns), test.columns)
+    after = decide(candidate, candidate.predict_proba(test.columns), test.columns)
     # Values compared as strings (numpy's str() of each, in one call).
     groups = {c: np.asarray(test.columns[c]).astype(str) for c in columns}
     result = fairness_check(

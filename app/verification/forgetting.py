@@ -1,5 +1,5 @@
-"""The forgetting check: a membership-inference attack on the forget set, calibrated by
-reference models that never saw it.
+"""The forgetting check: membership-inference attacks on the forget set, calibrated by
+reference models that never saw it, and measured for power on the baseline first.
 
 References are shard-like models with known training sets (a `SisaManifest`): for a SISA
 model, the production version's own shards (a record is in exactly one shard, so the
@@ -18,7 +18,14 @@ import numpy as np
 from app.ml.data import TabularData
 from app.ml.device import derive_seed
 from app.ml.sisa import SisaEnsemble
-from app.ml.verify.membership import attack, forgetting_check, member_scores
+from app.ml.verify.membership import (
+    attack,
+    forgetting_check,
+    lira_offline,
+    lira_online,
+    member_scores,
+    rmia,
+)
 from app.registry.artifacts import Predictor
 from app.verification.service import Check
 
@@ -95,22 +102,87 @@ def _pick(out: np.ndarray, record_ids: np.ndarray, k_use: int) -> np.ndarray:
     return np.argsort(z, axis=0, kind="stable")[:k_use].astype(np.int64)
 
 
+def _ref_probas(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
+    """(K, N, C): every reference's probabilities on the rows."""
+    probas = refs.shard_probas(data.columns)
+    return np.stack([probas[s].numpy() for s in refs.shards])
+
+
 def _out_reference(
-    refs: SisaEnsemble, data: TabularData, out: np.ndarray, k_use: int
+    stacked: np.ndarray, data: TabularData, out: np.ndarray, k_use: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of each row under `k_use` of the references that did not train on it (the
     same number for every row, picked by a hash of the record id so both sides of the
     attack average alike): the score of their mean probability (N,), and the
     per-reference scores (k_use, N) for the likelihood-ratio test."""
-    shards = refs.shards
-    probas = refs.shard_probas(data.columns)
-    stacked = np.stack([probas[s].numpy() for s in shards])  # (K, N, C)
     n = len(data)
     chosen = _pick(out, data.record_ids, k_use)
     cols = np.arange(n)
     picked = stacked[chosen, cols[None, :]]  # (k_use, N, C)
     per_ref = np.stack([member_scores(picked[j], data.labels) for j in range(k_use)])
     return member_scores(picked.mean(axis=0), data.labels), per_ref
+
+
+POWER_RULE = (
+    "the same attack must fail the baseline (which still holds the forget set): "
+    "otherwise it cannot tell members from non-members and the check is inconclusive"
+)
+
+
+def _attack_suite(
+    t_f: np.ndarray,
+    t_n: np.ndarray,
+    per_ref_f: np.ndarray,
+    per_ref_n: np.ndarray,
+    all_f: np.ndarray,
+    all_n: np.ndarray,
+    in_f: np.ndarray,
+    in_n: np.ndarray,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Per-example attacks of one model (target scores `t_*`) on the forget rows against
+    the non-members: offline LiRA (each row against its own out-references), online LiRA
+    (in- and out-references; rows no reference trained on take the mean in-out shift)
+    and RMIA (each row's likelihood ratio against the non-member population). Returns
+    the AUC / TPR at 1% and 0.1% FPR of each, and the per-example statistics."""
+    z = lira_offline(np.concatenate([t_f, t_n]), np.concatenate([per_ref_f, per_ref_n], axis=1))
+    on = lira_online(
+        np.concatenate([t_f, t_n]),
+        np.concatenate([all_f, all_n], axis=1),
+        np.concatenate([in_f, in_n], axis=1),
+    )
+    r_f = rmia(t_f, per_ref_f, t_n, per_ref_n)
+    r_n = rmia(t_n, per_ref_n, t_n, per_ref_n)
+    nf = len(t_f)
+    stats = {
+        "lira_offline": (z[:nf], z[nf:]),
+        "lira_online": (on[:nf], on[nf:]),
+        "rmia": (r_f, r_n),
+    }
+    results = {name: attack(f, n).to_dict() for name, (f, n) in stats.items()}
+    flat = {f"{name}_{side}": v[i] for name, v in stats.items() for i, side in enumerate("fn")}
+    return results, flat
+
+
+def _per_example(
+    after: dict[str, np.ndarray], before: dict[str, np.ndarray], seed: int
+) -> dict[str, Any]:
+    """A paired sample of per-example statistics (the same rows before and after) for the
+    dashboard: up to SAMPLE_SCORES forget rows and non-members."""
+    out: dict[str, Any] = {}
+    for side, label in (("f", "forgotten"), ("n", "nonmembers")):
+        n = len(after[f"lira_offline_{side}"])
+        idx = np.arange(n)
+        if n > SAMPLE_SCORES:
+            idx = np.sort(np.random.default_rng(seed).choice(n, SAMPLE_SCORES, replace=False))
+        block: dict[str, list[float | None]] = {}
+        for name in ("lira_offline", "rmia"):
+            for when, src in (("before", before), ("after", after)):
+                v = np.asarray(src[f"{name}_{side}"], dtype=np.float64)[idx]
+                block[f"{name}_{when}"] = [
+                    round(float(x), 3) if np.isfinite(x) else None for x in v
+                ]
+        out[label] = block
+    return out
 
 
 def forgetting(
@@ -126,23 +198,45 @@ def forgetting(
     retained: TabularData | None = None,
 ) -> Check:
     """Attack the candidate on the forget set against test non-members, and compare with
-    the out-references. Also reports the attack on the baseline (before unlearning), and
-    a sample of the member scores of each population (`score_samples`: the forgotten
-    records before and after, the non-members, and the retained members when `retained`
-    rows are given).
+    the out-references, after measuring the attack's power on the baseline.
 
-    Without out-references the attack cannot be calibrated: an exact method still passes
-    (its lineage check is the proof), an approximate one does not (forgetting is then
-    unshown, and the decision falls back to exact retraining)."""
+    Power before verdict: each gating attack (the population attack against the
+    references' AUC, offline LiRA with four or more references, RMIA; per-example
+    thresholds 0.5 + max(margin, 3 null standard errors in people)) is first run with the
+    baseline (which still holds the forget set) in the candidate's place. An attack that
+    does not beat its threshold there cannot separate the forget set from non-members
+    even where they are members. With no attack having power, a pass on the candidate
+    would prove nothing: the check is `inconclusive` with that reason (the decision then
+    rests on the lineage proof for exact methods, or falls back to exact retraining for
+    approximate ones, `app.verification.service.decide`). Otherwise the candidate fails
+    if any attack that had power still beats its threshold on it, and passes if none
+    does.
+
+    Without out-references (or when every reference trained on the forget rows) the
+    attack cannot be calibrated: `inconclusive` too.
+
+    The report keeps the population attack (candidate, references, baseline), the
+    per-example attacks (offline and online LiRA, RMIA: AUC and TPR at 1% and 0.1% FPR)
+    on the candidate and on the baseline, a paired sample of per-example statistics, and
+    a sample of the member scores of each population (`score_samples`)."""
     forget = _cap(forget, seed)
     test = _cap(test, seed + 1)
-    threshold = {"margin": margin, "rule": "candidate AUC <= reference AUC + margin"}
+    threshold = {
+        "margin": margin,
+        "rule": "candidate AUC <= reference AUC + margin",
+        "power_rule": POWER_RULE,
+    }
     if len(forget) == 0 or len(test) == 0:
-        return Check(True, {"note": "no forget or test rows"}, threshold)
+        return Check.inconclusive(
+            {"note": "no forget or test rows"},
+            threshold,
+            reason="no forget rows or no non-member (test) rows to attack",
+        )
     cand_f = member_scores(candidate.predict_proba(forget.columns), forget.labels)
     cand_n = member_scores(candidate.predict_proba(test.columns), test.labels)
     base_f = member_scores(baseline.predict_proba(forget.columns), forget.labels)
-    before = attack(base_f, cand_n)
+    base_n = member_scores(baseline.predict_proba(test.columns), test.labels)
+    before = attack(base_f, base_n)
     populations = {"forgotten": cand_f, "forgotten_before": base_f, "nonmembers": cand_n}
     if retained is not None and len(retained):
         # Only a sample is reported, so only a sample is scored.
@@ -168,8 +262,13 @@ def forgetting(
             "candidate": cand.to_dict(),
             "baseline": before.to_dict(),
             "note": "no out-reference models available",
+            "power": {"has_power": None, "rule": POWER_RULE},
         }
-        return Check(exact, metrics, threshold)
+        return Check.inconclusive(
+            metrics,
+            threshold,
+            reason="no out-reference models: the attack cannot be calibrated",
+        )
     out_f, out_n = _out_masks(refs, forget), _out_masks(refs, test)
     usable = out_f.any(axis=0)  # rows every reference trained on cannot be calibrated
     if not usable.any():
@@ -178,28 +277,117 @@ def forgetting(
             "candidate": cand.to_dict(),
             "baseline": before.to_dict(),
             "note": "every reference trained on the forget rows",
+            "power": {"has_power": None, "rule": POWER_RULE},
         }
-        return Check(exact, metrics, threshold)
+        return Check.inconclusive(
+            metrics,
+            threshold,
+            reason="every reference model trained on the forget rows: none can calibrate",
+        )
     usable = np.asarray(usable, dtype=bool)
     if not usable.all():  # (a new row set: the references' outputs on it are new too)
-        forget, cand_f, out_f = forget.take(usable), cand_f[usable], out_f[:, usable]
+        forget, cand_f, base_f, out_f = (
+            forget.take(usable),
+            cand_f[usable],
+            base_f[usable],
+            out_f[:, usable],
+        )
     k_use = int(min(out_f.sum(axis=0).min(), out_n.sum(axis=0).min()))
-    ref_f, per_ref_f = _out_reference(refs, forget, out_f, k_use)
-    ref_n, per_ref_n = _out_reference(refs, test, out_n, k_use)
-    result = forgetting_check(
-        cand_f,
-        cand_n,
-        ref_f,
-        ref_n,
-        margin=margin,
-        out_refs_forget=per_ref_f,
-        out_refs_nonmember=per_ref_n,
-        forget_units=_units(forget),
-        nonmember_units=_units(test),
-    )
+    stacked_f, stacked_n = _ref_probas(refs, forget), _ref_probas(refs, test)
+    ref_f, per_ref_f = _out_reference(stacked_f, forget, out_f, k_use)
+    ref_n, per_ref_n = _out_reference(stacked_n, test, out_n, k_use)
+    kw: dict[str, Any] = {
+        "margin": margin,
+        "out_refs_forget": per_ref_f,
+        "out_refs_nonmember": per_ref_n,
+        "forget_units": _units(forget),
+        "nonmember_units": _units(test),
+    }
+    result = forgetting_check(cand_f, cand_n, ref_f, ref_n, **kw)
+    power = forgetting_check(base_f, base_n, ref_f, ref_n, **kw)
     metrics |= result.to_dict()
+    metrics.pop("passed", None)
     # The forgotten records as models that never saw them score them.
     metrics["score_samples"] |= score_samples({"forgotten_reference": ref_f}, seed + 3)
     metrics["baseline"] = before.to_dict()
     metrics["references"] = len(refs.shards)
-    return Check(result.passed, metrics, threshold)
+    all_f = np.stack([member_scores(stacked_f[j], forget.labels) for j in range(len(stacked_f))])
+    all_n = np.stack([member_scores(stacked_n[j], test.labels) for j in range(len(stacked_n))])
+    suite_after, flat_after = _attack_suite(
+        cand_f, cand_n, per_ref_f, per_ref_n, all_f, all_n, ~out_f, ~out_n
+    )
+    suite_before, flat_before = _attack_suite(
+        base_f, base_n, per_ref_f, per_ref_n, all_f, all_n, ~out_f, ~out_n
+    )
+    metrics["attacks"] = {"candidate": suite_after, "baseline": suite_before}
+    metrics["per_example"] = _per_example(flat_after, flat_before, seed + 4)
+    # Each gating attack: its power on the baseline, then its verdict on the candidate.
+    # Per-example thresholds: a model that never saw the rows gives AUC 0.5 (each row
+    # against its own out-references), plus three null standard errors (units, not rows).
+    per_example_threshold = 0.5 + (power.allowed_margin or margin)
+    gates: dict[str, dict[str, Any]] = {
+        "population": _gate(
+            power.candidate.auc,
+            result.candidate.auc,
+            result.reference.auc + (result.allowed_margin or margin),
+        ),
+        "rmia": _gate(
+            suite_before["rmia"]["auc"], suite_after["rmia"]["auc"], per_example_threshold
+        ),
+    }
+    if power.lira_auc is not None and result.lira_auc is not None:
+        gates["lira_offline"] = _gate(power.lira_auc, result.lira_auc, per_example_threshold)
+    has_power = any(g["has_power"] for g in gates.values())
+    passed = all(g["passed"] for g in gates.values() if g["has_power"])
+    metrics["power"] = {
+        "has_power": has_power,
+        "rule": POWER_RULE,
+        "attacks": gates,
+        "baseline_auc": _num(power.candidate.auc),
+        "reference_auc": _num(power.reference.auc),
+        "allowed_margin": _num(power.allowed_margin),
+        "baseline_lira_auc": _num(power.lira_auc),
+        "lira_threshold": _num(power.lira_threshold),
+        "baseline_rmia_auc": _num(suite_before["rmia"]["auc"]),
+    }
+    if not has_power:
+        said = "; ".join(
+            f"{name} {g['baseline']:.3f} <= {g['threshold']:.3f}"
+            for name, g in gates.items()
+            if g["baseline"] is not None and g["threshold"] is not None
+        )
+        return Check.inconclusive(
+            metrics,
+            threshold,
+            reason=(
+                "the attack has no power: on the baseline, which still holds the forget "
+                f"set, no attack beats its threshold ({said}), within noise of models that "
+                "never saw it; a pass would prove nothing"
+            ),
+        )
+    with_power = [n for n, g in gates.items() if g["has_power"]]
+    failing = [n for n in with_power if not gates[n]["passed"]]
+    reason = (
+        f"the attacks with power on the baseline ({', '.join(with_power)}) no longer find "
+        "the forget set in the candidate"
+        if passed
+        else f"the candidate still treats the forget set as members ({', '.join(failing)})"
+    )
+    return Check(passed, metrics, threshold, reason=reason)
+
+
+def _gate(baseline: float | None, candidate: float | None, threshold: float) -> dict[str, Any]:
+    """One attack's power (it beats its threshold on the baseline) and verdict (it does
+    not on the candidate)."""
+    b, c = _num(baseline), _num(candidate)
+    return {
+        "baseline": b,
+        "candidate": c,
+        "threshold": _num(threshold),
+        "has_power": b is not None and b > threshold,
+        "passed": c is None or c <= threshold,
+    }
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)

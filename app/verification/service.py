@@ -11,21 +11,62 @@ from sqlalchemy.orm import Session
 from app.core.errors import NotFound
 from app.ml.data import TabularData
 from app.ml.features import flip_test
-from app.ml.metrics import accuracy
 from app.ml.sisa import SisaEnsemble, SisaManifest
+from app.ml.thresholds import decide as decide_labels
 from app.models import MLModel, Report
 from app.registry.artifacts import Predictor
 from app.verification.schemas import ReportOut
 
+PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+STATUSES = (PASS, FAIL, INCONCLUSIVE)
+
 
 @dataclass
 class Check:
+    """One check of a report. `status` is `pass`, `fail` or `inconclusive` (the check
+    could not tell, e.g. an attack with no power even on the baseline); `passed` is true
+    only for `pass`. `Check(True/False, ...)` sets the status from `passed`;
+    `Check.inconclusive(...)` makes one that could not tell. `reason` says why, in words.
+    """
+
     passed: bool
     metrics: dict[str, Any]
     threshold: dict[str, Any] = field(default_factory=dict)
+    status: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            self.status = PASS if self.passed else FAIL
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown check status {self.status!r}")
+        self.passed = self.status == PASS
+
+    @classmethod
+    def inconclusive(
+        cls, metrics: dict[str, Any], threshold: dict[str, Any] | None = None, *, reason: str
+    ) -> Check:
+        return cls(False, metrics, threshold or {}, status=INCONCLUSIVE, reason=reason)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "metrics": self.metrics, "threshold": self.threshold}
+        return {
+            "passed": self.passed,
+            "status": self.status,
+            "reason": self.reason,
+            "metrics": self.metrics,
+            "threshold": self.threshold,
+        }
+
+
+def check_status(c: Any) -> str:
+    """The status of a stored check (a dict); reports from before statuses existed say
+    only `passed`."""
+    if not isinstance(c, dict):
+        return FAIL
+    status = c.get("status")
+    if status in STATUSES:
+        return str(status)
+    return PASS if c.get("passed") else FAIL
 
 
 def lineage_check(candidate: SisaManifest, forgotten_ids: np.ndarray) -> Check:
@@ -46,14 +87,20 @@ def lineage_check(candidate: SisaManifest, forgotten_ids: np.ndarray) -> Check:
     )
 
 
+def _accuracy(predictor: Predictor, test: TabularData) -> float:
+    """Test accuracy of the predictor's decisions (its per-group thresholds, if any)."""
+    labels = decide_labels(predictor, predictor.predict_proba(test.columns), test.columns)
+    return float(np.mean(labels == np.asarray(test.labels)))
+
+
 def utility_check(
     candidate: Predictor, baseline: Predictor | None, test: TabularData, max_drop: float
 ) -> Check:
     """Test accuracy of the candidate against the current version on the same rows."""
     if len(test) == 0:
         return Check(True, {"test_rows": 0, "note": "no test rows left"}, {"max_drop": max_drop})
-    cand = accuracy(candidate.predict_proba(test.columns), test.labels)
-    base = accuracy(baseline.predict_proba(test.columns), test.labels) if baseline else cand
+    cand = _accuracy(candidate, test)
+    base = _accuracy(baseline, test) if baseline else cand
     drop = base - cand
     return Check(
         passed=drop <= max_drop + 1e-12,
@@ -127,23 +174,68 @@ def feature_check(
     )
 
 
-def decide(checks: dict[str, Check], approximate: bool = False) -> tuple[bool, str]:
+def _status(checks: dict[str, Check], name: str) -> str:
+    c = checks.get(name)
+    return PASS if c is None else c.status
+
+
+def decide(
+    checks: dict[str, Check], approximate: bool = False, *, accept_inconclusive: bool = False
+) -> tuple[bool, str]:
     """All pass -> promote. Forgetting (or lineage, or a feature still used) fails ->
     retrain. Utility/fairness -> review, except after an approximate method, where the
-    exact fallback is tried first."""
-    passed = all(c.passed for c in checks.values())
-    if passed:
-        return True, "promote"
-    if any(not checks.get(k, Check(True, {})).passed for k in ("lineage", "feature")):
+    exact fallback is tried first.
+
+    An inconclusive forgetting check (no attack power on the baseline) proves nothing
+    either way: after an exact method the lineage proof decides (a passed lineage check
+    covers it); after an approximate one the exact fallback is due unless the model's
+    policy accepts it (`accept_inconclusive`). Other inconclusive checks (a utility or
+    fairness check with nothing to measure, an injection test that could not be set up)
+    cannot show a regression and do not hold a candidate back. The report's `passed` is
+    true when no check failed and every inconclusive forgetting check is covered."""
+    if any(_status(checks, k) != PASS for k in ("lineage", "feature") if k in checks):
         return False, "retrain"
-    if any(not checks.get(k, Check(True, {})).passed for k in ("forgetting", "injection")):
+    forgetting = _status(checks, "forgetting")
+    if forgetting == INCONCLUSIVE:
+        covered = (
+            accept_inconclusive if approximate else ("lineage" in checks)
+        )  # lineage passed (checked above)
+        if not covered:
+            return False, "retrain" if approximate else "needs_review"
+    failed = [k for k, c in checks.items() if c.status == FAIL]
+    if not failed:
+        return True, "promote"
+    if any(k in failed for k in ("forgetting", "injection")):
         # After an approximate method, exact retraining is the remedy. After an exact one
         # (its lineage check passed) a retrain would rebuild the very same model: the
         # attack is seeing something else (the forget set's population), a person decides.
         return False, "retrain" if approximate else "needs_review"
-    if approximate and not checks.get("utility", Check(True, {})).passed:
+    if approximate and "utility" in failed:
         return False, "retrain"
     return False, "needs_review"
+
+
+def explain_inconclusive(checks: dict[str, Check], approximate: bool, accepted: bool) -> None:
+    """Say in the forgetting check's reason what decides instead of it."""
+    c = checks.get("forgetting")
+    if c is None or c.status != INCONCLUSIVE:
+        return
+    if not approximate and "lineage" in checks:
+        then = (
+            "the decision rests on the lineage proof (exact method: no training manifest "
+            "of the candidate holds a forgotten record)"
+        )
+        c.metrics["decided_by"] = "lineage"
+    elif approximate and accepted:
+        then = "the model's policy accepts an inconclusive forgetting check for approximate methods"
+        c.metrics["decided_by"] = "policy"
+    elif approximate:
+        then = "an approximate method cannot rest on it: the request falls back to exact retraining"
+        c.metrics["decided_by"] = "retrain"
+    else:
+        then = "no lineage proof either: a person decides"
+        c.metrics["decided_by"] = "review"
+    c.reason = f"{c.reason}; {then}" if c.reason else then
 
 
 def save_report(
@@ -157,10 +249,13 @@ def save_report(
     approximate: bool = False,
     allow_retrain: bool = True,
 ) -> Report:
-    passed, decision = decide(checks, approximate)
+    policy = model.config.get("verification", {}) or {}
+    accept = bool(policy.get("accept_inconclusive_forgetting"))
+    explain_inconclusive(checks, approximate, accept)
+    passed, decision = decide(checks, approximate, accept_inconclusive=accept)
     if decision == "retrain" and not allow_retrain:
         decision = "needs_review"  # a retrain's own report: no loop, a person decides
-    if decision == "promote" and model.config.get("verification", {}).get("require_approval"):
+    if decision == "promote" and policy.get("require_approval"):
         decision = "approval_required"  # every check passed; the model wants a person too
     report = Report(
         model_id=model.id,
@@ -174,6 +269,18 @@ def save_report(
     session.add(report)
     session.flush()
     return report
+
+
+def normalised_checks(checks: dict[str, Any] | None) -> dict[str, Any]:
+    """Stored checks with `status` and `reason` on each (reports from before statuses
+    existed carry only `passed`)."""
+    out: dict[str, Any] = {}
+    for name, c in (checks or {}).items():
+        if isinstance(c, dict):
+            c = {**c, "status": check_status(c), "reason": str(c.get("reason") or "")}
+            c["passed"] = c["status"] == PASS
+        out[name] = c
+    return out
 
 
 def get(session: Session, report_id: str) -> Report:
@@ -192,7 +299,7 @@ def to_out(session: Session, report: Report) -> ReportOut:
         baseline_version=report.baseline_version,
         passed=report.passed,
         decision=report.decision,
-        checks=report.checks,
+        checks=normalised_checks(report.checks),
         created_at=report.created_at,
         job_id=report.job_id,
     )

@@ -60,3 +60,37 @@ def test_forgetting_reports_score_samples_per_population() -> None:
     # Without retained rows that population is simply absent.
     plain = forgetting(FixedModel(), FixedModel(), None, forget, test, margin=0.05, exact=True)
     assert "retained" not in plain.metrics["score_samples"]
+
+
+def test_power_and_per_example_charts_and_the_check_row_show_power() -> None:
+    from app.dashboard import charts
+    from app.dashboard.reports import power_summary
+
+    gate = {"baseline": 0.71, "candidate": 0.52, "threshold": 0.6, "has_power": True}
+    check = {
+        "passed": True,
+        "status": "pass",
+        "reason": "the attacks with power on the baseline (rmia) no longer find the forget set",
+        "metrics": {
+            "power": {
+                "has_power": True,
+                "attacks": {"rmia": gate, "population": {**gate, "has_power": False}},
+                "baseline_auc": 0.55,
+                "reference_auc": 0.5,
+            },
+            "per_example": {
+                "forgotten": {"lira_offline_before": [1.0, 2.0], "lira_offline_after": [0.1, None]},
+                "nonmembers": {"lira_offline_before": [0.0], "lira_offline_after": [0.2]},
+            },
+        },
+    }
+    figs = charts.report_charts({"forgetting": check})
+    assert {"chart-power", "chart-per-example"} <= set(figs)
+    bars = figs["chart-power"]["data"]
+    assert bars[0]["x"] == ["rmia", "population"] and bars[0]["y"] == [0.71, 0.71]
+    boxes = figs["chart-per-example"]["data"]
+    assert [b["name"] for b in boxes][:2] == ["forgotten before", "forgotten after"]
+    assert boxes[1]["y"] == [0.1]  # missing values are not drawn
+    assert power_summary(check).startswith("has power: baseline AUC 0.550")
+    unsure = {"metrics": {"power": {"has_power": False, "baseline_auc": 0.5}}}
+    assert power_summary(unsure).startswith("no power")

@@ -79,7 +79,9 @@ def test_forgetting_failure_falls_back_to_retraining(stack: LocalStack) -> None:
     inj = first["checks"]["injection"]
     assert inj["metrics"]["residual"] == 1.0 and inj["metrics"]["strategy"] == "finetune"
     final = admin.get(f"/v1/reports/{m['report_id']}").json()
-    assert final["checks"]["forgetting"]["passed"] and final["checks"]["lineage"]["passed"]
+    # The exact retrain: the attack finds nothing (or, without power, the lineage decides).
+    assert final["checks"]["forgetting"]["status"] in ("pass", "inconclusive"), final
+    assert final["checks"]["lineage"]["passed"] and final["passed"]
     cert = portal.get(f"/v1/deletion-requests/{done['id']}/certificate")
     assert cert.status_code == 200
     assert cert.json()["certificate"]["models"][0]["method"] == "retrain"
@@ -145,7 +147,8 @@ def test_fairness_regression_review_and_mitigation(stack: LocalStack) -> None:
     assert {(f["column"], f["group"]) for f in fair["metrics"]["flagged"]} == {
         ("home_language", LANGUAGE)
     }
-    assert report["checks"]["lineage"]["passed"] and report["checks"]["forgetting"]["passed"]
+    assert report["checks"]["lineage"]["passed"]
+    assert report["checks"]["forgetting"]["status"] in ("pass", "inconclusive")
     # Production still serves the old version: nothing is promoted behind the admin's back.
     assert admin.get("/v1/models/esl").json()["production_version"] == 1
     r = admin.post(f"/v1/deletion-requests/{done['id']}/review", json={"action": "mitigate"})

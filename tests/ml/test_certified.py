@@ -10,6 +10,7 @@ from app.ml.certified import (
     from_module,
     gradient_norm,
     predict_proba_certified,
+    reference_bound,
     remove,
     retrain_certified,
     to_module,
@@ -112,3 +113,46 @@ def test_config_derives_sigma_and_budget_from_epsilon_delta() -> None:
     assert cfg.sigma == pytest.approx(cfg.c * 0.2 / 0.5)
     with pytest.raises(ValueError):
         CertifiedConfig(lam=0.0)
+
+
+def _sequential(
+    x: torch.Tensor, y: torch.Tensor, n_removals: int, **kw: object
+) -> tuple[list[float], list[float], list[float], int, int | None]:
+    """`n_removals` single-record removals one after another: the running bound, the
+    reference formulation's running bound on the same inputs (Hessian at the current
+    weights every time), the measured residuals, how many Hessian rebuilds, and the
+    removal at which the budget ran out (None: it did not)."""
+    cfg = CertifiedConfig(epsilon=1.0, delta=1e-4, lam=1e-2, sigma=10.0)
+    state = train_certified(x, y, cfg, seed=1)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    ours, ref, residual = [], [], []
+    ref_total = state.cumulative_bound
+    for i in range(n_removals):
+        new_keep = keep.clone()
+        new_keep[i] = False
+        _, ref_step = reference_bound(state, x[new_keep], x[i : i + 1], y[i : i + 1])
+        ref_total += ref_step
+        state, res = remove(state, x[new_keep], y[new_keep], x[i : i + 1], y[i : i + 1], **kw)  # type: ignore[arg-type]
+        if res.fallback_required:
+            return ours, ref, residual, state.refreshes, i
+        keep = new_keep
+        ours.append(res.cumulative_bound)
+        ref.append(ref_total)
+        assert res.gradient_norm is not None
+        residual.append(res.gradient_norm)
+    return ours, ref, residual, state.refreshes, None
+
+
+def test_running_bound_stays_above_the_residual_and_near_the_reference_over_100_removals() -> None:
+    x, y = make_data(1500, 10, 3)
+    x = x / x.norm(dim=1, keepdim=True)  # unit rows, as in B2 and the paper
+    ours, ref, residual, refreshes, exhausted = _sequential(x, y, 100)
+    assert exhausted is None and len(ours) == 100  # inside the budget, no forced retrain
+    assert all(r <= b for r, b in zip(residual, ours, strict=True))
+    assert all(a <= 1.5 * b for a, b in zip(ours, ref, strict=True)), (ours[-1], ref[-1])
+    assert refreshes > 0
+    # Without rebuilds the drift term dominates: the same budget runs out early.
+    stale, ref2, residual2, none, stale_exhausted = _sequential(x, y, 100, refresh_share=None)
+    assert none == 0 and stale_exhausted is not None and stale_exhausted < 100
+    assert stale[-1] > 1.5 * ref2[-1]
+    assert all(r <= b for r, b in zip(residual2, stale, strict=True))

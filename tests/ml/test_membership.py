@@ -18,7 +18,9 @@ from app.ml.verify.membership import (
     attack,
     forgetting_check,
     lira_offline,
+    lira_online,
     member_scores,
+    rmia,
 )
 
 D = 10
@@ -65,7 +67,10 @@ def world() -> dict[str, Any]:
     original = _train(xtr, ytr, seed=1)
     retrained = _train(xr, yr, seed=2)  # exact unlearning
     refs = [_train(xr, yr, seed=100 + k) for k in range(K_REFS)]  # never saw the forget set
+    ins = [_train(xtr, ytr, seed=200 + k) for k in range(2)]  # trained on the forget set
     return {
+        "ins_forget": np.stack([_scores(m, xf, yf) for m in ins]),
+        "ins_test": np.stack([_scores(m, xte, yte) for m in ins]),
         "members": (_scores(original, xtr, ytr), _scores(original, xte, yte)),
         "original": (_scores(original, xf, yf), _scores(original, xte, yte)),
         "retrained": (_scores(retrained, xf, yf), _scores(retrained, xte, yte)),
@@ -196,3 +201,38 @@ def test_the_allowance_counts_people_not_rows() -> None:
     # Units never count for more than the rows themselves.
     capped = forgetting_check(cf, cn, cf, cn, forget_units=10_000, nonmember_units=10_000)
     assert capped.allowed_margin == rows.allowed_margin
+
+
+def test_per_example_attacks_separate_known_members_from_non_members(
+    world: dict[str, Any],
+) -> None:
+    """Offline and online LiRA and RMIA on a small overfit model: its training rows (the
+    forget set, members) against held-out rows; and after exact unlearning they cannot."""
+    rf, rt = world["refs_forget"], world["refs_test"]  # out-references for both sides
+    inf, int_ = world["ins_forget"], world["ins_test"]  # in for the forget rows only
+    refs = np.concatenate([np.concatenate([rf, inf]), np.concatenate([rt, int_])], axis=1)
+    in_mask = np.zeros(refs.shape, dtype=bool)
+    in_mask[K_REFS:, :N_FORGET] = True
+    for model, lo, hi in (("original", 0.7, 1.0), ("retrained", 0.35, 0.65)):
+        f, t = world[model]
+        lira = lira_offline(np.concatenate([f, t]), np.concatenate([rf, rt], axis=1))
+        online = lira_online(np.concatenate([f, t]), refs, in_mask)
+        r_f, r_t = rmia(f, rf, t, rt), rmia(t, rt, t, rt)
+        for name, (m, n) in {
+            "lira_offline": (lira[:N_FORGET], lira[N_FORGET:]),
+            "lira_online": (online[:N_FORGET], online[N_FORGET:]),
+            "rmia": (r_f, r_t),
+        }.items():
+            result = attack(m, n)
+            assert lo <= result.auc <= hi, (model, name, result)
+            if model == "original":
+                assert result.tpr_at_1pct_fpr > 0.05, (name, result)
+            assert 0.0 <= result.tpr_at_01pct_fpr <= result.tpr_at_1pct_fpr
+
+
+def test_rmia_score_is_the_share_of_the_population_dominated() -> None:
+    pop_t, pop_r = np.zeros(4), np.zeros((1, 4))
+    # Equal likelihood ratios dominate every population row at gamma = 1.
+    assert rmia(np.zeros(1), np.zeros((1, 1)), pop_t, pop_r)[0] == 1.0
+    # Far less confident than its references: dominates none.
+    assert rmia(np.array([-20.0]), np.zeros((1, 1)), pop_t, pop_r)[0] == 0.0

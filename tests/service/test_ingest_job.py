@@ -85,7 +85,7 @@ def stored(ds_id: str) -> pa.Table:
 
 
 def test_large_upload_is_202_then_ready_like_an_inline_one(
-    env: AppEnv, admin: str, sizes: None
+    env: AppEnv, admin: str, sizes: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = auth(admin)
     body = stage(env, admin, BIG_CSV, "big")
@@ -108,6 +108,9 @@ def test_large_upload_is_202_then_ready_like_an_inline_one(
             progress.append(float(params["progress"] if isinstance(params, dict) else params[0]))
 
     event.listen(get_engine(), "before_cursor_execute", seen)
+    # Every progress step written (a small upload is ingested within one interval).
+    monkeypatch.setenv("PALIMPSEST_PROGRESS_INTERVAL_SECONDS", "0")
+    get_settings.cache_clear()
     try:
         ingest.run_ingest(job_id)
     finally:

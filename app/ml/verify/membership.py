@@ -40,6 +40,12 @@ _VAR_FLOOR_SHARE = 0.5
 _MIN_STD = 1e-3
 _MAX_SCORES_REPORTED = 500
 LOW_FPR = 0.01
+LOWER_FPR = 0.001
+# RMIA's offline correction (Zarifzadeh et al., ICML 2024): with out-references only,
+# Pr(x) is approximated by ((1 + a) * mean_out + (1 - a)) / 2; the paper's a for
+# models of this kind.
+RMIA_OFFLINE_A = 0.3
+RMIA_GAMMA = 1.0
 
 
 def _finite_or_none(v: float | None) -> float | None:
@@ -79,11 +85,13 @@ class AttackResult:
     tpr_at_1pct_fpr: float
     n_members: int
     n_nonmembers: int
+    tpr_at_01pct_fpr: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "auc": _finite_or_none(self.auc),
             "tpr_at_1pct_fpr": _finite_or_none(self.tpr_at_1pct_fpr),
+            "tpr_at_0.1pct_fpr": _finite_or_none(self.tpr_at_01pct_fpr),
             "n_members": self.n_members,
             "n_nonmembers": self.n_nonmembers,
         }
@@ -105,6 +113,7 @@ def attack(member: np.ndarray, nonmember: np.ndarray) -> AttackResult:
         tpr_at_1pct_fpr=tpr_at_fpr(scores, is_member, LOW_FPR),
         n_members=len(m),
         n_nonmembers=len(n),
+        tpr_at_01pct_fpr=tpr_at_fpr(scores, is_member, LOWER_FPR),
     )
 
 
@@ -151,6 +160,102 @@ def lira_offline(target: np.ndarray, out_refs: np.ndarray) -> np.ndarray:
     std = np.maximum(np.sqrt(var), _MIN_STD)
     z: np.ndarray = (t - mu) / std
     return z
+
+
+def lira_online(target: np.ndarray, ref_scores: np.ndarray, in_mask: np.ndarray) -> np.ndarray:
+    """Online LiRA statistic (N,): log N(t; mu_in, s_in) - log N(t; mu_out, s_out).
+
+    `ref_scores` (K, N) are the N examples' scores under K reference models and `in_mask`
+    (K, N) says which of them trained on each example. Per-example means; variances are
+    pooled per side over the examples (Carlini et al.'s "global variance", the variant
+    they recommend below 64 references). An example with no in-reference (a test row no
+    model trained on) takes mu_out plus the mean in-out shift of the examples that have
+    both, and one with no out-reference mu_in minus it; with no example having both
+    sides the statistic falls back to the offline z-score.
+    """
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    refs = np.asarray(ref_scores, dtype=np.float64)
+    inm = np.asarray(in_mask, dtype=bool)
+    if refs.ndim != 2 or refs.shape != inm.shape or refs.shape[1] != len(t):
+        raise ValueError(f"ref_scores and in_mask must be (K, {len(t)})")
+    if len(t) == 0:
+        return np.zeros(0, dtype=np.float64)
+    outm = ~inm
+    n_in, n_out = inm.sum(axis=0), outm.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu_in = np.where(n_in > 0, (refs * inm).sum(axis=0) / np.maximum(n_in, 1), np.nan)
+        mu_out = np.where(n_out > 0, (refs * outm).sum(axis=0) / np.maximum(n_out, 1), np.nan)
+    both = (n_in > 0) & (n_out > 0)
+    if not both.any():
+        return lira_offline(t, refs)
+    shift = float(np.mean(mu_in[both] - mu_out[both]))
+    mu_in = np.where(n_in > 0, mu_in, mu_out + shift)
+    mu_out = np.where(n_out > 0, mu_out, mu_in - shift)
+
+    def pooled(mask: np.ndarray, mu: np.ndarray) -> float:
+        dev = np.where(mask, (refs - mu[None, :]) ** 2, 0.0)
+        dof = np.maximum(mask.sum(axis=0) - 1, 0)
+        ok = dof > 0
+        if not ok.any():  # one reference per side: the spread across examples
+            return float(np.var(refs[mask])) if mask.any() else 1.0
+        return float(dev[:, ok].sum() / dof[ok].sum())
+
+    s_in = max(math.sqrt(pooled(inm, mu_in)), _MIN_STD)
+    s_out = max(math.sqrt(pooled(outm, mu_out)), _MIN_STD)
+    out: np.ndarray = (
+        -0.5 * ((t - mu_in) / s_in) ** 2
+        - math.log(s_in)
+        + 0.5 * ((t - mu_out) / s_out) ** 2
+        + math.log(s_out)
+    )
+    return out
+
+
+def score_to_probability(scores: np.ndarray) -> np.ndarray:
+    """The true label's probability behind a member score (its logistic)."""
+    s = np.asarray(scores, dtype=np.float64)
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-s))
+    return out
+
+
+def rmia(
+    target: np.ndarray,
+    out_refs: np.ndarray,
+    population_target: np.ndarray,
+    population_refs: np.ndarray,
+    *,
+    a: float = RMIA_OFFLINE_A,
+    gamma: float = RMIA_GAMMA,
+) -> np.ndarray:
+    """RMIA score (N,) (Zarifzadeh et al., "Low-Cost High-Power Membership Inference
+    Attacks", ICML 2024), offline form: the share of population examples z that x
+    dominates, i.e. for which (Pr(x|theta) / Pr(x)) / (Pr(z|theta) / Pr(z)) >= gamma.
+
+    Inputs are member scores (logit confidences): `target` (N,) and `out_refs` (K, N) for
+    the tested examples, `population_target` (Z,) and `population_refs` (K, Z) for the
+    population (non-members from the same distribution). Pr(.|theta) is the true label's
+    probability; Pr(x) the out-references' mean corrected as ((1 + a) p_out + (1 - a)) / 2.
+    """
+
+    def ratio(t: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        r = np.asarray(refs, dtype=np.float64)
+        if r.ndim == 1:
+            r = r[None, :]
+        p_out = score_to_probability(r).mean(axis=0)
+        prior = 0.5 * ((1.0 + a) * p_out + (1.0 - a))
+        out: np.ndarray = score_to_probability(t) / np.maximum(prior, _PROB_FLOOR)
+        return out
+
+    rx = ratio(np.asarray(target, dtype=np.float64).reshape(-1), out_refs)
+    rz = np.sort(
+        ratio(np.asarray(population_target, dtype=np.float64).reshape(-1), population_refs)
+    )
+    if len(rz) == 0:
+        raise ValueError("RMIA needs a population")
+    # z is dominated when rx / rz >= gamma, i.e. rz <= rx / gamma.
+    counts = np.searchsorted(rz, rx / gamma, side="right")
+    score: np.ndarray = counts / float(len(rz))
+    return score
 
 
 def auc_null_se(n_pos: int, n_neg: int) -> float:
