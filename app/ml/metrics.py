@@ -63,3 +63,30 @@ def tpr_at_fpr(scores: ArrayLike, labels: ArrayLike, fpr: float) -> float:
     fpr_v = np.r_[0.0, fp[last] / n_neg]
     ok = fpr_v <= fpr + 1e-12
     return float(tpr[ok].max())
+
+
+def roc_summary(
+    scores: ArrayLike, labels: ArrayLike, fprs: tuple[float, ...]
+) -> tuple[float, list[float]]:
+    """`auc(scores, labels)` and `tpr_at_fpr(scores, labels, f)` for each of `fprs`, from
+    one sort: the same numbers (the AUC's Mann-Whitney sum is counted in integers,
+    ties one half each, so it is the rank formula's exactly)."""
+    s = _np(scores).astype(np.float64).reshape(-1)
+    y = _np(labels).astype(bool).reshape(-1)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan"), [float("nan")] * len(fprs)
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last = np.r_[s_sorted[1:] != s_sorted[:-1], True]  # the last row of each run of ties
+    tp = np.cumsum(y_sorted)[last]
+    fp = np.cumsum(~y_sorted)[last]
+    tp_run = np.diff(np.r_[0, tp])
+    fp_run = np.diff(np.r_[0, fp])
+    # Each negative is beaten by the positives of higher runs and ties half of its own.
+    twice_u = int(np.sum(fp_run * (2 * (tp - tp_run) + tp_run)))
+    tpr = np.r_[0.0, tp / n_pos]
+    fpr_v = np.r_[0.0, fp / n_neg]
+    tprs = [float(tpr[fpr_v <= f + 1e-12].max()) for f in fprs]
+    return float(twice_u / (2 * n_pos * n_neg)), tprs

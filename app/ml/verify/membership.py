@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.ml.metrics import auc, tpr_at_fpr
+from app.ml.metrics import roc_summary
 
 # Probabilities are floored here before taking logs, which bounds scores to about +-27.6.
 _PROB_FLOOR = 1e-12
@@ -108,12 +108,13 @@ def attack(member: np.ndarray, nonmember: np.ndarray) -> AttackResult:
         raise ValueError("an attack needs at least one member and one non-member score")
     scores = np.concatenate([m, n])
     is_member = np.concatenate([np.ones(len(m), dtype=bool), np.zeros(len(n), dtype=bool)])
+    area, (tpr_low, tpr_lower) = roc_summary(scores, is_member, (LOW_FPR, LOWER_FPR))
     return AttackResult(
-        auc=auc(scores, is_member),
-        tpr_at_1pct_fpr=tpr_at_fpr(scores, is_member, LOW_FPR),
+        auc=area,
+        tpr_at_1pct_fpr=tpr_low,
         n_members=len(m),
         n_nonmembers=len(n),
-        tpr_at_01pct_fpr=tpr_at_fpr(scores, is_member, LOWER_FPR),
+        tpr_at_01pct_fpr=tpr_lower,
     )
 
 
