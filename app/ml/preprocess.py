@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from app.ml.config import FeatureSpec
+from app.ml.encoders import EncoderSpec, block
 
 
 def _quantise_scale(std: float) -> float:
@@ -47,10 +48,16 @@ class PreprocessorState:
     numeric: tuple[tuple[str, float, float], ...]  # (name, mean, scale)
     categorical: tuple[tuple[str, tuple[str, ...]], ...]  # (name, vocabulary)
     removed: tuple[str, ...] = ()
+    # Media columns (app.ml.encoders): one fixed-width block each, after the categoricals.
+    media: tuple[EncoderSpec, ...] = ()
 
     @property
     def n_inputs(self) -> int:
-        return len(self.numeric) + sum(len(v) for _, v in self.categorical)
+        return len(self.numeric) + sum(len(v) for _, v in self.categorical) + self.media_width
+
+    @property
+    def media_width(self) -> int:
+        return sum(e.width for e in self.media)
 
     def column_slices(self) -> dict[str, slice]:
         """Feature name -> the slice of input columns it occupies."""
@@ -61,6 +68,9 @@ class PreprocessorState:
         for name, vocab in self.categorical:
             out[name] = slice(pos, pos + len(vocab))
             pos += len(vocab)
+        for e in self.media:
+            out[e.column] = slice(pos, pos + e.width)
+            pos += e.width
         return out
 
     def feature_columns(self, feature: str) -> list[int]:
@@ -73,14 +83,23 @@ class PreprocessorState:
     def with_removed(self, feature: str) -> PreprocessorState:
         if feature in self.removed:
             return self
-        return PreprocessorState(self.numeric, self.categorical, (*self.removed, feature))
+        return PreprocessorState(
+            self.numeric, self.categorical, (*self.removed, feature), self.media
+        )
+
+    def with_media(self, media: tuple[EncoderSpec, ...]) -> PreprocessorState:
+        """The same state reading media columns with `media` (e.g. tokens blocked)."""
+        return PreprocessorState(self.numeric, self.categorical, self.removed, media)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "numeric": [[n, m, s] for n, m, s in self.numeric],
             "categorical": [[n, list(v)] for n, v in self.categorical],
             "removed": list(self.removed),
         }
+        if self.media:  # absent for tabular models: their digests as before
+            d["media"] = [e.to_dict() for e in self.media]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PreprocessorState:
@@ -88,6 +107,7 @@ class PreprocessorState:
             numeric=tuple((str(n), float(m), float(s)) for n, m, s in d["numeric"]),
             categorical=tuple((str(n), tuple(str(x) for x in v)) for n, v in d["categorical"]),
             removed=tuple(d.get("removed", ())),
+            media=tuple(EncoderSpec.from_dict(e) for e in d.get("media", ())),
         )
 
     def digest(self) -> str:
@@ -112,6 +132,10 @@ class PreprocessorState:
                 hit = codes >= 0
                 out[np.nonzero(hit)[0], pos + codes[hit]] = 1.0
             pos += len(vocab)
+        for e in self.media:
+            if e.column not in removed:  # a removed column's block stays empty
+                out[:, pos : pos + e.width] = block(list(columns[e.column]), e)
+            pos += e.width
         return torch.from_numpy(out)
 
 
@@ -165,4 +189,4 @@ def fit_preprocessor(spec: FeatureSpec, columns: Mapping[str, np.ndarray]) -> Pr
         else:
             vocab = _vocabulary(columns[name])
         categorical.append((name, vocab))
-    return PreprocessorState(tuple(numeric), tuple(categorical), tuple(spec.removed))
+    return PreprocessorState(tuple(numeric), tuple(categorical), tuple(spec.removed), spec.media)

@@ -59,7 +59,7 @@ def run_training(job_id: str) -> None:
     store = get_store()
     dev = device()
     with phases.timed("load"):
-        data = datasets.to_tabular(ds, datasets.read_partitions(store, ds), active)
+        data = datasets.to_tabular(ds, datasets.read_partitions(store, ds), active, store)
         phases.parquet_reads += 1
     test_mask = test_split(data.record_ids, spec.training.seed, spec.test_fraction)
     train, test = data.take(~test_mask), data.take(test_mask)
