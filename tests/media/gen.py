@@ -118,7 +118,9 @@ def zip_bytes(
                         zf.writestr(r["name"], r["media"])
                 else:
                     table[k].append(r[k])
-        if manifest == "csv":
+        if manifest == "none":
+            pass
+        elif manifest == "csv":
             lines = [",".join(table)]
             for i in range(len(records)):
                 lines.append(
