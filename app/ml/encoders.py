@@ -9,9 +9,9 @@ strategies, retraining, weighting) works on media models unchanged:
 - image: the decoded pixels (channels x size x size); a small CNN;
 - audio: the log-mel spectrogram (n_mels x frames); a small CNN.
 
-`MediaModel` splits its input into the tabular block (first) and one block per media
-column, encodes each and concatenates the encodings before the head (logistic or MLP),
-whose first layer is the input layer feature removal works on.
+`MediaModel` splits its input into one block per media column (first) and the tabular
+inputs, encodes each block and concatenates the encodings and the tabular inputs before
+the head (logistic or MLP), whose first layer is the input layer feature removal works on.
 
 The tokenizer drops blocked tokens (whole words, case-insensitively) before it forms
 n-grams, so a text scores exactly the same with or without them: invariance by
@@ -253,34 +253,45 @@ def encoder_module(spec: EncoderSpec) -> nn.Module:
 
 
 class MediaModel(nn.Module):
-    """Tabular block passed through, each media block encoded, all concatenated, then
-    `head` (a LogisticRegression or MLP over the concatenation)."""
+    """Each media block encoded, the tabular inputs after them passed through, all
+    concatenated, then `head` (a LogisticRegression or MLP over the concatenation).
+
+    Inputs are [media blocks..., tabular...] and the head's inputs [encodings...,
+    tabular...]: a column appended after the inputs (the injection test's) is the
+    head's last input column, as it is for a plain network."""
 
     def __init__(self, n_inputs: int, encoders: Sequence[EncoderSpec], head_factory: Any) -> None:
         super().__init__()
         widths = [e.width for e in encoders]
-        self.n_tabular = n_inputs - sum(widths)
+        self.media_width = sum(widths)
+        self.n_tabular = n_inputs - self.media_width
         if self.n_tabular < 0:
             raise ValueError("the inputs are narrower than the encoders' blocks")
         self.widths = widths
         self.columns = [e.column for e in encoders]
         self.encoders = nn.ModuleList([encoder_module(e) for e in encoders])
         self.out_dims = [e.out_dim for e in encoders]
-        self.head: nn.Module = head_factory(self.n_tabular + sum(self.out_dims))
+        self.head: nn.Module = head_factory(sum(self.out_dims) + self.n_tabular)
 
     def head_columns(self, column: str) -> list[int]:
         """The head's input columns fed by a media column's encoder."""
-        pos = self.n_tabular
+        pos = 0
         for name, dim in zip(self.columns, self.out_dims, strict=True):
             if name == column:
                 return list(range(pos, pos + dim))
             pos += dim
         raise KeyError(column)
 
+    def head_index(self, input_columns: Sequence[int]) -> list[int]:
+        """Tabular input columns -> the head's input columns they feed."""
+        shift = sum(self.out_dims) - self.media_width
+        return [c + shift for c in input_columns if c >= self.media_width]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [x[:, : self.n_tabular]]
-        pos = self.n_tabular
+        parts = []
+        pos = 0
         for enc, w in zip(self.encoders, self.widths, strict=True):
             parts.append(enc(x[:, pos : pos + w]))
             pos += w
+        parts.append(x[:, pos:])
         return self.head(torch.cat(parts, dim=1))  # type: ignore[no-any-return]

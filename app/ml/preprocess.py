@@ -39,7 +39,8 @@ def _quantise_mean(mean: float, scale: float) -> float:
 
 @dataclass(frozen=True)
 class PreprocessorState:
-    """Fitted preprocessing: inputs are [numeric..., one-hot per categorical...].
+    """Fitted preprocessing: inputs are [media blocks..., numeric..., one-hot per
+    categorical...] (media blocks only for models with text, image or audio columns).
 
     `removed` features still own their input columns (so shapes stay stable across
     versions) but always emit zeros.
@@ -48,7 +49,7 @@ class PreprocessorState:
     numeric: tuple[tuple[str, float, float], ...]  # (name, mean, scale)
     categorical: tuple[tuple[str, tuple[str, ...]], ...]  # (name, vocabulary)
     removed: tuple[str, ...] = ()
-    # Media columns (app.ml.encoders): one fixed-width block each, after the categoricals.
+    # Media columns (app.ml.encoders): one fixed-width block each, before the numerics.
     media: tuple[EncoderSpec, ...] = ()
 
     @property
@@ -60,17 +61,20 @@ class PreprocessorState:
         return sum(e.width for e in self.media)
 
     def column_slices(self) -> dict[str, slice]:
-        """Feature name -> the slice of input columns it occupies."""
+        """Feature name -> the slice of input columns it occupies: media blocks first
+        (none for tabular models), then numeric, then one-hot categoricals, so that a
+        column appended after them (the injection test's) is the network head's last."""
         out: dict[str, slice] = {}
-        for i, (name, _, _) in enumerate(self.numeric):
-            out[name] = slice(i, i + 1)
-        pos = len(self.numeric)
-        for name, vocab in self.categorical:
-            out[name] = slice(pos, pos + len(vocab))
-            pos += len(vocab)
+        pos = 0
         for e in self.media:
             out[e.column] = slice(pos, pos + e.width)
             pos += e.width
+        for i, (name, _, _) in enumerate(self.numeric):
+            out[name] = slice(pos + i, pos + i + 1)
+        pos += len(self.numeric)
+        for name, vocab in self.categorical:
+            out[name] = slice(pos, pos + len(vocab))
+            pos += len(vocab)
         return out
 
     def feature_columns(self, feature: str) -> list[int]:
@@ -119,23 +123,26 @@ class PreprocessorState:
         n = _n_rows(columns)
         out = np.zeros((n, self.n_inputs), dtype=np.float32)
         removed = set(self.removed)
+        pos = 0
+        for e in self.media:
+            if e.column not in removed:  # a removed column's block stays empty
+                out[:, pos : pos + e.width] = block(list(columns[e.column]), e)
+            pos += e.width
         for i, (name, mean, scale) in enumerate(self.numeric):
             if name in removed:
                 continue
             x = np.asarray(columns[name], dtype=np.float64)
             z = (x - mean) / scale
-            out[:, i] = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-        pos = len(self.numeric)
+            out[:, pos + i] = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(
+                np.float32
+            )
+        pos += len(self.numeric)
         for name, vocab in self.categorical:
             if name not in removed:
                 codes = _codes(columns[name], {v: j for j, v in enumerate(vocab)}, n)
                 hit = codes >= 0
                 out[np.nonzero(hit)[0], pos + codes[hit]] = 1.0
             pos += len(vocab)
-        for e in self.media:
-            if e.column not in removed:  # a removed column's block stays empty
-                out[:, pos : pos + e.width] = block(list(columns[e.column]), e)
-            pos += e.width
         return torch.from_numpy(out)
 
 

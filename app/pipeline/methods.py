@@ -378,12 +378,17 @@ def _entry_without_feature(
     model.load_state_dict(tensors)
     model = model.to(device)
     result: dict[str, Any]
-    if isinstance(model, MediaModel) and feature in model.columns:
-        # A text, image or audio column: its block is emptied by the preprocessor; the
-        # head's weights on its encoder's outputs are zeroed and frozen; then repair.
+    if isinstance(model, MediaModel):
+        # The preprocessor empties the feature's inputs (a media column's whole block);
+        # the head's weights on what they fed (the encoder's outputs for a media column)
+        # are zeroed and frozen; then repair on the retained rows.
         new_prep = prep.with_removed(feature)
         x, y = _xy(new_prep, data, device)
-        head_cols = model.head_columns(feature)
+        head_cols = (
+            model.head_columns(feature)
+            if feature in model.columns
+            else model.head_index(prep.feature_columns(feature))
+        )
         with torch.no_grad():
             input_layer(model).weight[:, head_cols] = 0.0
         seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", job_id, e.shard)

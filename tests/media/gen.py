@@ -59,7 +59,7 @@ def wav(
 
 
 def rows(
-    kind: str, n_subjects: int = 24, per_subject: int = 2, seed: int = 0
+    kind: str, n_subjects: int = 24, per_subject: int = 2, seed: int = 0, prefix: str = ""
 ) -> list[dict[str, Any]]:
     """Records with `subject`, `source`, `group`, `age`, `label` and one media column
     `media` (text, or the file's bytes for image and audio)."""
@@ -77,7 +77,7 @@ def rows(
                 value = wav(300.0 if label else 1200.0 + 200 * (s % 2), rng)
             out.append(
                 {
-                    "subject": f"s{s:03d}",
+                    "subject": f"{prefix}s{s:03d}",
                     "source": f"district{s % 3}",
                     "group": group,
                     "age": float(rng.integers(18, 60)),
