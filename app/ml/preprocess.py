@@ -133,9 +133,7 @@ class PreprocessorState:
                 continue
             x = np.asarray(columns[name], dtype=np.float64)
             z = (x - mean) / scale
-            out[:, pos + i] = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(
-                np.float32
-            )
+            out[:, pos + i] = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
         pos += len(self.numeric)
         for name, vocab in self.categorical:
             if name not in removed:
