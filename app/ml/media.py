@@ -80,16 +80,18 @@ def read_wav(data: bytes, limits: MediaLimits = MediaLimits()) -> tuple[np.ndarr
                 raise MediaError(f"sample width of {width * 8} bits, expected 16-bit PCM")
             if rate <= 0 or channels <= 0:
                 raise MediaError("a WAV header without channels or sample rate")
-            if n / rate > limits.max_audio_seconds:
-                raise MediaError(
-                    f"{n / rate:.1f} s of audio, more than the "
-                    f"{limits.max_audio_seconds:g} s allowed"
-                )
-            raw = wf.readframes(n)
+            # Streamed WAVs (espeak-ng --stdout) declare a huge frame count: the length
+            # is what the file holds, bounded by its size.
+            raw = wf.readframes(min(n, len(data) // max(1, width * channels)))
     except MediaError:
         raise
     except (wave.Error, EOFError, OSError, ValueError) as exc:
         raise MediaError(f"not a PCM WAV file: {exc}") from exc
+    seconds = len(raw) / (width * channels * rate)
+    if seconds > limits.max_audio_seconds:
+        raise MediaError(
+            f"{seconds:.1f} s of audio, more than the {limits.max_audio_seconds:g} s allowed"
+        )
     samples = np.frombuffer(raw[: len(raw) - len(raw) % (2 * channels)], dtype="<i2")
     x = samples.reshape(-1, channels).astype(np.float32).mean(axis=1) / 32768.0
     return np.ascontiguousarray(x, dtype=np.float32), rate
