@@ -1,12 +1,13 @@
 """`make bench`: every benchmark, each measuring its naive alternative in the same run.
 
 B1 SISA subject unlearning vs a monolithic retrain; B2 certified removal vs retraining a
-logistic model; B3 approximate strategies vs retraining an MLP; B4 1,000 subject requests
-through the whole service, batched into jobs vs one job each; B5 text and audio models
-(ingest rate, training, one-subject SISA unlearning vs a monolithic retrain); B8 how the
-service's costs grow with 100k, 300k and 1M records, and B9 intake of deletion requests
-under concurrent load, both on PostgreSQL + Redis (skipped when they do not answer); E1 one subject erased
-end to end through the API from a SISA model vs training the same network monolithically.
+logistic model; B3 approximate strategies vs retraining an MLP; B4 1,000 subject
+requests through the whole service, batched into jobs vs one job each; B5 text and audio
+models (ingest rate, training, one-subject SISA unlearning vs a monolithic retrain); B8
+how the service's costs grow with 100k, 300k and 1M records, and B9 intake of deletion
+requests under concurrent load, both on PostgreSQL + Redis (skipped when they do not
+answer); E1 one subject erased end to end through the API from a SISA model vs training
+the same network monolithically.
 Each prints its table and writes JSON under bench/results/. Pass --quick for a small
 smoke run.
 """
