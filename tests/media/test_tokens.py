@@ -228,3 +228,22 @@ def test_a_text_column_without_tokens_is_removed_whole(
     check = report["checks"]["feature"]
     assert check["passed"] and check["metrics"]["after"]["max_abs_change"] == 0.0, check
     assert check["metrics"]["before"]["max_abs_change"] > 0.0
+
+
+def test_the_model_page_shows_column_kinds_encoders_and_forgotten_words(
+    env: AppEnv, keys: dict[str, str], inline_chords: None
+) -> None:
+    from tests.dashboard.helpers import login
+
+    admin = keys["admin"]
+    _text_model(env, admin, "cv-page", {"mode": "sisa", "shards": 2, "slices": 2})
+    _forget_words(env, admin, "cv-page")
+    page = login(env, admin).get("/admin/models/cv-page")
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert 'data-testid="inputs"' in html
+    row = html[html.index('data-column="media"') :].split("</tr>")[0]
+    assert "text" in row and "text_bag" in row and "buckets=1024" in row
+    assert "driving, licence" in row
+    age = html[html.index('data-column="age"') :].split("</tr>")[0]
+    assert "numeric" in age
