@@ -20,8 +20,11 @@ construction, not by training.
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,7 +158,7 @@ def ngram_ids(tokens: Sequence[str], ngrams: int, buckets: int) -> list[int]:
     return out
 
 
-def text_block(values: Sequence[Any], spec: EncoderSpec) -> np.ndarray:
+def text_block(values: Sequence[Any] | np.ndarray, spec: EncoderSpec) -> np.ndarray:
     p = spec.params
     max_tokens, ngrams, buckets = int(p["max_tokens"]), int(p["ngrams"]), int(p["buckets"])
     out = np.zeros((len(values), spec.width), dtype=np.float32)
@@ -180,10 +183,41 @@ def _bytes(v: Any) -> bytes | None:
     raise media.MediaError(f"expected the file's bytes, got {type(v).__name__}")
 
 
+# Decoded blocks of recent column arrays: every shard of an ensemble (and every check
+# of a verification) transforms the same rows, and a block depends only on the values
+# and the encoder, not on what a shard fitted. Keyed by the array's identity; the entry
+# holds the array, so the identity cannot be reused while it is cached.
+_CACHE: OrderedDict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_CACHE_ENTRIES = 16
+_CACHE_LOCK = threading.Lock()
+
+
 def block(
-    values: Sequence[Any], spec: EncoderSpec, limits: media.MediaLimits = media.MediaLimits()
+    values: Sequence[Any] | np.ndarray,
+    spec: EncoderSpec,
+    limits: media.MediaLimits = media.MediaLimits(),
 ) -> np.ndarray:
     """Raw column values -> (N, spec.width) float32. Missing values give zeros."""
+    if not isinstance(values, np.ndarray) or values.dtype != object:
+        return _block(values, spec, limits)
+    key = (id(values), json.dumps(spec.to_dict(), sort_keys=True))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] is values:
+            _CACHE.move_to_end(key)
+            return hit[1]
+    out = _block(values, spec, limits)
+    out.setflags(write=False)
+    with _CACHE_LOCK:
+        _CACHE[key] = (values, out)
+        while len(_CACHE) > _CACHE_ENTRIES:
+            _CACHE.popitem(last=False)
+    return out
+
+
+def _block(
+    values: Sequence[Any] | np.ndarray, spec: EncoderSpec, limits: media.MediaLimits
+) -> np.ndarray:
     if spec.kind == "text_bag":
         return text_block(values, spec)
     out = np.zeros((len(values), spec.width), dtype=np.float32)

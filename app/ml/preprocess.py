@@ -126,7 +126,7 @@ class PreprocessorState:
         pos = 0
         for e in self.media:
             if e.column not in removed:  # a removed column's block stays empty
-                out[:, pos : pos + e.width] = block(list(columns[e.column]), e)
+                out[:, pos : pos + e.width] = block(columns[e.column], e)
             pos += e.width
         for i, (name, mean, scale) in enumerate(self.numeric):
             if name in removed:
