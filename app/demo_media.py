@@ -405,8 +405,9 @@ def esl_speech_story(
     named = sorted({f"{f['column']}={f['group']} ({f['metric']})" for f in flagged})
     table.add_row("flagged groups", "; ".join(named) or "none")
     if mitigated:
-        _, am = _group(mitigated["checks"].get("fairness", {}), ACCENT)
-        table.add_row(f"accuracy, {ACCENT}-accented answers after mitigation", _f(am))
+        for lang in sorted({str(f["group"]) for f in flagged} | {ACCENT}):
+            _, am = _group(mitigated["checks"].get("fairness", {}), lang)
+            table.add_row(f"accuracy, {lang}-accented answers after mitigation", _f(am))
     elif not flagged:
         table.add_row("mitigation", "not run: no group flagged (drop not significant)")
     table.add_row("certificate verifies offline", verified)
