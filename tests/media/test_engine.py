@@ -134,3 +134,20 @@ def test_blocked_tokens_make_scores_exactly_invariant() -> None:
     assert torch.equal(scores(blind, texts), scores(blind, inserted))
     # Without blocking (the uncorrected model), the words do move scores.
     assert not torch.equal(scores(prep, texts), scores(prep, inserted))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("kind", ["text", "image", "audio"])
+def test_media_models_train_on_cuda(kind: str) -> None:
+    data = media_data(kind, n_subjects=8)
+    spec, arch = specs(kind)
+    prep = fit_preprocessor(spec, data.columns)
+    dev = torch.device("cuda")
+    x = prep.transform(data.columns).to(dev)
+    model = init_model_(build_model(arch, prep.n_inputs, 2), seed=1).to(dev)
+    fit(model, x, torch.from_numpy(data.labels).to(dev), TRAIN, seed=2)
+    cpu_model = init_model_(build_model(arch, prep.n_inputs, 2), seed=1)
+    fit(cpu_model, x.cpu(), torch.from_numpy(data.labels), TRAIN, seed=2)
+    got = predict_proba(model, x).cpu()
+    want = predict_proba(cpu_model, x.cpu())
+    assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
