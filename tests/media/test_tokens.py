@@ -247,3 +247,38 @@ def test_the_model_page_shows_column_kinds_encoders_and_forgotten_words(
     assert "driving, licence" in row
     age = html[html.index('data-column="age"') :].split("</tr>")[0]
     assert "numeric" in age
+
+
+@pytest.mark.parametrize("feature", ["media", "age"])
+def test_monolithic_media_model_drops_a_column(
+    env: AppEnv, keys: dict[str, str], feature: str
+) -> None:
+    """Zero-freeze-repair on a media model: a text column (its encoder's outputs in the
+    head) or a tabular one (its head column after the encodings)."""
+    from app.core.db import session_scope
+    from app.requests import lifecycle
+
+    admin = keys["admin"]
+    name = f"cv-mono-drop-{feature}"
+    _text_model(env, admin, name, {"mode": "monolithic"})
+    r = env.client.post(
+        "/v1/deletion-requests",
+        headers=auth(admin),
+        json={"kind": "feature", "feature": feature, "model": name},
+    )
+    assert r.status_code == 202, r.text
+    rid = r.json()["id"]
+    with session_scope() as s:
+        lifecycle.plan(s, rid)
+    view = env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(admin)).json()
+    features.run_feature(view["models"][0]["job_id"], EVENTS)
+    view = finish(
+        env, admin, env.client.get(f"/v1/deletion-requests/{rid}", headers=auth(admin)).json()
+    )
+    assert view["status"] == "completed", view
+    (m,) = view["models"]
+    assert m["method"] == "feature_repair", m
+    check = env.client.get(f"/v1/reports/{m['report_id']}", headers=auth(admin)).json()["checks"][
+        "feature"
+    ]
+    assert check["passed"] and check["metrics"]["after"]["max_abs_change"] == 0.0, check
