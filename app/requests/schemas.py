@@ -25,13 +25,15 @@ def _given(field: str) -> dict[str, Any]:
 def _one_target_per_kind(schema: dict[str, Any]) -> None:
     """State the cross-field rules in the JSON schema: each kind carries its own target
     (and a feature request its model) and no other kind's; only a records request may
-    name a dataset."""
+    name a dataset, only a feature request words."""
     variants = []
     for kind, field in TARGET_FIELD.items():
         needed = [field, "model"] if kind == "feature" else [field]
         others = [f for k, f in TARGET_FIELD.items() if k != kind]
         if kind != "records":
             others.append("dataset_id")  # it only narrows record ids
+        if kind != "feature":
+            others.append("tokens")  # words are forgotten from a model's text column
         variants.append(
             {
                 "properties": {"kind": {"const": kind}},
