@@ -271,7 +271,7 @@ def demo(
     ] = False,
     stories: Annotated[
         str, typer.Option(hidden=True, help="comma-separated subset of the stories")
-    ] = "erasure,feature,district",
+    ] = "erasure,feature,district,cv-text,esl-speech",
 ) -> None:
     """Run the seed stories end to end on the embedded default and print a report."""
     from app.demo import STORIES, run_demo

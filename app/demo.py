@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from app.demo_district import district_story
+from app.demo_media import cv_text_story, esl_speech_story
 from app.stack import LocalStack
 
 # A fixed width keeps the report table readable when stdout is not a terminal.
@@ -90,7 +91,7 @@ def _request_fraction(d: dict[str, Any]) -> float:
     return REQUEST_STEPS.index(s) / (len(REQUEST_STEPS) - 1) if s in REQUEST_STEPS else 1.0
 
 
-STORIES = ("erasure", "feature", "district")
+STORIES = ("erasure", "feature", "district", "cv-text", "esl-speech")
 
 
 def run_demo(
@@ -135,6 +136,12 @@ def run_demo(
             tables.append(_feature_story(admin))
         if "district" in stories:
             tables.append(district_story(admin, portal, console, [sys.executable, "-m", "app.cli"]))
+        if "cv-text" in stories:
+            tables.append(cv_text_story(admin, console))
+        if "esl-speech" in stories:
+            tables.append(
+                esl_speech_story(admin, portal, console, [sys.executable, "-m", "app.cli"])
+            )
     except Exception as exc:
         stack.stop()
         console.print(f"[red]demo failed:[/red] {exc}")

@@ -2,12 +2,13 @@
 
 B1 SISA subject unlearning vs a monolithic retrain; B2 certified removal vs retraining a
 logistic model; B3 approximate strategies vs retraining an MLP; B4 1,000 subject requests
-through the whole service, batched into jobs vs one job each; B6 the forgetting check's
-false alarms on exact erasures and detection of a no-op / under-trained method; B8 how
-the service's costs grow with 100k, 300k and 1M records, and B9 intake of deletion
-requests under concurrent load, both on PostgreSQL + Redis (skipped when they do not
-answer); E1 one subject erased end to end through the API from a SISA model vs training
-the same network monolithically.
+through the whole service, batched into jobs vs one job each; B5 text and audio models
+(ingest rate, training, one-subject SISA unlearning vs a monolithic retrain); B6 the
+forgetting check's false alarms on exact erasures and detection of a no-op /
+under-trained method; B8 how the service's costs grow with 100k, 300k and 1M records,
+and B9 intake of deletion requests under concurrent load, both on PostgreSQL + Redis
+(skipped when they do not answer); E1 one subject erased end to end through the API from
+a SISA model vs training the same network monolithically.
 Each prints its table and writes JSON under bench/results/. Pass --quick for a small
 smoke run.
 """
@@ -22,6 +23,7 @@ from bench import (
     b2_certified,
     b3_strategies,
     b4_batching,
+    b5_media,
     b6_verification,
     b8_scale,
     b9_intake,
@@ -33,7 +35,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
-        "--only", choices=["b1", "b2", "b3", "b4", "b6", "b8", "b9", "e1"], action="append"
+        "--only",
+        choices=["b1", "b2", "b3", "b4", "b5", "b6", "b8", "b9", "e1"],
+        action="append",
     )
     args = parser.parse_args()
     runs = {
@@ -41,6 +45,7 @@ def main() -> None:
         "b2": b2_certified.main,
         "b3": b3_strategies.main,
         "b4": b4_batching.main,
+        "b5": b5_media.main,
         "b6": b6_verification.main,
         "b8": b8_scale.main,
         "b9": b9_intake.main,

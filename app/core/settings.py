@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     # request (201, as before); larger ones by a worker job (202, `status: ingesting`).
     max_upload_bytes: int = Field(default=512 * 2**20, gt=0)
     inline_ingest_bytes: int = Field(default=4 * 2**20, ge=0)
+    # Media datasets (zip archives, binary Parquet columns; app.datasets.archive): what an
+    # archive may hold before it is refused (422 naming the file), and what a file may be.
+    media_max_entries: int = Field(default=200_000, gt=0)
+    media_max_uncompressed_bytes: int = Field(default=2 * 2**30, gt=0)
+    media_max_compression_ratio: float = Field(default=200.0, gt=1)
+    media_max_file_bytes: int = Field(default=16 * 2**20, gt=0)
+    media_max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+    media_max_audio_seconds: float = Field(default=60.0, gt=0)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.audit import service as audit
 from app.core.errors import BadRequest, NotFound
 from app.dashboard.rows import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
-from app.models import AuditEvent, Job, MLModel, ModelVersion
+from app.models import AuditEvent, Dataset, Job, MLModel, ModelVersion
 from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 from app.webhooks import service as webhooks
 from app.webhooks.schemas import DeliveryOut, WebhookOut
@@ -245,6 +245,40 @@ class ModelDetail:
     shard_map: list[ShardMapRow]
     certified: CertifiedBudget | None
     config: dict[str, Any] = field(default_factory=dict)
+    inputs: list[InputRow] = field(default_factory=list)
+
+
+@dataclass
+class InputRow:
+    """One feature column of a model: its kind in the dataset, its encoder (text, image
+    and audio columns) and what was forgotten of it."""
+
+    column: str
+    kind: str
+    encoder: str
+    params: str
+    forgotten: str
+
+
+def input_rows(session: Session, model: MLModel) -> list[InputRow]:
+    ds = session.get(Dataset, model.dataset_id)
+    schema = ds.schema if ds is not None else {}
+    kinds: dict[str, str] = schema.get("column_kinds") or {
+        c: "numeric" if c in schema.get("numeric_columns", []) else "categorical"
+        for c in schema.get("feature_columns", [])
+    }
+    resolved = model.config.get("resolved") or {}
+    media = {e["column"]: e for e in (resolved.get("feature_spec") or {}).get("media", [])}
+    removed = {d["feature"] for d in resolved.get("removed_features", [])}
+    rows = []
+    for c in model.config.get("feature_columns", []):
+        e = media.get(c) or {}
+        params = ", ".join(
+            f"{k}={v}" for k, v in e.items() if k not in ("column", "kind", "blocked")
+        )
+        gone = "whole column" if c in removed else ", ".join(e.get("blocked", []))
+        rows.append(InputRow(c, kinds.get(c, "?"), str(e.get("kind", "")), params, gone))
+    return rows
 
 
 def _entries(mv: ModelVersion) -> dict[int, dict[str, Any]]:
@@ -360,6 +394,7 @@ def model_detail(session: Session, name: str) -> ModelDetail:
         shard_map=list(reversed(smap)),
         certified=certified,
         config={k: v for k, v in model.config.items() if k != "resolved"},
+        inputs=input_rows(session, model),
     )
 
 

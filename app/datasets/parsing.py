@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -27,6 +27,7 @@ class ParsedDataset:
     external_ids: list[str]
     subjects: list[str]
     sources: list[str]
+    media_columns: dict[str, str] = field(default_factory=dict)
 
 
 def read_table(data: bytes, filename: str) -> pa.Table:
@@ -57,6 +58,27 @@ class Columns:
     categorical: list[str]
     numeric: list[str]
     groups: list[str]
+    media: dict[str, str] = field(default_factory=dict)  # text/image/audio feature -> kind
+
+
+def spec_media(spec: DatasetSpec) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for kind, cols in (
+        ("text", spec.text_columns),
+        ("image", spec.image_columns),
+        ("audio", spec.audio_columns),
+    ):
+        out.update({c: kind for c in cols or []})
+    return out
+
+
+def media_schema(
+    features: list[str], numeric: list[str], media: dict[str, str]
+) -> dict[str, object]:
+    """The dataset schema's media part: `media_columns` (column -> text|image|audio) and
+    `column_kinds` (every feature's kind)."""
+    kinds = {f: media.get(f) or ("numeric" if f in numeric else "categorical") for f in features}
+    return {"media_columns": dict(media), "column_kinds": kinds}
 
 
 def plan_columns(schema: pa.Schema, spec: DatasetSpec) -> Columns:
@@ -85,6 +107,13 @@ def plan_columns(schema: pa.Schema, spec: DatasetSpec) -> Columns:
             )
     for name in (spec.categorical_columns or []) + (spec.group_columns or []):
         need(name, "column")
+    declared_media = spec_media(spec)
+    for name in declared_media:
+        need(name, "media column")
+        if name in reserved:
+            raise Unprocessable(
+                f"{name!r} cannot be a media feature and an id/label column", code="invalid_spec"
+            )
     features = spec.feature_columns or [c for c in cols if c not in reserved]
     if not features:
         raise Unprocessable("no feature columns", code="invalid_spec")
@@ -93,9 +122,12 @@ def plan_columns(schema: pa.Schema, spec: DatasetSpec) -> Columns:
     declared = set(spec.categorical_columns or [])
     categorical: list[str] = []
     numeric: list[str] = []
+    media: dict[str, str] = {}
     for name in features:
         t = schema.field(name).type
-        if (
+        if name in declared_media:
+            media[name] = declared_media[name]
+        elif (
             name in declared
             or pa.types.is_string(t)
             or pa.types.is_large_string(t)
@@ -106,7 +138,12 @@ def plan_columns(schema: pa.Schema, spec: DatasetSpec) -> Columns:
             numeric.append(name)
         else:
             raise Unprocessable(f"column {name!r} has unsupported type {t}", code="invalid_file")
-    return Columns(features, categorical, numeric, list(spec.group_columns or []))
+    unused = [c for c in declared_media if c not in media]
+    if unused:
+        raise Unprocessable(
+            f"media columns {unused} are not among the feature columns", code="invalid_spec"
+        )
+    return Columns(features, categorical, numeric, list(spec.group_columns or []), media)
 
 
 def cast_columns(table: pa.Table, columns: Columns) -> pa.Table:
@@ -185,5 +222,14 @@ def validate(table: pa.Table, spec: DatasetSpec) -> ParsedDataset:
             "record ids and source names are at most 200 characters", code="invalid_file"
         )
     return ParsedDataset(
-        table, features, categorical, numeric, groups, classes, external_ids, subjects, sources
+        table,
+        features,
+        categorical,
+        numeric,
+        groups,
+        classes,
+        external_ids,
+        subjects,
+        sources,
+        columns.media,
     )

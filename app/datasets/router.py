@@ -16,8 +16,7 @@ from app.core import outbox
 from app.core.errors import Unprocessable
 from app.core.settings import Settings
 from app.core.storage import ArtifactStore, get_store
-from app.datasets import service
-from app.datasets.parsing import read_table
+from app.datasets import archive, service
 from app.datasets.schemas import DatasetAccepted, DatasetOut, DatasetSpec
 from app.datasets.upload import MAX_SPEC_BYTES, Upload, receive
 
@@ -54,7 +53,9 @@ _BODY = {
                     "file": {
                         "type": "string",
                         "format": "binary",
-                        "description": "CSV or Parquet, at most PALIMPSEST_MAX_UPLOAD_BYTES",
+                        "description": "CSV, Parquet or a zip archive (manifest.csv or "
+                        "manifest.parquet "
+                        "and the media files it names), at most PALIMPSEST_MAX_UPLOAD_BYTES",
                     },
                     "spec": {
                         "type": "string",
@@ -106,10 +107,17 @@ def _create(
     """The staged upload ends ingested, staged for a job, or deleted."""
     try:
         spec = parse_spec(upload.spec)
-        if upload.size <= settings.inline_ingest_bytes:
+        # Archives and image/audio columns are ingested here whatever their size (their
+        # files are decoded and checked one by one); other large files by a worker job.
+        media = bool(spec.image_columns or spec.audio_columns) or upload.filename.lower().endswith(
+            ".zip"
+        )
+        if upload.size <= settings.inline_ingest_bytes or media:
             data = store.read_bytes(upload.path)
             store.delete(upload.path)
-            table = read_table(data, upload.filename)
+            archive.media_columns(spec)  # a column declared of two kinds is a 422
+            mt = archive.read_upload(data, upload.filename, spec, settings)
+            table = archive.check_media(mt, spec, settings)
             return service.ingest(session, store, settings, spec, table, caller.actor)
         accepted = service.stage(
             session, spec, upload.path, upload.filename, upload.size, caller.actor

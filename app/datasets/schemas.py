@@ -17,6 +17,11 @@ class DatasetSpec(BaseModel):
     feature_columns: list[str] | None = None
     categorical_columns: list[str] | None = None
     group_columns: list[str] | None = None
+    # Media columns (app.datasets.archive): text as strings; image (PNG, JPEG) and audio
+    # (PCM WAV) as file names inside a zip archive or as bytes in binary Parquet columns.
+    text_columns: list[str] | None = None
+    image_columns: list[str] | None = None
+    audio_columns: list[str] | None = None
     # Additions beyond the contract: a column of stable record ids (used by `records`
     # deletion requests; row numbers otherwise) and the number of storage partitions.
     record_id_column: str | None = None
@@ -61,6 +66,8 @@ class DatasetOut(BaseModel):
     feature_columns: list[str]
     group_columns: list[str]
     categorical_columns: list[str] = []
+    # Every feature column's kind: numeric, categorical, text, image or audio.
+    column_kinds: dict[str, str] = {}
     label_column: str = ""
     label_classes: list[str] = []
     created_at: str = ""

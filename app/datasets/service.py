@@ -18,7 +18,8 @@ from app.core.errors import Conflict, NotFound
 from app.core.security import subject_key
 from app.core.settings import Settings
 from app.core.storage import ArtifactStore
-from app.datasets.parsing import validate
+from app.datasets import archive
+from app.datasets.parsing import media_schema, validate
 from app.datasets.schemas import DatasetAccepted, DatasetOut, DatasetSpec
 from app.datasets.warm import WARM
 from app.jobs import routing
@@ -150,6 +151,7 @@ def ingest(
             "group_columns": parsed.group_columns,
             "label_column": spec.label_column,
             "label_classes": parsed.label_classes,
+            **media_schema(parsed.feature_columns, parsed.numeric_columns, parsed.media_columns),
         },
         n_partitions=spec.partitions,
         artifact_prefix="",
@@ -189,6 +191,15 @@ def ingest(
     data = data.append_column(SRC, pa.array(parsed.sources, pa.string()))
     part_arr = np.asarray(partitions)
     try:
+        # Image and audio files go to the content-addressed media store of their
+        # record's partition; the Parquet column keeps the reference.
+        for col, kind in parsed.media_columns.items():
+            if kind == "text":
+                continue
+            refs = archive.store_media(
+                store, ds.artifact_prefix, data.column(col).to_pylist(), partitions
+            )
+            data = data.set_column(data.column_names.index(col), col, pa.array(refs, pa.string()))
         for p in sorted(set(partitions)):
             store.write_table(part_path(ds, p), data.filter(pa.array(part_arr == p)))
     except BaseException:
@@ -247,6 +258,11 @@ def to_out(session: Session, ds: Dataset) -> DatasetOut:
         feature_columns=schema["feature_columns"],
         group_columns=schema["group_columns"],
         categorical_columns=schema["categorical_columns"],
+        column_kinds=schema.get("column_kinds")
+        or {
+            f: "numeric" if f in schema["numeric_columns"] else "categorical"
+            for f in schema["feature_columns"]
+        },
         label_column=schema["label_column"],
         label_classes=schema["label_classes"],
         created_at=ds.created_at.isoformat(),
@@ -272,8 +288,12 @@ def warm_rows(
     reading and converting the whole dataset once if no copy is held (`on_read` is given
     the table read, so that a caller whose dataset is too large to keep still reads it
     only once), and whether the copy was already warm. None: no copy is kept (turned
-    off, or the dataset is above `warm_data_max_rows`)."""
+    off, an image or audio dataset, or one above `warm_data_max_rows`)."""
     if settings.warm_data_seconds <= 0:
+        return None
+    if set(ds.schema.get("media_columns", {}).values()) & {"image", "audio"}:
+        # Not for image or audio datasets: a copy would hold every file's bytes (each job
+        # reads only the files of the rows it uses).
         return None
 
     def load() -> TabularData | None:
@@ -281,7 +301,7 @@ def warm_rows(
         on_read(table)
         if table.num_rows > settings.warm_data_max_rows:
             return None
-        return to_tabular(ds, table)
+        return to_tabular(ds, table, None, store)
 
     return WARM.rows(ds.id, record_ids, load, ttl=settings.warm_data_seconds)
 
@@ -306,8 +326,15 @@ def _objects(col: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
 
 
-def to_tabular(ds: Dataset, table: pa.Table, record_ids: np.ndarray | None = None) -> TabularData:
-    """Arrow rows -> engine data, optionally restricted to `record_ids` (sorted by id)."""
+def to_tabular(
+    ds: Dataset,
+    table: pa.Table,
+    record_ids: np.ndarray | None = None,
+    store: ArtifactStore | None = None,
+) -> TabularData:
+    """Arrow rows -> engine data, optionally restricted to `record_ids` (sorted by id).
+    Text columns are strings; image and audio columns the files' bytes, read from the
+    media store (`store`, the configured one by default)."""
     if record_ids is not None:
         table = table.filter(pc.is_in(table.column(RID), pa.array(record_ids, pa.int64())))
     # Sorted by id in Arrow, before anything is converted.
@@ -318,6 +345,17 @@ def to_tabular(ds: Dataset, table: pa.Table, record_ids: np.ndarray | None = Non
         columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     for name in schema["categorical_columns"]:
         columns[name] = _objects(table.column(name))
+    for name, kind in schema.get("media_columns", {}).items():
+        if kind == "text":
+            columns[name] = _objects(table.column(name))
+        else:
+            from app.core.storage import get_store
+
+            refs = table.column(name).to_pylist()
+            blobs = archive.load_media(store or get_store(), ds.artifact_prefix, refs)
+            cells = np.empty(len(blobs), dtype=object)
+            cells[:] = blobs
+            columns[name] = cells
     for name in schema["group_columns"]:
         if name not in columns:
             col = table.column(name)
@@ -366,4 +404,12 @@ def erase_from_partitions(
             store.delete(path)
         else:
             store.write_table(path, kept)
+        # The erased records' files, unless a remaining record holds the same content.
+        media = [c for c, k in ds.schema.get("media_columns", {}).items() if k != "text"]
+        gone: set[str] = set()
+        for col in media:
+            gone.update(r for r in table.filter(mask).column(col).to_pylist() if r)
+        for col in media:
+            gone.difference_update(kept.column(col).to_pylist())
+        archive.delete_media(store, ds.artifact_prefix, gone)
     return removed

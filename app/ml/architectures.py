@@ -54,6 +54,11 @@ class MLP(nn.Module):
 def build_model(arch: ArchitectureConfig, n_inputs: int, n_classes: int) -> nn.Module:
     if n_classes < 2:
         raise ValueError("a classifier needs at least two classes")
+    if arch.encoders:  # media columns: encoders, then this head over their outputs
+        from app.ml.encoders import MediaModel
+
+        head = ArchitectureConfig(kind=arch.kind, hidden=arch.hidden)
+        return MediaModel(n_inputs, arch.encoders, lambda d: build_model(head, d, n_classes))
     if arch.kind == "logreg":
         return LogisticRegression(n_inputs, n_classes)
     if arch.kind == "mlp":
@@ -67,6 +72,9 @@ def input_layer(model: nn.Module) -> nn.Linear:
         return model.linear
     if isinstance(model, MLP):
         return model.input_layer
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module) and hasattr(model, "head_columns"):  # MediaModel
+        return input_layer(head)
     raise TypeError(f"no input layer known for {type(model).__name__}")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from app.ml.encoders import EncoderSpec
+
 ArchitectureKind = Literal["logreg", "mlp"]
 ShardingKind = Literal["subject", "source", "random"]
 UnlearningMode = Literal["sisa", "monolithic"]
@@ -20,13 +22,37 @@ class ArchitectureConfig:
 
     kind: ArchitectureKind = "logreg"
     hidden: tuple[int, ...] = (64,)
+    # Media columns' encoders (app.ml.encoders), resolved at model creation; the head
+    # (`kind`, `hidden`) reads their concatenated outputs after the tabular inputs.
+    encoders: tuple[EncoderSpec, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "hidden": list(self.hidden)}
+        d: dict[str, Any] = {"kind": self.kind, "hidden": list(self.hidden)}
+        if self.encoders:  # absent for tabular models: their dicts (and hashes) as before
+            d["encoders"] = {e.column: _encoder_body(e) for e in self.encoders}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchitectureConfig:
-        return cls(kind=d.get("kind", "logreg"), hidden=tuple(d.get("hidden", (64,))))
+        return cls(
+            kind=d.get("kind", "logreg"),
+            hidden=tuple(d.get("hidden", (64,))),
+            encoders=_encoders_of(d.get("encoders")),
+        )
+
+
+def _encoder_body(e: EncoderSpec) -> dict[str, Any]:
+    body = e.to_dict()
+    del body["column"]
+    body.pop("blocked", None)  # a preprocessing matter (FeatureSpec), not the network's
+    return body
+
+
+def _encoders_of(raw: Any) -> tuple[EncoderSpec, ...]:
+    """Resolved encoders: `{column: {"kind", ...}}` (an override map once resolved)."""
+    if not raw:
+        return ()
+    return tuple(EncoderSpec.from_dict({"column": c, **body}) for c, body in raw.items())
 
 
 @dataclass(frozen=True)
@@ -98,18 +124,23 @@ class FeatureSpec:
     categorical: tuple[str, ...] = ()
     fixed_categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     removed: tuple[str, ...] = ()
+    # Text, image and audio columns with their encoders (blocked tokens included).
+    media: tuple[EncoderSpec, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return self.numeric + self.categorical
+        return self.numeric + self.categorical + tuple(e.column for e in self.media)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "numeric": list(self.numeric),
             "categorical": list(self.categorical),
             "fixed_categories": {k: list(v) for k, v in self.fixed_categories.items()},
             "removed": list(self.removed),
         }
+        if self.media:
+            d["media"] = [e.to_dict() for e in self.media]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
@@ -118,4 +149,5 @@ class FeatureSpec:
             categorical=tuple(d.get("categorical", ())),
             fixed_categories={k: tuple(v) for k, v in d.get("fixed_categories", {}).items()},
             removed=tuple(d.get("removed", ())),
+            media=tuple(EncoderSpec.from_dict(e) for e in d.get("media", ())),
         )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from app.ml.config import FeatureSpec
+from app.ml.encoders import EncoderSpec, block
 
 
 def _quantise_scale(std: float) -> float:
@@ -38,7 +39,8 @@ def _quantise_mean(mean: float, scale: float) -> float:
 
 @dataclass(frozen=True)
 class PreprocessorState:
-    """Fitted preprocessing: inputs are [numeric..., one-hot per categorical...].
+    """Fitted preprocessing: inputs are [media blocks..., numeric..., one-hot per
+    categorical...] (media blocks only for models with text, image or audio columns).
 
     `removed` features still own their input columns (so shapes stay stable across
     versions) but always emit zeros.
@@ -47,17 +49,29 @@ class PreprocessorState:
     numeric: tuple[tuple[str, float, float], ...]  # (name, mean, scale)
     categorical: tuple[tuple[str, tuple[str, ...]], ...]  # (name, vocabulary)
     removed: tuple[str, ...] = ()
+    # Media columns (app.ml.encoders): one fixed-width block each, before the numerics.
+    media: tuple[EncoderSpec, ...] = ()
 
     @property
     def n_inputs(self) -> int:
-        return len(self.numeric) + sum(len(v) for _, v in self.categorical)
+        return len(self.numeric) + sum(len(v) for _, v in self.categorical) + self.media_width
+
+    @property
+    def media_width(self) -> int:
+        return sum(e.width for e in self.media)
 
     def column_slices(self) -> dict[str, slice]:
-        """Feature name -> the slice of input columns it occupies."""
+        """Feature name -> the slice of input columns it occupies: media blocks first
+        (none for tabular models), then numeric, then one-hot categoricals, so that a
+        column appended after them (the injection test's) is the network head's last."""
         out: dict[str, slice] = {}
+        pos = 0
+        for e in self.media:
+            out[e.column] = slice(pos, pos + e.width)
+            pos += e.width
         for i, (name, _, _) in enumerate(self.numeric):
-            out[name] = slice(i, i + 1)
-        pos = len(self.numeric)
+            out[name] = slice(pos + i, pos + i + 1)
+        pos += len(self.numeric)
         for name, vocab in self.categorical:
             out[name] = slice(pos, pos + len(vocab))
             pos += len(vocab)
@@ -73,14 +87,23 @@ class PreprocessorState:
     def with_removed(self, feature: str) -> PreprocessorState:
         if feature in self.removed:
             return self
-        return PreprocessorState(self.numeric, self.categorical, (*self.removed, feature))
+        return PreprocessorState(
+            self.numeric, self.categorical, (*self.removed, feature), self.media
+        )
+
+    def with_media(self, media: tuple[EncoderSpec, ...]) -> PreprocessorState:
+        """The same state reading media columns with `media` (e.g. tokens blocked)."""
+        return PreprocessorState(self.numeric, self.categorical, self.removed, media)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "numeric": [[n, m, s] for n, m, s in self.numeric],
             "categorical": [[n, list(v)] for n, v in self.categorical],
             "removed": list(self.removed),
         }
+        if self.media:  # absent for tabular models: their digests as before
+            d["media"] = [e.to_dict() for e in self.media]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PreprocessorState:
@@ -88,6 +111,7 @@ class PreprocessorState:
             numeric=tuple((str(n), float(m), float(s)) for n, m, s in d["numeric"]),
             categorical=tuple((str(n), tuple(str(x) for x in v)) for n, v in d["categorical"]),
             removed=tuple(d.get("removed", ())),
+            media=tuple(EncoderSpec.from_dict(e) for e in d.get("media", ())),
         )
 
     def digest(self) -> str:
@@ -99,13 +123,18 @@ class PreprocessorState:
         n = _n_rows(columns)
         out = np.zeros((n, self.n_inputs), dtype=np.float32)
         removed = set(self.removed)
+        pos = 0
+        for e in self.media:
+            if e.column not in removed:  # a removed column's block stays empty
+                out[:, pos : pos + e.width] = block(columns[e.column], e)
+            pos += e.width
         for i, (name, mean, scale) in enumerate(self.numeric):
             if name in removed:
                 continue
             x = np.asarray(columns[name], dtype=np.float64)
             z = (x - mean) / scale
-            out[:, i] = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-        pos = len(self.numeric)
+            out[:, pos + i] = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        pos += len(self.numeric)
         for name, vocab in self.categorical:
             if name not in removed:
                 codes = _codes(columns[name], {v: j for j, v in enumerate(vocab)}, n)
@@ -165,4 +194,4 @@ def fit_preprocessor(spec: FeatureSpec, columns: Mapping[str, np.ndarray]) -> Pr
         else:
             vocab = _vocabulary(columns[name])
         categorical.append((name, vocab))
-    return PreprocessorState(tuple(numeric), tuple(categorical), tuple(spec.removed))
+    return PreprocessorState(tuple(numeric), tuple(categorical), tuple(spec.removed), spec.media)

@@ -23,6 +23,8 @@ class DeletionRequest(Base):
     record_ids: Mapped[list[Any] | None] = mapped_column(default=None)
     source: Mapped[str | None] = mapped_column(String(200), default=None)
     feature: Mapped[str | None] = mapped_column(String(200), default=None)
+    # A feature request on a text column may name words to forget (not the column).
+    tokens: Mapped[list[Any] | None] = mapped_column(default=None)
     model_name: Mapped[str | None] = mapped_column(String(200), default=None)
     dataset_id: Mapped[str | None] = mapped_column(String(32), default=None)
     reason: Mapped[str | None] = mapped_column(Text, default=None)

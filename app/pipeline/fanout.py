@@ -30,6 +30,7 @@ from app.models.base import utcnow
 from app.pipeline.inputs import JobInputs
 from app.pipeline.outcome import RequestEvents
 from app.pipeline.start import device
+from app.pipeline.tokens import tokens_of
 from app.pipeline.verify import verify_feature, verify_unlearning
 from app.registry import artifacts
 
@@ -208,6 +209,9 @@ def finish_chord(
     n_retained = sum(e.n_records for e in new_manifest.entries)
     if snap.purpose == "feature":
         result["feature"] = inputs.features[0][0]
+        words = tokens_of(inputs.request_ids)
+        if words:
+            result["tokens"] = words
         verify_feature(inputs, new_manifest, result, events, n_retained, compute)
     else:
         verify_unlearning(inputs, new_manifest, result, events, n_retained, compute)

@@ -9,9 +9,9 @@ import time
 
 from app.core.db import session_scope
 from app.jobs import service as jobs
-from app.pipeline import fanout, methods
+from app.pipeline import fanout, methods, tokens
 from app.pipeline.conclude import fall_back_to_retrain
-from app.pipeline.inputs import build
+from app.pipeline.inputs import JobInputs, build
 from app.pipeline.outcome import RequestEvents
 from app.pipeline.start import begin, device
 from app.pipeline.verify import verify_feature
@@ -30,6 +30,10 @@ def run_feature(job_id: str, events: RequestEvents) -> None:
     feature, _ = inputs.features[0]
     manifest = inputs.manifest
     u = inputs.spec.unlearning
+    words = tokens.tokens_of(inputs.request_ids)
+    if words:
+        _run_tokens(inputs, events, feature, words, t0)
+        return
     if u.exact_features and feature not in manifest.feature_spec.removed:
         # The job keeps its model lock; the chord's callback concludes and releases it.
         fanout.dispatch(
@@ -78,4 +82,43 @@ def run_feature(job_id: str, events: RequestEvents) -> None:
     result["feature"] = feature
     new_manifest.weighting = manifest.weighting
     new_manifest.thresholds = manifest.thresholds
+    verify_feature(inputs, new_manifest, result, events, len(retained), time.perf_counter() - t0)
+
+
+def _run_tokens(
+    inputs: JobInputs, events: RequestEvents, feature: str, words: dict[str, list[str]], t0: float
+) -> None:
+    """Words forgotten from a text column: exact shard retraining under the new tokenizer
+    (SISA, exact feature mode) or the repair of each model (app.pipeline.tokens)."""
+    manifest = inputs.manifest
+    u = inputs.spec.unlearning
+    if u.exact_features:
+        fanout.dispatch(
+            inputs,
+            purpose="feature",
+            spec=tokens.spec_blocking(manifest.feature_spec, words),
+            shards=list(range(manifest.sisa.shards)),
+        )
+        return
+    mask = inputs.retained_mask
+    retained = inputs.retained()
+    t_compute = time.perf_counter()
+    try:
+        new_manifest, result = tokens.approximate_tokens(
+            manifest,
+            retained,
+            inputs.shard[mask],
+            words,
+            job_id=inputs.job_id,
+            store=artifacts.checkpoint_store(inputs.store, inputs.model_id),
+            device=device(),
+            progress=jobs.ProgressReporter(inputs.job_id).sub(0.0, 0.8),
+        )
+    except Exception as exc:
+        fall_back_to_retrain(inputs, events, "feature", exc)
+        return
+    inputs.phases.add("compute", time.perf_counter() - t_compute)
+    result["feature"] = feature
+    result["tokens"] = words
+    new_manifest.weighting = manifest.weighting
     verify_feature(inputs, new_manifest, result, events, len(retained), time.perf_counter() - t0)

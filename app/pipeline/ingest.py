@@ -33,6 +33,7 @@ from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
 from app.datasets import streaming
+from app.datasets.parsing import media_schema
 from app.datasets.schemas import DatasetSpec
 from app.jobs import service as jobs
 from app.models import Dataset, Job, Record, Source, Subject
@@ -129,6 +130,7 @@ def run_ingest(job_id: str) -> None:
             "group_columns": found.columns.groups,
             "label_column": spec.label_column,
             "label_classes": found.label_classes,
+            **media_schema(found.columns.features, found.columns.numeric, found.columns.media),
         }
         job.result = {**job.result, "records": n_records, "partitions": n_parts}
         wall = time.perf_counter() - started

@@ -170,7 +170,7 @@ class JobInputs:
                 return data
         table = self._table()
         with self.phases.timed("load"):
-            return self._align(datasets.to_tabular(self.ds, table, ids), ids)
+            return self._align(datasets.to_tabular(self.ds, table, ids, self.store), ids)
 
     def _read(self, table: pa.Table) -> None:
         self._stored = table
@@ -197,7 +197,7 @@ class JobInputs:
             # version's): read those few from storage.
             self.phases.parquet_reads += 1
             table = datasets.read_rows(self.store, self.ds, missing)
-            extra = datasets.to_tabular(self.ds, table, missing)
+            extra = datasets.to_tabular(self.ds, table, missing, self.store)
             present = self.rows(np.isin(self.ids, wanted))
             both = np.concatenate([present.record_ids, extra.record_ids])
             order = np.argsort(both, kind="stable")
@@ -236,7 +236,7 @@ class JobInputs:
         with self.phases.timed("load"):
             table: pa.Table = datasets.read_rows(self.store, self.ds, self.ids[mask])
             self.phases.parquet_reads += 1
-            data = datasets.to_tabular(self.ds, table, self.ids[mask])
+            data = datasets.to_tabular(self.ds, table, self.ids[mask], self.store)
         if not np.array_equal(data.record_ids, self.ids[mask]):
             raise RuntimeError(f"job {self.job_id}: shard {shard} rows are missing")
         return data, self.slc[mask]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from app.ml.approximate import run_strategy
-from app.ml.architectures import LogisticRegression, build_model
+from app.ml.architectures import LogisticRegression, build_model, input_layer
 from app.ml.autotune import AutoChoice, select
 from app.ml.certified import (
     CertifiedConfig,
@@ -32,6 +32,7 @@ from app.ml.checkpoints import CheckpointStore, canonical_json
 from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingConfig
 from app.ml.data import TabularData
 from app.ml.device import derive_seed, runtime_fingerprint
+from app.ml.encoders import MediaModel
 from app.ml.features import linear_feature_update, mlp_feature_removal
 from app.ml.preprocess import PreprocessorState, fit_preprocessor
 from app.ml.sisa import (
@@ -42,6 +43,7 @@ from app.ml.sisa import (
     ids_digest,
     train_sisa,
 )
+from app.ml.training import fit
 from app.ml.verify.membership import member_scores
 from app.pipeline.spec import UnlearningConfig
 
@@ -468,9 +470,30 @@ def _entry_without_feature(
     tensors, _ = store.load(e.final_key)
     model.load_state_dict(tensors)
     model = model.to(device)
+    result: dict[str, Any]
+    if isinstance(model, MediaModel):
+        # The preprocessor empties the feature's inputs (a media column's whole block);
+        # the head's weights on what they fed (the encoder's outputs for a media column)
+        # are zeroed and frozen; then repair on the retained rows.
+        new_prep = prep.with_removed(feature)
+        x, y = _xy(new_prep, data, device)
+        head_cols = (
+            model.head_columns(feature)
+            if feature in model.columns
+            else model.head_index(prep.feature_columns(feature))
+        )
+        with torch.no_grad():
+            input_layer(model).weight[:, head_cols] = 0.0
+        seed = derive_seed(manifest.training.seed, manifest.model_key, "feature", job_id, e.shard)
+        fit(model, x, y, manifest.training, seed, epochs=2, frozen_input_columns=head_cols)
+        result = {"method": "feature_repair", "repair": {"columns": head_cols, "repair_epochs": 2}}
+        key = f"mono-{_tag(e.final_key, job_id, feature)}"
+        store.save(key, _tensors(model), {"from": e.final_key, "job": job_id, "feature": feature})
+        return replace(
+            e, final_key=key, checkpoint_keys=[key], preprocessor=new_prep.to_dict()
+        ), result
     columns = prep.feature_columns(feature)
     x, y = _xy(prep, data, device)
-    result: dict[str, Any]
     if isinstance(model, LogisticRegression) and manifest.n_classes == 2:
         lam = max(manifest.training.weight_decay, 1e-4)
         upd = linear_feature_update(model, x, y, columns, lam)

@@ -15,7 +15,7 @@ from app.ml.data import TabularData
 from app.ml.sisa import SisaEnsemble
 from app.ml.thresholds import GroupThresholds, fit_group_thresholds
 from app.ml.weighting import GroupWeighting
-from app.pipeline import methods
+from app.pipeline import methods, tokens
 from app.pipeline.inputs import build
 from app.pipeline.outcome import RequestEvents
 from app.pipeline.start import begin, device
@@ -51,8 +51,11 @@ def run_retrain(job_id: str, events: RequestEvents) -> None:
     else:  # no mitigation, or thresholds (post-processing): the model's own table
         table = GroupWeighting.from_dict(manifest.weighting)
     weights = table.apply(retained) if table is not None else None
-    removed = inputs.spec.removed_with(inputs.features)
-    spec = methods.spec_without(manifest.feature_spec, [d["feature"] for d in removed])
+    words = tokens.tokens_of(inputs.request_ids)  # words forgotten: the column stays
+    removed = inputs.spec.removed_with(tokens.column_features(inputs.features, words))
+    spec = tokens.spec_blocking(
+        methods.spec_without(manifest.feature_spec, [d["feature"] for d in removed]), words
+    )
     t_compute = time.perf_counter()
     new_manifest, result = methods.retrain(
         manifest,
@@ -88,6 +91,8 @@ def run_retrain(job_id: str, events: RequestEvents) -> None:
             )
         result["references_retrained"] = k
     result["approximate"] = False
+    if words:
+        result["tokens"] = words
     new_manifest.weighting = table.to_dict() if table is not None else None
     new_manifest.thresholds = manifest.thresholds
     if mitigation and kind == "thresholds":

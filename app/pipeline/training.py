@@ -72,7 +72,7 @@ def run_training(job_id: str) -> None:
             phases.warm_reads = int(warm[1])
         else:
             table = read[0] if read else datasets.read_partitions(store, ds)
-            data = datasets.to_tabular(ds, table, active)
+            data = datasets.to_tabular(ds, table, active, store)
         phases.parquet_reads += 1 if read or warm is None else 0
     test_mask = test_split(data.record_ids, spec.training.seed, spec.test_fraction)
     train, test = data.take(~test_mask), data.take(test_mask)

@@ -34,6 +34,7 @@ from app.pipeline.outputs import (
 from app.pipeline.start import device
 from app.pipeline.training import version_metrics
 from app.registry import artifacts, references
+from app.verification import media as media_checks
 from app.verification import service as verification
 from app.verification.fairness import fairness
 from app.verification.forgetting import cap_index, forgetting
@@ -122,9 +123,20 @@ def verify_candidate(
                 seed=inputs.verify_seed("injection") % (2**31),
                 max_residual=inputs.spec.verification.injection_max_residual,
             )
+    media_columns = {e.column for e in new_manifest.feature_spec.media}
+    words: dict[str, list[str]] = result.get("tokens") or {}
     for feature in features:
         with timed("verify.feature"):
-            checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
+            if feature in words:  # words forgotten from a text column
+                checks["feature"] = media_checks.token_check(
+                    candidate, baseline, test, feature, words[feature]
+                )
+            elif feature in media_columns:  # a whole text, image or audio column
+                checks["feature"] = media_checks.media_column_check(
+                    candidate, baseline, test, feature
+                )
+            else:
+                checks["feature"] = verification.feature_check(candidate, baseline, test, feature)
     result["verification_cache"] = {
         "shard_outputs_computed": outputs.misses,
         "reused": outputs.hits,
@@ -192,7 +204,10 @@ def verify_feature(
         events,
         forgotten=np.zeros(0, dtype=np.int64),
         features=[str(result["feature"])],
-        removed_features=inputs.spec.removed_with(inputs.features),
+        # Words forgotten from a text column leave the column a feature.
+        removed_features=inputs.spec.removed_with(
+            [(f, r) for f, r in inputs.features if f not in (result.get("tokens") or {})]
+        ),
         allow_retrain=True,
         n_retained=n_retained,
         compute=compute,

@@ -19,6 +19,9 @@ class ArchitectureIn(BaseModel):
     hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [64], min_length=1, max_length=6
     )
+    # Text, image and audio columns: column -> {"kind": ..., parameters} overriding the
+    # default encoder of the column's kind (app.ml.encoders.DEFAULTS).
+    encoders: dict[str, dict[str, Any]] | None = Field(default=None, max_length=64)
 
 
 class TrainingIn(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import threading
 from typing import Any
 
@@ -15,8 +17,10 @@ from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
 from app.jobs import batching, routing
+from app.ml import encoders, media
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy, params_from
-from app.ml.config import FeatureSpec
+from app.ml.config import ArchitectureConfig, FeatureSpec
+from app.ml.encoders import EncoderSpec, resolve
 from app.ml.thresholds import decide
 from app.models import Job, MLModel, ModelVersion
 from app.registry import artifacts
@@ -85,11 +89,18 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         body.unlearning.slices,
     ) != (1, 1):
         body.unlearning.shards, body.unlearning.slices = 1, 1
+    encoders = _resolve_encoders(schema, features, body)
     spec = FeatureSpec(
         numeric=tuple(f for f in features if f in schema["numeric_columns"]),
         categorical=tuple(f for f in features if f in schema["categorical_columns"]),
+        media=encoders,
     )
     config: dict[str, Any] = body.model_dump(mode="json")
+    config["architecture"].pop("encoders", None)
+    if encoders:  # resolved, defaults filled in: the network and its inputs' layout
+        config["architecture"]["encoders"] = ArchitectureConfig(encoders=encoders).to_dict()[
+            "encoders"
+        ]
     # A new model's `epochs` are passes over each record (app.ml.schedule); a stored
     # config without `schedule` is a model created before, trained per stage.
     config["training"]["schedule"] = "per_record"
@@ -113,6 +124,37 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         data={"name": model.name, "dataset_id": ds.id, "job_id": job.id},
     )
     return ModelCreated(id=model.id, name=model.name, status=model.status, job_id=job.id)
+
+
+def _resolve_encoders(
+    schema: dict[str, Any], features: list[str], body: ModelCreate
+) -> tuple[EncoderSpec, ...]:
+    """The encoder of every media feature: its kind's default or the body's override."""
+    media_cols: dict[str, str] = schema.get("media_columns", {})
+    overrides = body.architecture.encoders or {}
+    bad = [c for c in overrides if c not in media_cols or c not in features]
+    if bad:
+        raise Unprocessable(
+            f"architecture.encoders names columns that are not text, image or audio "
+            f"features of the model: {bad}",
+            code="invalid_config",
+        )
+    out: list[EncoderSpec] = []
+    for c in features:
+        if c in media_cols:
+            try:
+                out.append(resolve(c, media_cols[c], overrides.get(c)))
+            except ValueError as exc:
+                raise Unprocessable(
+                    f"architecture.encoders.{c}: {exc}", code="invalid_config"
+                ) from exc
+    if out and body.unlearning.certified:
+        raise Unprocessable(
+            "certified removal needs a logistic model over tabular inputs; this model reads "
+            "media columns",
+            code="invalid_config",
+        )
+    return tuple(out)
 
 
 def _check_strategy(strategy_name: str | None, overrides: dict[str, Any] | None) -> None:
@@ -319,7 +361,43 @@ def _columns(model: MLModel, records: list[dict[str, Any]]) -> dict[str, np.ndar
         out[name] = np.asarray(
             ["" if r[name] is None else str(r[name]) for r in records], dtype=object
         )
+    for enc in spec.media:
+        out[enc.column] = _media_values(enc, [r[enc.column] for r in records])
     return out
+
+
+def _media_values(enc: EncoderSpec, values: list[Any]) -> np.ndarray:
+    """Text as strings; image and audio as base64 of the file's bytes, decoded and
+    checked as ingest checks them (422 naming the record otherwise)."""
+    limits = media.MediaLimits(
+        max_file_bytes=get_settings().media_max_file_bytes,
+        max_image_pixels=get_settings().media_max_image_pixels,
+        max_audio_seconds=get_settings().media_max_audio_seconds,
+    )
+    out: list[Any] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        if not isinstance(v, str):
+            raise Unprocessable(f"records[{i}].{enc.column} must be a string", code="invalid_value")
+        if enc.kind == "text_bag":
+            out.append(v)
+            continue
+        try:
+            data = base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise Unprocessable(
+                f"records[{i}].{enc.column} is not base64", code="invalid_media"
+            ) from exc
+        try:
+            encoders.block([data], enc, limits)
+        except media.MediaError as exc:
+            raise Unprocessable(f"records[{i}].{enc.column}: {exc}", code="invalid_media") from exc
+        out.append(data)
+    arr = np.empty(len(out), dtype=object)
+    arr[:] = out
+    return arr
 
 
 def predict(

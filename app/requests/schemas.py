@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,13 +25,15 @@ def _given(field: str) -> dict[str, Any]:
 def _one_target_per_kind(schema: dict[str, Any]) -> None:
     """State the cross-field rules in the JSON schema: each kind carries its own target
     (and a feature request its model) and no other kind's; only a records request may
-    name a dataset."""
+    name a dataset, only a feature request words."""
     variants = []
     for kind, field in TARGET_FIELD.items():
         needed = [field, "model"] if kind == "feature" else [field]
         others = [f for k, f in TARGET_FIELD.items() if k != kind]
         if kind != "records":
             others.append("dataset_id")  # it only narrows record ids
+        if kind != "feature":
+            others.append("tokens")  # words are forgotten from a model's text column
         variants.append(
             {
                 "properties": {"kind": {"const": kind}},
@@ -49,6 +51,11 @@ class DeletionRequestIn(BaseModel):
     record_ids: list[str] | None = Field(default=None, min_length=1, max_length=100_000)
     source: str | None = Field(default=None, min_length=1, max_length=200)
     feature: str | None = Field(default=None, min_length=1, max_length=200)
+    # A feature request on a text column: forget these words (whole words, any case)
+    # instead of the whole column.
+    tokens: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\w+$")]] | None = (
+        Field(default=None, min_length=1, max_length=100)
+    )
     model: str | None = Field(default=None, min_length=1, max_length=200)
     dataset_id: str | None = Field(default=None, max_length=64)
     reason: str | None = Field(default=None, max_length=2000)
@@ -65,6 +72,8 @@ class DeletionRequestIn(BaseModel):
             raise ValueError(f"a {self.kind!r} request must not carry {others}")
         if self.kind == "feature" and not self.model:
             raise ValueError("a 'feature' request needs 'model'")
+        if self.tokens is not None and self.kind != "feature":
+            raise ValueError("only a 'feature' request may carry 'tokens'")
         if self.subject_id is not None and not self.subject_id.strip():
             raise ValueError("subject_id is blank")
         return self
@@ -102,6 +111,7 @@ class DeletionRequestOut(BaseModel):
     data_held: bool | None = None
     source: str | None = None
     feature: str | None = None
+    tokens: list[str] | None = None
     model: str | None = None
     external_ref: str | None = None
     extended: bool = False

@@ -119,6 +119,14 @@ def _find_records(
             code="unknown_feature",
         )
     removed = {d["feature"] for d in model.config["resolved"].get("removed_features", [])}
+    media = {
+        e["column"]: e["kind"] for e in model.config["resolved"]["feature_spec"].get("media", [])
+    }
+    if body.tokens is not None and media.get(body.feature) != "text_bag":
+        raise Unprocessable(
+            f"'tokens' needs a text column; {body.feature!r} is not one of model {body.model!r}",
+            code="not_a_text_column",
+        )
     if body.feature in removed:
         raise Unprocessable(
             f"model {body.model!r} was already made blind to {body.feature!r}",
@@ -181,6 +189,7 @@ def create(
         record_ids=sorted(set(body.record_ids)) if body.record_ids else None,
         source=body.source,
         feature=body.feature,
+        tokens=sorted({t.casefold() for t in body.tokens}) if body.tokens else None,
         model_name=body.model,
         dataset_id=body.dataset_id,
         reason=body.reason,
@@ -261,6 +270,7 @@ def to_out(
         ),
         source=req.source,
         feature=req.feature,
+        tokens=req.tokens,
         model=req.model_name,
         external_ref=req.external_ref,
         extended=req.extended_at is not None,

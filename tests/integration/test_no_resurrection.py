@@ -71,16 +71,26 @@ def _file_hits(root: Path, needles: list[str], numbers: list[float]) -> list[str
     return hits
 
 
-def blob_hits(name: str, data: bytes, needles: list[str], numbers: list[float]) -> list[str]:
+def blob_hits(
+    name: str,
+    data: bytes,
+    needles: list[str],
+    numbers: list[float],
+    media: list[bytes] | None = None,
+) -> list[str]:
     """Parquet files are read (their pages are compressed); every other file is searched
-    byte for byte, for the text and for the IEEE-754 doubles of the numbers."""
+    byte for byte, for the text, for the IEEE-754 doubles of the numbers and for the
+    media files' bytes (`media`: images, audio)."""
     hits = []
+    media = media or []
     if name.endswith(".parquet"):
         for row in pq.read_table(io.BytesIO(data)).to_pylist():
             values = [str(v) for v in row.values()]
             hits += [f"{name}: {n}" for n in needles if n in values]
             hits += [f"{name}: {x}" for x in numbers if x in row.values()]
+            hits += [f"{name}: media file" for m in media if m in row.values()]
         return hits
+    hits += [f"{name}: media file ({len(m)} bytes)" for m in media if m in data]
     hits += [f"{name}: {n}" for n in needles if n.encode() in data]
     hits += [f"{name}: {x} (text)" for x in numbers if repr(x).encode() in data]
     hits += [f"{name}: {x} (double)" for x in numbers if struct.pack("<d", x) in data]
