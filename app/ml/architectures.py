@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from app.ml.config import ArchitectureConfig
+from app.ml.plugins import build_plugin
+from app.ml.trees import TreeEnsemble, is_tree
 
 
 def n_outputs(n_classes: int) -> int:
@@ -58,7 +60,10 @@ def build_model(arch: ArchitectureConfig, n_inputs: int, n_classes: int) -> nn.M
         return LogisticRegression(n_inputs, n_classes)
     if arch.kind == "mlp":
         return MLP(n_inputs, n_classes, arch.hidden)
-    raise ValueError(f"unknown architecture {arch.kind!r}")
+    if is_tree(arch.kind):
+        return TreeEnsemble(arch.kind, n_inputs, n_classes, arch.params)
+    # Anything else names an architecture plugin (PluginError when it does not work).
+    return build_plugin(arch.kind, n_inputs, n_classes, arch.params)
 
 
 def input_layer(model: nn.Module) -> nn.Linear:
@@ -67,6 +72,9 @@ def input_layer(model: nn.Module) -> nn.Linear:
         return model.linear
     if isinstance(model, MLP):
         return model.input_layer
+    layer = getattr(model, "input_layer", None)  # a plugin that exposes one
+    if isinstance(layer, nn.Linear):
+        return layer
     raise TypeError(f"no input layer known for {type(model).__name__}")
 
 

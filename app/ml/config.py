@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-ArchitectureKind = Literal["logreg", "mlp"]
+# The built-in networks; `kind` may also be "gbdt" / "random_forest" (app.ml.trees) or
+# the name of an architecture plugin (app.ml.plugins), whose body is `params`.
+ArchitectureKind = str
+BUILTIN_NETWORKS: tuple[str, ...] = ("logreg", "mlp")
 ShardingKind = Literal["subject", "source", "random"]
 UnlearningMode = Literal["sisa", "monolithic"]
 # How a SISA model reads `epochs` (app.ml.schedule): `per_stage` is the legacy meaning,
@@ -20,13 +23,26 @@ class ArchitectureConfig:
 
     kind: ArchitectureKind = "logreg"
     hidden: tuple[int, ...] = (64,)
+    # Tree and plugin kinds: the architecture body without `kind` (built-ins: empty).
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def builtin(self) -> bool:
+        return self.kind in BUILTIN_NETWORKS
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "hidden": list(self.hidden)}
+        # A built-in's dict (and so every checkpoint key hashed from it) is as it was.
+        if self.builtin:
+            return {"kind": self.kind, "hidden": list(self.hidden)}
+        return {"kind": self.kind, **self.params}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchitectureConfig:
-        return cls(kind=d.get("kind", "logreg"), hidden=tuple(d.get("hidden", (64,))))
+        kind = str(d.get("kind", "logreg"))
+        if kind in BUILTIN_NETWORKS:
+            return cls(kind=kind, hidden=tuple(d.get("hidden", (64,))))
+        params = {k: v for k, v in d.items() if k not in ("kind", "encoders")}
+        return cls(kind=kind, params=params)
 
 
 @dataclass(frozen=True)

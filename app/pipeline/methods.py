@@ -34,6 +34,7 @@ from app.ml.device import derive_seed, runtime_fingerprint
 from app.ml.features import linear_feature_update, mlp_feature_removal
 from app.ml.preprocess import PreprocessorState, fit_preprocessor
 from app.ml.sisa import ProgressFn, ShardEntry, SisaManifest, ids_digest, train_sisa
+from app.ml.trees import is_tree
 from app.pipeline.spec import UnlearningConfig
 
 CERT_STATE_PREFIX = "certstate-"
@@ -256,6 +257,9 @@ def approximate_unlearn(
         return _certified_unlearn(
             manifest, retained, forget, u=u, job_id=job_id, store=store, device=device
         )
+    if is_tree(manifest.arch.kind):
+        # The caller falls back to retraining, which is exact for trees.
+        raise ValueError(f"approximate methods do not apply to {manifest.arch.kind} tree models")
     e = _single_entry(manifest)
     model, prep = load_module(manifest, store, device)
     name = u.strategy_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.jobs.schemas import BatchingIn
 
@@ -13,12 +13,31 @@ __all__ = ["BatchingIn"]
 
 
 class ArchitectureIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["logreg", "mlp"] = "logreg"
+    """`kind`: "logreg" or "mlp" (built in), "gbdt" or "random_forest" (scikit-learn tree
+    ensembles, SISA shard models), or the name of an installed architecture plugin (entry
+    point group `palimpsest.architectures`). Tree and plugin kinds take further keys (their
+    parameters, checked at creation); the built-ins take `hidden` only."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = Field(default="logreg", min_length=1, max_length=100)
     # Hidden layer widths (MLP), each between 1 and 4096.
     hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [64], min_length=1, max_length=6
     )
+
+    @model_validator(mode="after")
+    def _builtins_take_no_extra_keys(self) -> ArchitectureIn:
+        extra = sorted(k for k in (self.model_extra or {}) if k != "encoders")
+        if self.kind in ("logreg", "mlp") and extra:
+            raise ValueError(f"architecture {self.kind!r} takes no keys {extra}")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """A tree's or plugin's parameters: the body as given, without `kind`."""
+        given = {k: v for k, v in (self.model_extra or {}).items() if k != "encoders"}
+        if "hidden" in self.model_fields_set:
+            given["hidden"] = list(self.hidden)
+        return given
 
 
 class TrainingIn(BaseModel):

@@ -19,6 +19,7 @@ from app.jobs import batching, routing
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy, params_from
 from app.ml.config import FeatureSpec
 from app.models import Job, MLModel, ModelVersion
+from app.registry import architectures as architecture_check
 from app.registry import artifacts
 from app.registry.schemas import (
     ModelCreate,
@@ -71,11 +72,12 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
     bad_groups = [g for g in groups if g not in known]
     if bad_groups:
         raise Unprocessable(f"unknown group columns: {bad_groups}", code="invalid_columns")
-    if body.unlearning.certified and (
-        body.architecture.kind != "logreg" or len(schema["label_classes"]) != 2
-    ):
+    arch_check = architecture_check.check(body, schema, features)
+    if body.unlearning.certified and (not arch_check.linear or len(schema["label_classes"]) != 2):
         raise Unprocessable(
-            "certified removal needs a binary logistic model", code="invalid_config"
+            "certified removal needs a binary logistic model (logreg, or a plugin that "
+            f"declares itself linear); {body.architecture.kind!r} is not one",
+            code="invalid_config",
         )
     if body.unlearning.certified:
         body.unlearning.mode = "monolithic"  # certified removal is for one model
@@ -90,6 +92,8 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         categorical=tuple(f for f in features if f in schema["categorical_columns"]),
     )
     config: dict[str, Any] = body.model_dump(mode="json")
+    if arch_check.stored is not None:  # a tree or plugin: its body as given
+        config["architecture"] = {**arch_check.stored, **_encoders(config["architecture"])}
     # A new model's `epochs` are passes over each record (app.ml.schedule); a stored
     # config without `schedule` is a model created before, trained per stage.
     config["training"]["schedule"] = "per_record"
@@ -113,6 +117,10 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         data={"name": model.name, "dataset_id": ds.id, "job_id": job.id},
     )
     return ModelCreated(id=model.id, name=model.name, status=model.status, job_id=job.id)
+
+
+def _encoders(arch: dict[str, Any]) -> dict[str, Any]:
+    return {"encoders": arch["encoders"]} if "encoders" in arch else {}
 
 
 def _check_strategy(strategy_name: str | None, overrides: dict[str, Any] | None) -> None:
