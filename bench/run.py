@@ -2,7 +2,8 @@
 
 B1 SISA subject unlearning vs a monolithic retrain; B2 certified removal vs retraining a
 logistic model; B3 approximate strategies vs retraining an MLP; B4 1,000 subject requests
-through the whole service, batched into jobs vs one job each; B8 how the service's costs
+through the whole service, batched into jobs vs one job each; B7 one-subject SISA
+unlearning vs monolithic retraining of a gbdt model; B8 how the service's costs
 grow with 100k, 300k and 1M records, and B9 intake of deletion requests under concurrent
 load, both on PostgreSQL + Redis (skipped when they do not answer); E1 one subject erased
 end to end through the API from a SISA model vs training the same network monolithically.
@@ -20,6 +21,7 @@ from bench import (
     b2_certified,
     b3_strategies,
     b4_batching,
+    b7_trees,
     b8_scale,
     b9_intake,
     e1_erasure,
@@ -30,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
-        "--only", choices=["b1", "b2", "b3", "b4", "b8", "b9", "e1"], action="append"
+        "--only", choices=["b1", "b2", "b3", "b4", "b7", "b8", "b9", "e1"], action="append"
     )
     args = parser.parse_args()
     runs = {
@@ -38,6 +40,7 @@ def main() -> None:
         "b2": b2_certified.main,
         "b3": b3_strategies.main,
         "b4": b4_batching.main,
+        "b7": b7_trees.main,
         "b8": b8_scale.main,
         "b9": b9_intake.main,
         "e1": e1_erasure.main,

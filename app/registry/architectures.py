@@ -73,3 +73,10 @@ def check(body: ModelCreate, schema: dict[str, Any], features: list[str]) -> Arc
     except PluginError as exc:
         raise Unprocessable(str(exc), code="architecture_plugin") from exc
     return ArchitectureCheck({"kind": kind, **params}, caps.linear, False, caps)
+
+
+def check_plugin_kind(
+    kind: str, n_inputs: int, n_classes: int, params: dict[str, Any]
+) -> PluginCapabilities:
+    """A plugin at a known input width (an imported model's): PluginError if it fails."""
+    return check_plugin(kind, n_inputs, n_classes, params)
