@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     # request (201, as before); larger ones by a worker job (202, `status: ingesting`).
     max_upload_bytes: int = Field(default=512 * 2**20, gt=0)
     inline_ingest_bytes: int = Field(default=4 * 2**20, ge=0)
+    # Issue 14 integrations: the MLflow registry mirror (app.integrations.mlflow_mirror;
+    # empty: off) and OpenLineage run events (app.integrations.openlineage: "" off,
+    # "console" logs them, "http" posts them to openlineage_url).
+    mlflow_tracking_uri: str = ""
+    openlineage_transport: Literal["", "console", "http"] = ""
+    openlineage_url: str = ""
+    openlineage_namespace: str = "palimpsest"
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

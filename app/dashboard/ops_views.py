@@ -13,6 +13,7 @@ from app.audit import service as audit
 from app.core.errors import BadRequest, NotFound
 from app.dashboard.rows import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
 from app.models import AuditEvent, Job, MLModel, ModelVersion
+from app.models.mirrors import RegistryMirror
 from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 from app.webhooks import service as webhooks
 from app.webhooks.schemas import DeliveryOut, WebhookOut
@@ -243,6 +244,8 @@ class ModelDetail:
     shard_map: list[ShardMapRow]
     certified: CertifiedBudget | None
     config: dict[str, Any] = field(default_factory=dict)
+    # The MLflow mirror's state (issue 14), when PALIMPSEST_MLFLOW_TRACKING_URI is set.
+    mirror: RegistryMirror | None = None
 
 
 def _entries(mv: ModelVersion) -> dict[int, dict[str, Any]]:
@@ -358,6 +361,7 @@ def model_detail(session: Session, name: str) -> ModelDetail:
         shard_map=list(reversed(smap)),
         certified=certified,
         config={k: v for k, v in model.config.items() if k != "resolved"},
+        mirror=session.get(RegistryMirror, model.id),
     )
 
 

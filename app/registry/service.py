@@ -15,6 +15,7 @@ from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
+from app.integrations import mlflow_mirror
 from app.jobs import batching, routing
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy, params_from
 from app.ml.config import FeatureSpec
@@ -276,6 +277,7 @@ def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reas
         },
     )
     webhooks.model_promoted(session, model, previous, mv.version, reason)
+    mlflow_mirror.mark(session, model)  # the MLflow alias follows (when configured)
 
 
 # -- serving ------------------------------------------------------------------------
@@ -368,6 +370,8 @@ def purge_versions(
         if v.manifest_path:
             store.delete(v.manifest_path)
         v.status = "purged"
+        if (mirrored := session.get(MLModel, model_id)) is not None:
+            mlflow_mirror.mark(session, mirrored)  # deleted from MLflow too
         audit.record(
             session,
             actor=actor,
