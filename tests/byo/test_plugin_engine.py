@@ -91,3 +91,56 @@ def test_sisa_with_a_plugin_unlearns_bit_exactly(tmp_path: Path) -> None:
     assert store.read_bytes(res.final_key) == scratch.read_bytes(res.final_key)
     ens = SisaEnsemble.load(new, store, CPU)
     assert ens.predict_proba(retained.columns).shape == (len(retained), 2)
+
+
+def _mono(tmp_path: Path, arch: ArchitectureConfig) -> tuple[object, object, object]:
+    from app.ml.checkpoints import FsspecCheckpointStore
+
+    data = make_data(n_subjects=60, seed=5)
+    store = FsspecCheckpointStore.local(str(tmp_path / arch.kind))
+    one = SisaConfig(shards=1, slices=1, sharding="random")
+    manifest = train_sisa(
+        data,
+        np.zeros(len(data), dtype=np.int64),
+        np.zeros(len(data), dtype=np.int64),
+        feature_spec=SPEC,
+        arch=arch,
+        training=TRAIN,
+        sisa=one,
+        n_classes=2,
+        model_key="pf",
+        store=store,
+        device=CPU,
+    )
+    return manifest, data, store
+
+
+def test_feature_removal_goes_through_the_plugins_input_layer(tmp_path: Path) -> None:
+    from app.pipeline.methods import feature_unlearn, load_module
+    from app.pipeline.spec import UnlearningConfig
+
+    manifest, data, store = _mono(tmp_path, RESMLP)
+    u = UnlearningConfig(mode="monolithic")
+    new, info = feature_unlearn(
+        manifest,
+        data,
+        "colour",
+        u=u,
+        job_id="j1",
+        store=store,
+        device=CPU,  # type: ignore[arg-type]
+    )
+    assert info["method"] == "feature_repair"
+    model, prep = load_module(new, store, CPU)  # type: ignore[arg-type]
+    cols = prep.feature_columns("colour")
+    assert bool((input_layer(model).weight[:, cols] == 0).all())
+    # The model is blind to the column: any colour scores the same.
+    a = dict(data.columns)
+    b = dict(a, colour=np.array(["red"] * len(data), dtype=object))
+    with torch.no_grad():
+        assert torch.equal(model(prep.transform(a)), model(prep.transform(b)))
+
+    # A plugin without an input layer cannot be repaired: the job falls back to retraining.
+    manifest, data, store = _mono(tmp_path, ArchitectureConfig(kind="example-bilinear"))
+    with pytest.raises(TypeError, match="no input layer"):
+        feature_unlearn(manifest, data, "colour", u=u, job_id="j2", store=store, device=CPU)  # type: ignore[arg-type]
