@@ -264,6 +264,16 @@ def _check_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
         )
 
 
+def _run(module: torch.nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            return probabilities(module(x))
+    except Exception as exc:  # the uploaded network's own failure: the upload's fault
+        raise Unprocessable(
+            f"the model failed on {what}: {type(exc).__name__}: {exc}", code="predictions_invalid"
+        ) from exc
+
+
 def _check_samples(
     module: torch.nn.Module,
     prep: PreprocessorState,
@@ -273,8 +283,7 @@ def _check_samples(
 ) -> float:
     records = [s.record for s in body.sample_predictions]
     x = prep.transform(_columns(spec, records, "sample_predictions records"))
-    with torch.no_grad():
-        got = probabilities(module(x)).to(torch.float64).numpy()
+    got = _run(module, x, "the sample_predictions records").to(torch.float64).numpy()
     worst = 0.0
     for i, s in enumerate(body.sample_predictions):
         if len(s.probabilities) != n_classes:
@@ -304,8 +313,7 @@ def _dataset_sample(
     data = datasets.to_tabular(ds, table.slice(0, DATASET_SAMPLE))
     if len(data) == 0:
         return 0, None
-    with torch.no_grad():
-        p = probabilities(module(prep.transform(data.columns)))
+    p = _run(module, prep.transform(data.columns), "rows of the dataset")
     if not bool(torch.isfinite(p).all()):
         raise Unprocessable(
             "the model gives non-finite outputs on rows of the dataset", code="predictions_invalid"

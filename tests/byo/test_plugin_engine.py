@@ -144,3 +144,31 @@ def test_feature_removal_goes_through_the_plugins_input_layer(tmp_path: Path) ->
     manifest, data, store = _mono(tmp_path, ArchitectureConfig(kind="example-bilinear"))
     with pytest.raises(TypeError, match="no input layer"):
         feature_unlearn(manifest, data, "colour", u=u, job_id="j2", store=store, device=CPU)  # type: ignore[arg-type]
+
+
+def test_a_plugin_that_fails_to_load_is_named_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real installed distribution (dist-info on sys.path) whose entry points are broken.
+    info = tmp_path / "broken_arch-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-arch\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[palimpsest.architectures]\n"
+        "broken-import = no_such_module_anywhere:build\n"
+        "broken-object = json:dumps\n"
+        "broken-output = torch.nn:Identity\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.refresh()
+    try:
+        assert {"broken-import", "broken-object"} <= set(plugins.installed())
+        with pytest.raises(plugins.PluginError, match=r"'broken-import'.*ModuleNotFoundError"):
+            plugins.check_plugin("broken-import", 4, 2, {})
+        with pytest.raises(plugins.PluginError, match=r"'broken-object' raised TypeError"):
+            plugins.check_plugin("broken-object", 4, 2, {})
+        with pytest.raises(plugins.PluginError, match="'broken-output'"):
+            plugins.check_plugin("broken-output", 4, 2, {})
+    finally:
+        monkeypatch.undo()
+        plugins.refresh()
