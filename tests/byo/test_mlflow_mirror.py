@@ -172,6 +172,24 @@ def test_the_alias_follows_promotions_and_purged_versions_are_gone(
     assert set(_mirrored(mlflow_uri, "churn")) == {2, 3}
 
 
+def test_a_plugin_models_erasure_is_its_new_production_alias(env: AppEnv, mlflow_uri: str) -> None:
+    """The issue's "done when": install a plugin, create a model with it, erase a
+    subject, and see the new production version in Palimpsest and as MLflow's alias."""
+    admin = create_key("admin")
+    ds = upload_dataset(env.client, admin, "mirror-p", make_csv(n_subjects=30, rows_per_subject=3))
+    arch = {"kind": "example-resmlp", "width": 8, "blocks": 1}
+    create_model(env.client, admin, ds["id"], "plugged", architecture=arch)
+    assert _sync("plugged") == "synced"
+    view = erase_subject(env.client, admin, "subj-0005")
+    assert view["status"] == "completed", view
+    assert (
+        env.client.get("/v1/models/plugged", headers=auth(admin)).json()["production_version"] == 2
+    )
+    assert _sync("plugged") == "synced"
+    assert _alias_target(mlflow_uri, "plugged") == 2
+    assert set(_mirrored(mlflow_uri, "plugged")) == {2}
+
+
 def test_an_unreachable_mlflow_never_blocks_a_promotion(
     env: AppEnv, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ fails a job."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -18,6 +19,11 @@ from app.core.settings import get_settings
 from tests.byo.flows import erase_subject
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, create_model, make_csv, upload_dataset
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("openlineage") is None,
+    reason="openlineage-python is not installed (pip install -e '.[dev]')",
+)
 
 
 class Receiver:
