@@ -24,7 +24,7 @@ class ArchitectureConfig:
     kind: ArchitectureKind = "logreg"
     hidden: tuple[int, ...] = (64,)
     # Tree and plugin kinds: the architecture body without `kind` (built-ins: empty).
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def builtin(self) -> bool:
