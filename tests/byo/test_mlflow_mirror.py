@@ -176,11 +176,13 @@ def test_a_plugin_models_erasure_is_its_new_production_alias(env: AppEnv, mlflow
     """The issue's "done when": install a plugin, create a model with it, erase a
     subject, and see the new production version in Palimpsest and as MLflow's alias."""
     admin = create_key("admin")
-    ds = upload_dataset(env.client, admin, "mirror-p", make_csv(n_subjects=30, rows_per_subject=3))
+    # Subjects of its own: an erasure reaches every dataset holding the subject.
+    rows = make_csv(n_subjects=30, rows_per_subject=3, subject_prefix="plug")
+    ds = upload_dataset(env.client, admin, "mirror-p", rows)
     arch = {"kind": "example-resmlp", "width": 8, "blocks": 1}
     create_model(env.client, admin, ds["id"], "plugged", architecture=arch)
     assert _sync("plugged") == "synced"
-    view = erase_subject(env.client, admin, "subj-0005")
+    view = erase_subject(env.client, admin, "plug-0005")
     assert view["status"] == "completed", view
     assert (
         env.client.get("/v1/models/plugged", headers=auth(admin)).json()["production_version"] == 2
