@@ -1,4 +1,4 @@
-"""Models trained elsewhere: `POST /v1/models/import` registers an externally trained
+"""Models trained elsewhere: `POST /v1/model-imports` registers an externally trained
 PyTorch network as a monolithic model's first version.
 
 The upload is checked before anything is stored, each mismatch a 422 that says what
@@ -40,7 +40,7 @@ from app.models import MLModel
 from app.registry import architectures as architecture_check
 from app.registry import artifacts
 from app.registry.schemas import (
-    ArchitectureIn,
+    AnyArchitectureIn,
     TrainingIn,
     UnlearningIn,
     VerificationIn,
@@ -98,12 +98,12 @@ class ImportUnlearningIn(BaseModel):
 
 
 class ModelImport(BaseModel):
-    """The `spec` part of `POST /v1/models/import`."""
+    """The `spec` part of `POST /v1/model-imports`."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     dataset_id: str = Field(min_length=1, max_length=64)
-    architecture: ArchitectureIn
+    architecture: AnyArchitectureIn
     preprocessing: PreprocessingIn
     # How Palimpsest trains this architecture itself: references, fallback retraining.
     training: TrainingIn = Field(default_factory=TrainingIn)
@@ -357,11 +357,7 @@ def import_model(
     _check_strategy(body.unlearning.strategy, body.unlearning.strategy_params)
     n_classes = len(schema["label_classes"])
     prep = body.preprocessing.state()
-    arch_body: dict[str, Any] = (
-        {"kind": kind, "hidden": list(body.architecture.hidden)}
-        if kind in ("logreg", "mlp")
-        else {"kind": kind, **body.architecture.params()}
-    )
+    arch_body = body.architecture.stored()
     arch = ArchitectureConfig.from_dict(arch_body)
     if not arch.builtin:
         try:

@@ -39,7 +39,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     # Beyond API.md: on-demand fallback retraining changes models, so admin only.
     ("POST", "/v1/models/{name}/retrain"): ADMIN,
     # Beyond API.md (issue 14): registering a model trained elsewhere.
-    ("POST", "/v1/models/import"): ADMIN,
+    ("POST", "/v1/model-imports"): ADMIN,
     ("POST", "/v1/deletion-requests"): PORTAL,
     ("GET", "/v1/deletion-requests"): EVERYONE,
     ("GET", "/v1/deletion-requests/{request_id}"): EVERYONE,

@@ -45,7 +45,7 @@ def _post(env: AppEnv, admin: str, body: dict[str, Any]) -> Any:
         ({"kind": "no-such-plugin"}, {}, "architecture_plugin", "no architecture plugin named"),
         ({"kind": "example-resmlp", "depth": 3}, {}, "architecture_plugin", "unknown parameters"),
         ({"kind": "example-resmlp"}, {"certified": True}, "invalid_config", "linear"),
-        ({"kind": "mlp", "width": 3}, {}, None, "takes no keys"),
+        ({"kind": "mlp", "width": 3}, {}, None, "Extra inputs are not permitted"),
         ({"kind": "gbdt"}, {"slices": 3}, "slices_not_applicable", "slices do not apply"),
         ({"kind": "gbdt", "n_estimators": 3}, {}, "invalid_architecture", "unknown gbdt"),
         ({"kind": "random_forest", "max_depth": -2}, {}, "invalid_architecture", "max_depth"),

@@ -108,7 +108,7 @@ def spec(dataset: str, external: torch.nn.Module, **over: Any) -> dict[str, Any]
 
 def post(env: AppEnv, admin: str, body: dict[str, Any], weights: bytes) -> Any:
     return env.client.post(
-        "/v1/models/import",
+        "/v1/model-imports",
         headers=auth(admin),
         files={"weights": ("model.safetensors", weights, "application/octet-stream")},
         data={"spec": json.dumps(body)},

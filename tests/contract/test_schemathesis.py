@@ -45,7 +45,7 @@ NEVER = [
 DATASETS = "create_dataset_v1_datasets_post"
 # Issue 14's model import: like a dataset upload, a multipart form whose `spec` string is
 # valid only for the weights file beside it (and a dataset that exists).
-IMPORT = "import_model_v1_models_import_post"
+IMPORT = "import_model_v1_model_imports_post"
 HERE = Path(__file__).parent
 
 
