@@ -232,3 +232,15 @@ def test_an_unreachable_mlflow_never_blocks_a_promotion(
     assert _alias_target(mlflow_uri, "offline") == 1
     with session_scope() as s:
         assert s.scalars(select(Job).where(Job.kind == "train")).first() is not None
+
+
+def test_the_sync_task_and_its_sweep_are_registered_with_celery() -> None:
+    from workers.celery_app import get_celery
+
+    app = get_celery()
+    app.loader.import_default_modules()
+    assert {"palimpsest.sync_registry_mirror", "palimpsest.sweep_registry_mirrors"} <= set(
+        app.tasks
+    )
+    sweeps = {e["task"] for e in app.conf.beat_schedule.values()}
+    assert "palimpsest.sweep_registry_mirrors" in sweeps
