@@ -36,7 +36,7 @@ from app.ml.config import ArchitectureConfig, FeatureSpec
 from app.ml.plugins import PluginError
 from app.ml.preprocess import PreprocessorState
 from app.ml.trees import is_tree
-from app.models import MLModel
+from app.models import MLModel, Record
 from app.registry import architectures as architecture_check
 from app.registry import artifacts
 from app.registry.schemas import (
@@ -307,12 +307,25 @@ def _check_samples(
 
 
 def _dataset_sample(
-    module: torch.nn.Module, prep: PreprocessorState, store: ArtifactStore, ds: Any
+    session: Session,
+    module: torch.nn.Module,
+    prep: PreprocessorState,
+    store: ArtifactStore,
+    ds: Any,
 ) -> tuple[int, float | None]:
-    table = datasets.read_partitions(store, ds)
-    data = datasets.to_tabular(ds, table.slice(0, DATASET_SAMPLE))
-    if len(data) == 0:
+    """The model on the dataset's first active rows (one partition held at a time)."""
+    ids = np.asarray(
+        session.scalars(
+            select(Record.id)
+            .where(Record.dataset_id == ds.id, Record.status == "active")
+            .order_by(Record.id)
+            .limit(DATASET_SAMPLE)
+        ).all(),
+        dtype=np.int64,
+    )
+    if len(ids) == 0:
         return 0, None
+    data = datasets.to_tabular(ds, datasets.read_rows(store, ds, ids), ids)
     p = _run(module, prep.transform(data.columns), "rows of the dataset")
     if not bool(torch.isfinite(p).all()):
         raise Unprocessable(
@@ -370,7 +383,7 @@ def import_model(
     module.load_state_dict(tensors)
     module.eval()
     worst = _check_samples(module, prep, spec, body, n_classes)
-    rows, acc = _dataset_sample(module, prep, store, ds)
+    rows, acc = _dataset_sample(session, module, prep, store, ds)
     checks = ImportChecks(
         tensors=len(tensors),
         parameters=sum(int(t.numel()) for t in tensors.values()),
