@@ -11,10 +11,12 @@ export PALIMPSEST_TEST_REDIS_URL ?= redis://127.0.0.1:6379
 
 .PHONY: venv demo test pytest lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/palimpsest-example-architectures/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# The example architecture plugin (docs/byo-models.md): the plugin tests use it.
+	$(PY) -m pip install -q --no-deps -e examples/palimpsest-example-architectures
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -117,6 +117,7 @@ def create_app() -> FastAPI:
     from app.jobs.router import router as jobs_router
     from app.keys.router import router as keys_router
     from app.lineage.router import router as lineage_router
+    from app.registry.router import imports_router
     from app.registry.router import router as registry_router
     from app.requests.router import router as requests_router
     from app.verification.router import router as reports_router
@@ -183,6 +184,7 @@ def create_app() -> FastAPI:
         keys_router,
         datasets_router,
         registry_router,
+        imports_router,
         requests_router,
         jobs_router,
         reports_router,

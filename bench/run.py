@@ -5,10 +5,11 @@ logistic model; B3 approximate strategies vs retraining an MLP; B4 1,000 subject
 through the whole service, batched into jobs vs one job each; B5 text and audio models
 (ingest rate, training, one-subject SISA unlearning vs a monolithic retrain); B6 the
 forgetting check's false alarms on exact erasures and detection of a no-op /
-under-trained method; B8 how the service's costs grow with 100k, 300k and 1M records,
-and B9 intake of deletion requests under concurrent load, both on PostgreSQL + Redis
-(skipped when they do not answer); E1 one subject erased end to end through the API from
-a SISA model vs training the same network monolithically.
+under-trained method; B7 one-subject SISA unlearning vs monolithic retraining of a gbdt
+model; B8 how the service's costs grow with 100k, 300k and 1M records, and B9 intake of
+deletion requests under concurrent load, both on PostgreSQL + Redis (skipped when they
+do not answer); E1 one subject erased end to end through the API from a SISA model vs
+training the same network monolithically.
 Each prints its table and writes JSON under bench/results/. Pass --quick for a small
 smoke run.
 """
@@ -25,6 +26,7 @@ from bench import (
     b4_batching,
     b5_media,
     b6_verification,
+    b7_trees,
     b8_scale,
     b9_intake,
     e1_erasure,
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
         "--only",
-        choices=["b1", "b2", "b3", "b4", "b5", "b6", "b8", "b9", "e1"],
+        choices=["b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "e1"],
         action="append",
     )
     args = parser.parse_args()
@@ -47,6 +49,7 @@ def main() -> None:
         "b4": b4_batching.main,
         "b5": b5_media.main,
         "b6": b6_verification.main,
+        "b7": b7_trees.main,
         "b8": b8_scale.main,
         "b9": b9_intake.main,
         "e1": e1_erasure.main,

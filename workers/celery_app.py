@@ -74,6 +74,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
                 "task": "palimpsest.sweep_integration_callbacks",
                 "schedule": 30.0,
             },
+            # Retries MLflow mirror syncs (PALIMPSEST_MLFLOW_TRACKING_URI; else a no-op).
+            "registry-mirror-sweep": {
+                "task": "palimpsest.sweep_registry_mirrors",
+                "schedule": 30.0,
+            },
             "deadline-watchdog": {"task": "palimpsest.deadline_watchdog", "schedule": 300.0},
             # Batching: send held jobs when their window, maximum wait or a deadline comes.
             "release-batches": {

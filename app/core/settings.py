@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     media_max_file_bytes: int = Field(default=16 * 2**20, gt=0)
     media_max_image_pixels: int = Field(default=4096 * 4096, gt=0)
     media_max_audio_seconds: float = Field(default=60.0, gt=0)
+    # Issue 14 integrations: the MLflow registry mirror (app.integrations.mlflow_mirror;
+    # empty: off) and OpenLineage run events (app.integrations.openlineage: "" off,
+    # "console" logs them, "http" posts them to openlineage_url).
+    mlflow_tracking_uri: str = ""
+    openlineage_transport: Literal["", "console", "http"] = ""
+    openlineage_url: str = ""
+    openlineage_namespace: str = "palimpsest"
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

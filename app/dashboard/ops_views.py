@@ -13,6 +13,7 @@ from app.audit import service as audit
 from app.core.errors import BadRequest, NotFound
 from app.dashboard.rows import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
 from app.models import AuditEvent, Dataset, Job, MLModel, ModelVersion
+from app.models.mirrors import RegistryMirror
 from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 from app.webhooks import service as webhooks
 from app.webhooks.schemas import DeliveryOut, WebhookOut
@@ -247,6 +248,9 @@ class ModelDetail:
     config: dict[str, Any] = field(default_factory=dict)
     inputs: list[InputRow] = field(default_factory=list)
 
+    # The MLflow mirror's state (issue 14), when PALIMPSEST_MLFLOW_TRACKING_URI is set.
+    mirror: RegistryMirror | None = None
+
 
 @dataclass
 class InputRow:
@@ -395,6 +399,7 @@ def model_detail(session: Session, name: str) -> ModelDetail:
         certified=certified,
         config={k: v for k, v in model.config.items() if k != "resolved"},
         inputs=input_rows(session, model),
+        mirror=session.get(RegistryMirror, model.id),
     )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.core.db import session_scope
 from app.core.errors import NotFound
 from app.core.settings import get_settings
+from app.integrations import openlineage
 from app.jobs import lease
 from app.jobs.schemas import JobCost, JobOut
 from app.models import Job, MLModel, RequestModel
@@ -90,6 +91,7 @@ def start(session: Session, job: Job) -> None:
     job.worker = lease.worker_id()
     job.heartbeat_at = utcnow()
     lease.bind(job.id, job.attempts)
+    openlineage.job_started(session, job)  # emitted after commit, when configured
 
 
 def take_over(session: Session, job: Job, actor: str, reason: str) -> None:
@@ -144,6 +146,7 @@ def finish(session: Session, job: Job, *, ok: bool, error: str | None = None, **
     job.progress = 1.0 if ok else job.progress
     job.error = error
     job.cost = {**job.cost, **cost}
+    openlineage.job_finished(session, job)  # emitted after commit, when configured
 
 
 class ProgressReporter:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from app.ml.config import ArchitectureConfig
+from app.ml.plugins import build_plugin
+from app.ml.trees import TreeEnsemble, is_tree
 
 
 def n_outputs(n_classes: int) -> int:
@@ -57,13 +59,16 @@ def build_model(arch: ArchitectureConfig, n_inputs: int, n_classes: int) -> nn.M
     if arch.encoders:  # media columns: encoders, then this head over their outputs
         from app.ml.encoders import MediaModel
 
-        head = ArchitectureConfig(kind=arch.kind, hidden=arch.hidden)
+        head = ArchitectureConfig(kind=arch.kind, hidden=arch.hidden, params=arch.params)
         return MediaModel(n_inputs, arch.encoders, lambda d: build_model(head, d, n_classes))
     if arch.kind == "logreg":
         return LogisticRegression(n_inputs, n_classes)
     if arch.kind == "mlp":
         return MLP(n_inputs, n_classes, arch.hidden)
-    raise ValueError(f"unknown architecture {arch.kind!r}")
+    if is_tree(arch.kind):
+        return TreeEnsemble(arch.kind, n_inputs, n_classes, arch.params)
+    # Anything else names an architecture plugin (PluginError when it does not work).
+    return build_plugin(arch.kind, n_inputs, n_classes, arch.params)
 
 
 def input_layer(model: nn.Module) -> nn.Linear:
@@ -75,6 +80,9 @@ def input_layer(model: nn.Module) -> nn.Linear:
     head = getattr(model, "head", None)
     if isinstance(head, nn.Module) and hasattr(model, "head_columns"):  # MediaModel
         return input_layer(head)
+    layer = getattr(model, "input_layer", None)  # a plugin that exposes one
+    if isinstance(layer, nn.Linear):
+        return layer
     raise TypeError(f"no input layer known for {type(model).__name__}")
 
 

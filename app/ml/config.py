@@ -7,7 +7,10 @@ from typing import Any, Literal
 
 from app.ml.encoders import EncoderSpec
 
-ArchitectureKind = Literal["logreg", "mlp"]
+# The built-in networks; `kind` may also be "gbdt" / "random_forest" (app.ml.trees) or
+# the name of an architecture plugin (app.ml.plugins), whose body is `params`.
+ArchitectureKind = str
+BUILTIN_NETWORKS: tuple[str, ...] = ("logreg", "mlp")
 ShardingKind = Literal["subject", "source", "random"]
 UnlearningMode = Literal["sisa", "monolithic"]
 # How a SISA model reads `epochs` (app.ml.schedule): `per_stage` is the legacy meaning,
@@ -25,20 +28,33 @@ class ArchitectureConfig:
     # Media columns' encoders (app.ml.encoders), resolved at model creation; the head
     # (`kind`, `hidden`) reads their concatenated outputs after the tabular inputs.
     encoders: tuple[EncoderSpec, ...] = ()
+    # Tree and plugin kinds: the architecture body without `kind` (built-ins: empty).
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def builtin(self) -> bool:
+        return self.kind in BUILTIN_NETWORKS
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"kind": self.kind, "hidden": list(self.hidden)}
-        if self.encoders:  # absent for tabular models: their dicts (and hashes) as before
+        # A built-in tabular model's dict (and so every checkpoint key hashed from it) is
+        # as it was; media encoders and a plugin's or tree's body are added to it.
+        d: dict[str, Any] = (
+            {"kind": self.kind, "hidden": list(self.hidden)}
+            if self.builtin
+            else {"kind": self.kind, **self.params}
+        )
+        if self.encoders:
             d["encoders"] = {e.column: _encoder_body(e) for e in self.encoders}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchitectureConfig:
-        return cls(
-            kind=d.get("kind", "logreg"),
-            hidden=tuple(d.get("hidden", (64,))),
-            encoders=_encoders_of(d.get("encoders")),
-        )
+        kind = str(d.get("kind", "logreg"))
+        encoders = _encoders_of(d.get("encoders"))
+        if kind in BUILTIN_NETWORKS:
+            return cls(kind=kind, hidden=tuple(d.get("hidden", (64,))), encoders=encoders)
+        params = {k: v for k, v in d.items() if k not in ("kind", "encoders")}
+        return cls(kind=kind, params=params, encoders=encoders)
 
 
 def _encoder_body(e: EncoderSpec) -> dict[str, Any]:

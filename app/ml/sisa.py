@@ -32,6 +32,7 @@ from app.ml.device import derive_seed, runtime_fingerprint
 from app.ml.preprocess import PreprocessorState, fit_preprocessor
 from app.ml.schedule import stage_epochs
 from app.ml.training import fit, init_model_
+from app.ml.trees import TreeEnsemble
 
 ProgressFn = Callable[[float], None]
 
@@ -225,16 +226,25 @@ def train_shard(
             rows = np.flatnonzero(slice_of <= i)
             stage_progress = _sub_progress(progress, done_work / total_work, counts[i] / total_work)
             idx = torch.from_numpy(rows)
-            fit(
-                model,
-                x[idx],
-                y[idx],
-                training,
-                _stage_seed(training, model_key, shard, i),
-                epochs=epochs[i],
-                progress=stage_progress,
-                sample_weight=None if weights is None else torch.from_numpy(weights[rows]),
-            )
+            if isinstance(model, TreeEnsemble):
+                # Trees fit from scratch on the stage's rows (app.ml.trees): exact.
+                model.fit_tree(
+                    x[idx],
+                    y[idx],
+                    _stage_seed(training, model_key, shard, i),
+                    sample_weight=None if weights is None else torch.from_numpy(weights[rows]),
+                )
+            else:
+                fit(
+                    model,
+                    x[idx],
+                    y[idx],
+                    training,
+                    _stage_seed(training, model_key, shard, i),
+                    epochs=epochs[i],
+                    progress=stage_progress,
+                    sample_weight=None if weights is None else torch.from_numpy(weights[rows]),
+                )
             meta = {
                 **base_meta,
                 "slice": i,

@@ -4,6 +4,7 @@ from app.models.base import Base
 from app.models.catalog import Dataset, Record, Source, Subject
 from app.models.certificates import Certificate
 from app.models.integrations import RequestCallback
+from app.models.mirrors import RegistryMirror
 from app.models.ops import ApiKey, AuditEvent, Job, Report
 from app.models.registry import Lineage, MLModel, ModelVersion
 from app.models.requests import DeletionRequest, RequestModel
@@ -21,6 +22,7 @@ __all__ = [
     "MLModel",
     "ModelVersion",
     "Record",
+    "RegistryMirror",
     "Report",
     "RequestCallback",
     "RequestModel",

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from app.core.broker import queue_depth
 from app.core.db import session_factory
 from app.core.settings import get_settings
+from app.integrations import mlflow_mirror
 from app.models import DeletionRequest, Job
 from app.models.base import utcnow
 from app.models.webhooks import WebhookDelivery
@@ -29,6 +30,7 @@ class PalimpsestCollector(Collector):
             yield from self._requests(session)
             yield from self._jobs(session)
             yield from self._webhooks(session)
+            yield from self._mirrors(session)
         finally:
             session.close()
         yield from self._queues()
@@ -87,6 +89,16 @@ class PalimpsestCollector(Collector):
         for status in ("pending", "delivered", "failed", "cancelled"):
             deliveries.add_metric([status], float(counts.get(status, 0)))
         yield deliveries
+
+    def _mirrors(self, session: Any) -> Iterator[Any]:
+        mirrors = GaugeMetricFamily(
+            "palimpsest_registry_mirrors",
+            "Models' MLflow registry mirrors by status (failing: retrying after an error)",
+            labels=["status"],
+        )
+        for status, n in mlflow_mirror.counts(session).items():
+            mirrors.add_metric([status], float(n))
+        yield mirrors
 
     def _queues(self) -> Iterator[Any]:
         depth = GaugeMetricFamily(

@@ -44,6 +44,7 @@ from app.ml.sisa import (
     train_sisa,
 )
 from app.ml.training import fit
+from app.ml.trees import is_tree
 from app.ml.verify.membership import member_scores
 from app.pipeline.spec import UnlearningConfig
 
@@ -272,6 +273,9 @@ def approximate_unlearn(
         return _certified_unlearn(
             manifest, retained, forget, u=u, job_id=job_id, store=store, device=device
         )
+    if is_tree(manifest.arch.kind):
+        # The caller falls back to retraining, which is exact for trees.
+        raise ValueError(f"approximate methods do not apply to {manifest.arch.kind} tree models")
     e = _single_entry(manifest)
     model, prep = load_module(manifest, store, device)
     name, params = u.strategy_name, u.strategy_params

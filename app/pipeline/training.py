@@ -26,7 +26,7 @@ from app.ml.metrics import accuracy
 from app.ml.sharding import assign_shards, assign_slices
 from app.ml.sisa import SisaEnsemble, train_sisa
 from app.models import Lineage, MLModel, ModelVersion, Record
-from app.pipeline import methods
+from app.pipeline import imports, methods
 from app.pipeline.inputs import Phases
 from app.pipeline.outputs import ShardOutputs, SharedEnsemble, save_test_outputs
 from app.pipeline.spec import ModelSpec, seed_key
@@ -37,6 +37,9 @@ from app.verification.service import Check
 
 
 def run_training(job_id: str) -> None:
+    if imports.is_import(job_id):  # a model trained elsewhere: nothing to train
+        imports.run_import(job_id)
+        return
     t0 = time.perf_counter()
     phases = Phases()
     with session_scope() as s:

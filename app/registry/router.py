@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, File, Form, Path, UploadFile
 
 from app.api.deps import AdminDep, ReaderDep, SessionDep, SettingsDep
+from app.core.errors import PayloadTooLarge
 from app.core.storage import get_store
-from app.registry import service
+from app.registry import imports, service
 from app.registry.schemas import (
     ModelCreate,
     ModelCreated,
@@ -19,6 +20,8 @@ from app.registry.schemas import (
 )
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+# Beyond API.md (issue 14): its own path, so that no model name ("import") shadows it.
+imports_router = APIRouter(prefix="/v1/model-imports", tags=["models"])
 # Versions are 32-bit integers in the database; a larger one names no version.
 MAX_VERSION = 2**31 - 1
 
@@ -68,3 +71,26 @@ def retrain(name: str, caller: AdminDep, session: SessionDep) -> dict[str, str]:
     """Fallback retraining on demand: from scratch on the retained records."""
     model = service.get_by_name(session, name)
     return {"job_id": service.request_retrain(session, model, caller.actor)}
+
+
+@imports_router.post("", status_code=202, responses={404: {}, 409: {}, 413: {}, 422: {}})
+def import_model(
+    caller: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    weights: Annotated[
+        UploadFile, File(description="the network's state_dict as safetensors (never a pickle)")
+    ],
+    spec: Annotated[str, Form(description="JSON: the import spec (ModelImport)")],
+) -> imports.ModelImported:
+    """Beyond API.md: register a PyTorch model trained elsewhere as a monolithic model's
+    first version (docs/byo-models.md). Every mismatch between the weights, the
+    architecture, the preprocessing and the sample predictions is a 422 saying what
+    differs; a job then trains the references and promotes version 1."""
+    body = imports.parse_spec(spec)
+    blob = weights.file.read(settings.max_upload_bytes + 1)
+    if len(blob) > settings.max_upload_bytes:
+        raise PayloadTooLarge(
+            f"weights exceed {settings.max_upload_bytes} bytes", code="upload_too_large"
+        )
+    return imports.import_model(session, get_store(settings), body, blob, caller.actor)

@@ -5,14 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.schemas import BatchingIn
 
 __all__ = ["BatchingIn"]
 
 
+BUILTIN_KINDS = ("logreg", "mlp")
+
+
 class ArchitectureIn(BaseModel):
+    """A built-in network: "logreg" or "mlp" (the other kinds: `ExtendedArchitectureIn`)."""
+
     model_config = ConfigDict(extra="forbid")
     kind: Literal["logreg", "mlp"] = "logreg"
     # Hidden layer widths (MLP), each between 1 and 4096.
@@ -22,6 +27,43 @@ class ArchitectureIn(BaseModel):
     # Text, image and audio columns: column -> {"kind": ..., parameters} overriding the
     # default encoder of the column's kind (app.ml.encoders.DEFAULTS).
     encoders: dict[str, dict[str, Any]] | None = Field(default=None, max_length=64)
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def stored(self) -> dict[str, Any]:
+        return {"kind": self.kind, "hidden": list(self.hidden)}
+
+
+class ExtendedArchitectureIn(BaseModel):
+    """Beyond the built-ins (issue 14): "gbdt" or "random_forest" (scikit-learn tree
+    ensembles as SISA shard models), or the name of an installed architecture plugin
+    (entry point group `palimpsest.architectures`). The other keys are the kind's
+    parameters (`params`), checked when the model is created."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = Field(
+        min_length=1,
+        max_length=100,
+        json_schema_extra={"not": {"enum": list(BUILTIN_KINDS)}},
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _not_builtin(cls, kind: str) -> str:
+        if kind in BUILTIN_KINDS:
+            raise ValueError(f"{kind!r} is a built-in architecture (its keys: kind, hidden)")
+        return kind
+
+    def params(self) -> dict[str, Any]:
+        """The body as given, without `kind` (and `encoders`, which name column encoders)."""
+        return {k: v for k, v in (self.model_extra or {}).items() if k != "encoders"}
+
+    def stored(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.params()}
+
+
+AnyArchitectureIn = ArchitectureIn | ExtendedArchitectureIn
 
 
 class TrainingIn(BaseModel):
@@ -105,7 +147,7 @@ class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     dataset_id: str = Field(min_length=1, max_length=64)
-    architecture: ArchitectureIn = Field(default_factory=ArchitectureIn)
+    architecture: AnyArchitectureIn = Field(default_factory=ArchitectureIn)
     training: TrainingIn = Field(default_factory=TrainingIn)
     unlearning: UnlearningIn = Field(default_factory=UnlearningIn)
     feature_columns: list[str] | None = None

@@ -16,15 +16,18 @@ from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, get_store
 from app.datasets import service as datasets
+from app.integrations import mlflow_mirror
 from app.jobs import batching, routing
 from app.ml import encoders, media
 from app.ml.approximate import DEFAULT_STRATEGY, STRATEGIES, get_strategy, params_from
-from app.ml.config import ArchitectureConfig, FeatureSpec
+from app.ml.config import BUILTIN_NETWORKS, ArchitectureConfig, FeatureSpec
 from app.ml.encoders import EncoderSpec, resolve
 from app.ml.thresholds import decide
 from app.models import Job, MLModel, ModelVersion
+from app.registry import architectures as architecture_check
 from app.registry import artifacts
 from app.registry.schemas import (
+    ArchitectureIn,
     ModelCreate,
     ModelCreated,
     ModelOut,
@@ -75,11 +78,12 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
     bad_groups = [g for g in groups if g not in known]
     if bad_groups:
         raise Unprocessable(f"unknown group columns: {bad_groups}", code="invalid_columns")
-    if body.unlearning.certified and (
-        body.architecture.kind != "logreg" or len(schema["label_classes"]) != 2
-    ):
+    arch_check = architecture_check.check(body, schema, features)
+    if body.unlearning.certified and (not arch_check.linear or len(schema["label_classes"]) != 2):
         raise Unprocessable(
-            "certified removal needs a binary logistic model", code="invalid_config"
+            "certified removal needs a binary logistic model (logreg, or a plugin that "
+            f"declares itself linear); {body.architecture.kind!r} is not one",
+            code="invalid_config",
         )
     if body.unlearning.certified:
         body.unlearning.mode = "monolithic"  # certified removal is for one model
@@ -96,6 +100,8 @@ def create(session: Session, body: ModelCreate, actor: str) -> ModelCreated:
         media=encoders,
     )
     config: dict[str, Any] = body.model_dump(mode="json")
+    if arch_check.stored is not None:  # a tree or plugin: its body as given
+        config["architecture"] = {k: v for k, v in arch_check.stored.items() if k != "encoders"}
     config["architecture"].pop("encoders", None)
     if encoders:  # resolved, defaults filled in: the network and its inputs' layout
         config["architecture"]["encoders"] = ArchitectureConfig(encoders=encoders).to_dict()[
@@ -131,7 +137,9 @@ def _resolve_encoders(
 ) -> tuple[EncoderSpec, ...]:
     """The encoder of every media feature: its kind's default or the body's override."""
     media_cols: dict[str, str] = schema.get("media_columns", {})
-    overrides = body.architecture.encoders or {}
+    # Only a built-in head reads encoded media (a tree's or plugin's body is its own).
+    arch = body.architecture
+    overrides = (arch.encoders if isinstance(arch, ArchitectureIn) else None) or {}
     bad = [c for c in overrides if c not in media_cols or c not in features]
     if bad:
         raise Unprocessable(
@@ -148,6 +156,12 @@ def _resolve_encoders(
                 raise Unprocessable(
                     f"architecture.encoders.{c}: {exc}", code="invalid_config"
                 ) from exc
+    if out and body.architecture.kind not in BUILTIN_NETWORKS:
+        raise Unprocessable(
+            f"text, image and audio columns are read by Palimpsest's encoders ahead of a "
+            f"built-in head (logreg or mlp); {body.architecture.kind!r} is not one",
+            code="invalid_config",
+        )
     if out and body.unlearning.certified:
         raise Unprocessable(
             "certified removal needs a logistic model over tabular inputs; this model reads "
@@ -318,6 +332,7 @@ def promote(session: Session, model: MLModel, mv: ModelVersion, actor: str, reas
         },
     )
     webhooks.model_promoted(session, model, previous, mv.version, reason)
+    mlflow_mirror.mark(session, model)  # the MLflow alias follows (when configured)
 
 
 # -- serving ------------------------------------------------------------------------
@@ -455,6 +470,8 @@ def purge_versions(
         if v.manifest_path:
             store.delete(v.manifest_path)
         v.status = "purged"
+        if (mirrored := session.get(MLModel, model_id)) is not None:
+            mlflow_mirror.mark(session, mirrored)  # deleted from MLflow too
         audit.record(
             session,
             actor=actor,

@@ -61,7 +61,9 @@ def injection(
             seed,
             n_classes=n_classes,
         )
-    except ValueError as exc:  # e.g. the sample model did not pick the feature up
+    # e.g. the sample model did not pick the feature up, or (TypeError) the network
+    # exposes no input layer to inject into (an architecture plugin without one)
+    except (ValueError, TypeError) as exc:
         return Check(True, {"note": f"not measurable: {exc}"}, threshold)
     passed = max_residual is None or result.residual <= max_residual
     metrics = result.to_dict() | {"strategy": strategy, "gating": max_residual is not None}

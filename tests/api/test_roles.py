@@ -38,6 +38,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/models/{name}/versions/{version}/promote"): ADMIN,
     # Beyond API.md: on-demand fallback retraining changes models, so admin only.
     ("POST", "/v1/models/{name}/retrain"): ADMIN,
+    # Beyond API.md (issue 14): registering a model trained elsewhere.
+    ("POST", "/v1/model-imports"): ADMIN,
     ("POST", "/v1/deletion-requests"): PORTAL,
     ("GET", "/v1/deletion-requests"): EVERYONE,
     ("GET", "/v1/deletion-requests/{request_id}"): EVERYONE,
