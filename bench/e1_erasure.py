@@ -8,7 +8,8 @@ pool) on the same seeded data, as `make demo` runs it:
 * Data: 45,000 rows shaped like UCI Adult (six numeric columns on their own scales, eight
   categorical ones with Adult's level counts, a noisy income label with interactions),
   1-3 rows per subject, `sex` and `race` as group columns. Uploaded twice as CSV, once
-  per model, so that the erasure reaches only the SISA model.
+  per model, the second copy's subjects under other names, so that an erasure reaches
+  only the SISA model.
 * SISA: MLP hidden [64], 16 shards x 8 slices by subject. Monolithic: the same MLP and
   the same `training` body, with no reference models (`reference_models: 0`), so its
   training job trains exactly one network.
@@ -56,8 +57,9 @@ _CATEGORIES = {
 }
 
 
-def adult_like(n_rows: int, seed: int) -> bytes:
-    """A seeded table with UCI Adult's shape: its columns, scales and level counts."""
+def adult_like(n_rows: int, seed: int, people: str = "person") -> bytes:
+    """A seeded table with UCI Adult's shape: its columns, scales and level counts;
+    subjects are named `{people}-NNNNNN`."""
     rng = np.random.default_rng(seed)
     age = rng.integers(17, 91, n_rows)
     fnlwgt = rng.lognormal(12, 0.5, n_rows).round()
@@ -89,7 +91,7 @@ def adult_like(n_rows: int, seed: int) -> bytes:
     for i in range(n_rows):
         w.writerow(
             [
-                f"person-{subject_of[i]:06d}",
+                f"{people}-{subject_of[i]:06d}",
                 age[i],
                 fnlwgt[i],
                 edu_num[i],
@@ -145,6 +147,9 @@ def _train(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
 
 def run(n_rows: int, shards: int, slices: int, folder: Path, n_subjects: int = 8) -> dict[str, Any]:
     data = adult_like(n_rows, seed=11)
+    # The same rows for the monolithic model, held for other subject ids: a request for
+    # a `person-` subject reaches the SISA model alone.
+    mono_data = adult_like(n_rows, seed=11, people="mono")
     stack = LocalStack(
         folder,
         env={
@@ -163,7 +168,7 @@ def run(n_rows: int, shards: int, slices: int, folder: Path, n_subjects: int = 8
         t0 = time.perf_counter()
         sisa_ds = _upload(client, "adult-sisa", data)
         ingest = time.perf_counter() - t0
-        mono_ds = _upload(client, "adult-mono", data)
+        mono_ds = _upload(client, "adult-mono", mono_data)
         sisa_train = _train(
             client,
             {
@@ -210,13 +215,19 @@ def run(n_rows: int, shards: int, slices: int, folder: Path, n_subjects: int = 8
                 f"/v1/deletion-requests/{r.json()['id']}",
                 {"completed", "failed", "needs_review", "rejected"},
             )
-            jobs.append(
-                next(
-                    client.get(f"/v1/jobs/{m['job_id']}").json() | {"request": req["status"]}
-                    for m in req["models"]
-                    if m["model"] == "adult-sisa"
-                )
+            job = next(
+                client.get(f"/v1/jobs/{m['job_id']}").json() | {"request": req["status"]}
+                for m in req["models"]
+                if m["model"] == "adult-sisa"
             )
+            # What each check said (a request held for review says why).
+            if job.get("report_id"):
+                report = client.get(f"/v1/reports/{job['report_id']}").json()
+                job["checks"] = {
+                    name: {"status": c.get("status"), "reason": c.get("reason")}
+                    for name, c in report.get("checks", {}).items()
+                }
+            jobs.append(job)
     walls = [float(j["cost"]["wall_seconds"]) for j in jobs]
     unlearn_wall = float(np.mean(walls))
     mono_wall = float(mono_train["cost"]["wall_seconds"])
@@ -249,6 +260,7 @@ def run(n_rows: int, shards: int, slices: int, folder: Path, n_subjects: int = 8
         },
         "monolithic_phases": mono_train["result"].get("phases", {}),
         "sisa_training_phases": sisa_train["result"].get("phases", {}),
+        "checks": [j.get("checks", {}) for j in jobs],
         "slices_retrained": [
             j["result"].get("unlearning", {}).get("slices_retrained") for j in jobs
         ],
@@ -282,6 +294,10 @@ def _print(res: dict[str, Any]) -> None:
         ph = res[key]
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(ph.get("seconds", {}).items()))
         print(f"  phases of the {label}: {parts}; parquet reads {ph.get('parquet_reads')}")
+    for i, checks in enumerate(res.get("checks", [])):
+        held = {k: v for k, v in checks.items() if v.get("status") == "fail"}
+        if held:
+            print(f"  job {i + 1} failed checks: {json.dumps(held)}")
     warm = res["unlearning_phases"].get("warm_reads") or []
     print(
         f"  dataset rows from the worker's warm copy in {sum(warm)} of {len(warm)} unlearning "

@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import repeat
@@ -137,11 +140,44 @@ class PreprocessorState:
         pos += len(self.numeric)
         for name, vocab in self.categorical:
             if name not in removed:
-                codes = _codes(columns[name], {v: j for j, v in enumerate(vocab)}, n)
-                hit = codes >= 0
-                out[np.nonzero(hit)[0], pos + codes[hit]] = 1.0
+                rows, cols = _one_hot(columns[name], vocab, n)
+                out[rows, pos + cols] = 1.0
             pos += len(vocab)
         return torch.from_numpy(out)
+
+
+# The one-hot positions of recent (column values, vocabulary) pairs: the shards of an
+# ensemble usually share their vocabularies, so the rows an ensemble scores are coded
+# once per column rather than once per shard. An entry holds a weak reference to its
+# values array (never the values: no row outlives its array here), so an id is never
+# mistaken for a later array's; column arrays are never changed in place. Only columns
+# of up to _ONE_HOT_ROWS rows are kept (larger ones cost little per call for their size).
+_ONE_HOT: OrderedDict[
+    tuple[int, tuple[str, ...]], tuple[weakref.ref[Any], np.ndarray, np.ndarray]
+] = OrderedDict()
+_ONE_HOT_SIZE = 128
+_ONE_HOT_ROWS = 10_000
+_ONE_HOT_LOCK = threading.Lock()
+
+
+def _one_hot(values: Any, vocab: tuple[str, ...], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, vocabulary position) of every value found in `vocab`."""
+    key = (id(values), vocab)
+    with _ONE_HOT_LOCK:
+        hit = _ONE_HOT.get(key)
+        if hit is not None and hit[0]() is values:
+            _ONE_HOT.move_to_end(key)
+            return hit[1], hit[2]
+    codes = _codes(values, {v: j for j, v in enumerate(vocab)}, n)
+    found = codes >= 0
+    rows, cols = np.nonzero(found)[0], codes[found]
+    if n > _ONE_HOT_ROWS or not isinstance(values, np.ndarray):
+        return rows, cols
+    with _ONE_HOT_LOCK:
+        _ONE_HOT[key] = (weakref.ref(values), rows, cols)
+        while len(_ONE_HOT) > _ONE_HOT_SIZE:
+            _ONE_HOT.popitem(last=False)
+    return rows, cols
 
 
 def _n_rows(columns: Mapping[str, np.ndarray]) -> int:

@@ -66,3 +66,19 @@ def test_string_fast_path_matches_cell_by_cell_normalisation() -> None:
     # 1, 1.0 and True are one set element but three categories.
     odd = fit_preprocessor(spec, {"c": np.array([1, 1.0, True, None, "x"], dtype=object)})
     assert dict(odd.categorical)["c"] == ("1", "1.0", "True", "x")
+
+
+def test_one_hot_positions_are_reused_only_for_the_same_array_and_vocabulary() -> None:
+    from app.ml import preprocess
+
+    values = np.array(["a", "b", "z", "a"], dtype=object)
+    first = preprocess._one_hot(values, ("a", "b"), 4)
+    again = preprocess._one_hot(values, ("a", "b"), 4)
+    assert again[0] is first[0]  # the same array and vocabulary: not coded again
+    assert first[0].tolist() == [0, 1, 3] and first[1].tolist() == [0, 1, 0]
+    # Another vocabulary, or an equal array that is another object, is coded afresh.
+    other = preprocess._one_hot(values, ("b", "z"), 4)
+    assert other[0].tolist() == [1, 2] and other[1].tolist() == [0, 1]
+    copy = values.copy()
+    fresh = preprocess._one_hot(copy, ("a", "b"), 4)
+    assert fresh[0] is not first[0] and fresh[0].tolist() == first[0].tolist()

@@ -127,6 +127,14 @@ def test_a_warm_copy_unused_for_its_time_is_dropped_by_a_timer() -> None:
     assert got is not None and list(got[0].record_ids) == [1, 3] and got[1] is False
     again = cache.rows("ds", np.asarray([4]), lambda: None, ttl=0.2)
     assert again is not None and again[1] is True and cache.loads == 1
+    # The same rows asked again are the same arrays (what is computed per array is kept).
+    same = cache.rows("ds", np.asarray([4]), lambda: None, ttl=0.2)
+    assert same is not None and same[0] is again[0]
+    cache.drop_rows("ds", [4])
+    gone = cache.rows("ds", np.asarray([4]), lambda: None, ttl=0.2)
+    assert gone is None  # erased: neither the copy nor the rows taken from it serve it
+    assert cache.held() == {}
+    cache.rows("ds", np.asarray([1, 3]), lambda: data, ttl=0.2)
     deadline = time.monotonic() + 10
     while cache.held() and time.monotonic() < deadline:
         time.sleep(0.05)
