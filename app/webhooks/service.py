@@ -225,13 +225,17 @@ def msg_id(event_id: str, endpoint_id: str) -> str:
 
 def fan_out(session: Session, event_id: str) -> list[str]:
     """One pending delivery per enabled endpoint subscribed to the event (idempotent);
-    each is sent after commit. Returns the new deliveries' ids."""
+    each is sent after commit. Returns the new deliveries' ids. An endpoint registered
+    after the event happened does not get it, however late the fan-out runs."""
     event = session.get(WebhookEvent, event_id, with_for_update=True)
     if event is None or event.fanned_out_at is not None:
         return []
     endpoints = session.scalars(
         select(WebhookEndpoint)
-        .where(WebhookEndpoint.disabled_at.is_(None))
+        .where(
+            WebhookEndpoint.disabled_at.is_(None),
+            WebhookEndpoint.created_at <= event.created_at,
+        )
         .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
     ).all()
     now = utcnow()

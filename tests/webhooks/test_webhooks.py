@@ -472,3 +472,37 @@ def test_the_sweep_fans_out_a_lost_event(
         )
     assert delivery.sweep() >= 1
     assert [(t.name, t.args) for t in sent] == [("palimpsest.fan_out_webhook", (event_id,))]
+
+
+def test_an_endpoint_registered_after_an_event_does_not_get_it(
+    env: AppEnv, keys: dict[str, str], sent: list[Any], receiver: Receiver
+) -> None:
+    """The fan-out runs later than the event (its own task): an endpoint registered in
+    between hears of what happens from then on, not of what happened before it."""
+    from app.webhooks import delivery
+
+    upload_dataset(env.client, keys["admin"], "late-ds", make_csv(make_rows(n_subjects=3)))
+    sent.clear()
+    r = env.client.post(
+        "/v1/deletion-requests",
+        headers=auth(keys["portal"]),
+        json={"kind": "subject", "subject_id": "subj-0002"},
+    )
+    assert r.status_code == 202
+    early = [t for t in sent if t.name == "palimpsest.fan_out_webhook"]
+    assert len(early) == 1
+    hook = register(env, keys["admin"], receiver.url, ["request.received"])
+    sent.clear()
+    assert delivery.fan_out(early[0].args[0]) == 0  # it happened before the endpoint
+    r = env.client.post(
+        "/v1/deletion-requests",
+        headers=auth(keys["portal"]),
+        json={"kind": "subject", "subject_id": "subj-0003"},
+    )
+    later = [t for t in sent if t.name == "palimpsest.fan_out_webhook"]
+    assert len(later) == 1 and delivery.fan_out(later[0].args[0]) == 1
+    from app.core.db import session_scope
+
+    with session_scope() as s:
+        mine = s.scalars(select(WebhookDelivery).where(WebhookDelivery.endpoint_id == hook["id"]))
+        assert [d.event_type for d in mine] == ["request.received"]  # the later one only
