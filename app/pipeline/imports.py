@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 
 from app.core.db import session_scope
 from app.core.storage import get_store
@@ -20,11 +20,11 @@ from app.ml.data import TabularData
 from app.ml.device import runtime_fingerprint
 from app.ml.metrics import accuracy
 from app.ml.sisa import ShardEntry, SisaEnsemble, SisaManifest
-from app.models import Job, Lineage, MLModel, ModelVersion, Record
+from app.models import Job, Lineage, MLModel, ModelVersion
 from app.pipeline.inputs import Phases
 from app.pipeline.outputs import ShardOutputs, SharedEnsemble, save_test_outputs
 from app.pipeline.spec import ModelSpec
-from app.pipeline.start import WORKER, begin, device, test_split
+from app.pipeline.start import WORKER, begin_first_version, device, test_split
 from app.registry import artifacts, references
 from app.registry import service as registry
 
@@ -56,24 +56,11 @@ def _write_lineage(session: Any, model_id: str, train: TabularData, test: Tabula
 def run_import(job_id: str) -> None:
     t0 = time.perf_counter()
     phases = Phases()
-    with session_scope() as s:
-        job = begin(s, job_id, "train")
-        if job is None:
-            return
-        token = job.attempts
-        model = s.get(MLModel, job.model_id)
-        assert model is not None
-        ds = datasets.get(s, model.dataset_id)
-        active = np.asarray(
-            sorted(
-                s.scalars(
-                    select(Record.id).where(Record.dataset_id == ds.id, Record.status == "active")
-                )
-            ),
-            dtype=np.int64,
-        )
-        model_id, config = model.id, model.config
-        s.expunge(ds)
+    started = begin_first_version(job_id)
+    if started is None:
+        return
+    token, model_id, config = started.token, started.model_id, started.config
+    ds, active = started.ds, started.active
     spec = ModelSpec.of(model_id, config)
     imported: dict[str, Any] = config["imported"]
     store = get_store()

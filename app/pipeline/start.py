@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.db import session_scope
 from app.core.settings import get_settings
+from app.datasets import service as datasets
 from app.jobs import lease
 from app.jobs import service as jobs
 from app.ml.device import derive_seed, set_up
-from app.models import Job
+from app.models import Dataset, Job, MLModel, Record
 
 log = logging.getLogger(__name__)
 WORKER = "worker"
@@ -68,3 +73,37 @@ def test_split(record_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray
         dtype=bool,
         count=len(record_ids),
     )
+
+
+@dataclass
+class FirstVersionJob:
+    """A job that makes a model's first version (training it, or importing it): its
+    fencing token, the model, its dataset (detached) and the dataset's active records."""
+
+    token: int | None
+    model_id: str
+    model_name: str
+    config: dict[str, Any]
+    ds: Dataset
+    active: np.ndarray
+
+
+def begin_first_version(job_id: str) -> FirstVersionJob | None:
+    """Claim a train-kind job (None: not this worker's to run) and read what it needs."""
+    with session_scope() as s:
+        job = begin(s, job_id, "train")
+        if job is None:
+            return None
+        model = s.get(MLModel, job.model_id)
+        assert model is not None
+        ds = datasets.get(s, model.dataset_id)
+        active = np.asarray(
+            sorted(
+                s.scalars(
+                    select(Record.id).where(Record.dataset_id == ds.id, Record.status == "active")
+                )
+            ),
+            dtype=np.int64,
+        )
+        s.expunge(ds)
+        return FirstVersionJob(job.attempts, model.id, model.name, model.config, ds, active)

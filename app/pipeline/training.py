@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 
 from app.core.db import session_scope
 from app.core.settings import get_settings
@@ -25,12 +25,12 @@ from app.ml.data import TabularData
 from app.ml.metrics import accuracy
 from app.ml.sharding import assign_shards, assign_slices
 from app.ml.sisa import SisaEnsemble, train_sisa
-from app.models import Lineage, MLModel, ModelVersion, Record
+from app.models import Lineage, MLModel, ModelVersion
 from app.pipeline import imports, methods
 from app.pipeline.inputs import Phases
 from app.pipeline.outputs import ShardOutputs, SharedEnsemble, save_test_outputs
 from app.pipeline.spec import ModelSpec, seed_key
-from app.pipeline.start import WORKER, begin, device, test_split
+from app.pipeline.start import WORKER, begin_first_version, device, test_split
 from app.registry import artifacts, references
 from app.registry import service as registry
 from app.verification.service import Check
@@ -42,28 +42,15 @@ def run_training(job_id: str) -> None:
         return
     t0 = time.perf_counter()
     phases = Phases()
-    with session_scope() as s:
-        job = begin(s, job_id, "train")
-        if job is None:
-            return
-        token = job.attempts
-        model = s.get(MLModel, job.model_id)
-        assert model is not None
-        ds = datasets.get(s, model.dataset_id)
-        active = np.asarray(
-            sorted(
-                s.scalars(
-                    select(Record.id).where(Record.dataset_id == ds.id, Record.status == "active")
-                )
-            ),
-            dtype=np.int64,
-        )
-        model_id, config = model.id, model.config
-        # Seeds and content addresses of a new model derive from its name and training
-        # seed, not from the install's random model id: the same data and settings give
-        # the same models (and verdicts) on any install.
-        key = seed_key(model.name)
-        s.expunge(ds)
+    started = begin_first_version(job_id)
+    if started is None:
+        return
+    token, model_id, config = started.token, started.model_id, started.config
+    ds, active = started.ds, started.active
+    # Seeds and content addresses of a new model derive from its name and training
+    # seed, not from the install's random model id: the same data and settings give
+    # the same models (and verdicts) on any install.
+    key = seed_key(started.model_name)
     spec = ModelSpec.of(model_id, config)
     store = get_store()
     dev = device()
