@@ -76,7 +76,15 @@ class WarmDatasets:
         """Erased rows leave the warm copy (the erasure calls this before it commits)."""
         gone = np.asarray(record_ids, dtype=np.int64)
         self._copies.update(dataset_id, lambda d: d.take(~np.isin(d.record_ids, gone)))
-        self._takes.drop(where=lambda k: k[0] == dataset_id)
+        # A take that holds none of the erased rows is still exactly those rows: it stays
+        # (the same arrays, so what was computed from them is found again); one that
+        # holds an erased row goes.
+        holding = {
+            k
+            for k, taken in self._takes.items()
+            if k[0] == dataset_id and np.isin(taken.record_ids, gone).any()
+        }
+        self._takes.drop(where=lambda k: k in holding)
 
     def drop(self, dataset_id: str | None = None) -> None:
         self._copies.drop(dataset_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import torch
 
 
@@ -40,6 +41,16 @@ def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (model seed, model key, shard, slice, epoch...)."""
     blob = "\x1f".join(str(p) for p in parts).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def mix64(values: np.ndarray, salt: int) -> np.ndarray:
+    """A pseudo-random uint64 per value (splitmix64's finaliser of value + salt: every bit
+    of the input moves every bit of the output), for fixed choices made by hash."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(values).astype(np.uint64) + np.uint64(salt % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return np.asarray(z ^ (z >> np.uint64(31)), dtype=np.uint64)
 
 
 def runtime_fingerprint(device: torch.device) -> dict[str, object]:

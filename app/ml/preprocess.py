@@ -150,13 +150,15 @@ class PreprocessorState:
 # ensemble usually share their vocabularies, so the rows an ensemble scores are coded
 # once per column rather than once per shard. An entry holds a weak reference to its
 # values array (never the values: no row outlives its array here), so an id is never
-# mistaken for a later array's; column arrays are never changed in place. Only columns
-# of up to _ONE_HOT_ROWS rows are kept (larger ones cost little per call for their size).
+# mistaken for a later array's; column arrays are never changed in place. Columns of up
+# to _ONE_HOT_ROWS rows are kept (a model's test rows, which a warm worker hands out as
+# the same arrays job after job), at most _ONE_HOT_CELLS positions in all (int32: 8 MB).
 _ONE_HOT: OrderedDict[
     tuple[int, tuple[str, ...]], tuple[weakref.ref[Any], np.ndarray, np.ndarray]
 ] = OrderedDict()
 _ONE_HOT_SIZE = 128
-_ONE_HOT_ROWS = 10_000
+_ONE_HOT_ROWS = 100_000
+_ONE_HOT_CELLS = 1_000_000
 _ONE_HOT_LOCK = threading.Lock()
 
 
@@ -170,13 +172,14 @@ def _one_hot(values: Any, vocab: tuple[str, ...], n: int) -> tuple[np.ndarray, n
             return hit[1], hit[2]
     codes = _codes(values, {v: j for j, v in enumerate(vocab)}, n)
     found = codes >= 0
-    rows, cols = np.nonzero(found)[0], codes[found]
+    rows, cols = np.nonzero(found)[0].astype(np.int32), codes[found].astype(np.int32)
     if n > _ONE_HOT_ROWS or not isinstance(values, np.ndarray):
         return rows, cols
     with _ONE_HOT_LOCK:
         _ONE_HOT[key] = (weakref.ref(values), rows, cols)
-        while len(_ONE_HOT) > _ONE_HOT_SIZE:
-            _ONE_HOT.popitem(last=False)
+        cells = sum(len(r) for _, r, _ in _ONE_HOT.values())
+        while len(_ONE_HOT) > _ONE_HOT_SIZE or (cells > _ONE_HOT_CELLS and len(_ONE_HOT) > 1):
+            cells -= len(_ONE_HOT.popitem(last=False)[1][1])
     return rows, cols
 
 

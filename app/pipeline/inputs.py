@@ -23,7 +23,7 @@ from app.core.storage import ArtifactStore, get_store
 from app.core.warm import Expiring
 from app.datasets import service as datasets
 from app.ml.data import TabularData
-from app.ml.device import derive_seed
+from app.ml.device import derive_seed, mix64
 from app.ml.sisa import SisaManifest, ids_digest
 from app.models import (
     Dataset,
@@ -39,8 +39,11 @@ from app.pipeline.outcome import RequestEvents
 from app.pipeline.spec import ModelSpec
 from app.registry import artifacts
 from app.registry import service as registry
+from app.verification.forgetting import SAMPLE_SCORES
 
-MEMBER_SAMPLE = 400  # retained rows whose membership scores the dashboard draws
+# Retained rows whose membership scores the dashboard draws (as many as the forgetting
+# report keeps, so that the check scores these very rows).
+MEMBER_SAMPLE = SAMPLE_SCORES
 
 
 @dataclass
@@ -191,7 +194,13 @@ class JobInputs:
         """Quarantined rows are still readable until erasure: approximate methods need
         their gradients and the attack needs them."""
         wanted = self.forgotten if record_ids is None else np.asarray(record_ids, np.int64)
-        missing = np.setdiff1d(wanted, self.ids)
+        # The layout is sorted by record id: a sorted search, not a set difference that
+        # sorts every id of the model for a handful of rows.
+        found = np.zeros(len(wanted), dtype=bool)
+        if len(self.ids):
+            pos = np.minimum(np.searchsorted(self.ids, wanted), len(self.ids) - 1)
+            found = self.ids[pos] == wanted
+        missing = np.unique(wanted[~found])
         if len(missing):
             # Rows the model saw whose lineage is already closed (an earlier approximate
             # version's): read those few from storage.
@@ -220,11 +229,16 @@ class JobInputs:
         )
 
     def members(self) -> TabularData:
-        """A seeded sample of the retained training rows (what "still a member" looks
-        like beside the forgotten records' scores)."""
+        """A fixed sample of the retained training rows (what "still a member" looks like
+        beside the forgotten records' scores): the MEMBER_SAMPLE rows with the smallest
+        hash of (record id, model key). The same rows job after job, until one of them
+        is forgotten, so the production version's outputs on them can be kept like its
+        test outputs (`app.pipeline.outputs`)."""
         pool = np.flatnonzero(self.retained_mask)
-        rng = np.random.default_rng(self.verify_seed("members") % (2**32))
-        pick = np.sort(rng.choice(pool, size=min(len(pool), MEMBER_SAMPLE), replace=False))
+        if len(pool) > MEMBER_SAMPLE:
+            h = mix64(self.ids[pool], derive_seed(self.manifest.model_key, "members"))
+            pool = np.sort(pool[np.argpartition(h, MEMBER_SAMPLE - 1)[:MEMBER_SAMPLE]])
+        pick = pool
         mask = np.zeros(len(self.ids), dtype=bool)
         mask[pick] = True
         return self.rows(mask)

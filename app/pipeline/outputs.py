@@ -4,16 +4,17 @@ shards) and across jobs (the production version's shard outputs on the test rows
 when it is promoted and read by the next job's verification while the test rows are
 the same).
 
-Only the production version's outputs on held-out test rows are kept, one file per
-model, replaced at each promotion and rewritten without a test row's outputs when that
-row is erased: nothing lets anyone compare a retired version's outputs, and no erased
-row's prediction stays.
+Only the production version's outputs are kept, on the held-out test rows and on the
+fixed sample of retained training rows whose membership scores the forgetting check
+reports (`JobInputs.members`), one file per model, replaced at each promotion and
+rewritten without a row's outputs when that row is erased: nothing lets anyone compare
+a retired version's outputs, and no erased row's prediction stays.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -217,39 +218,72 @@ def _folder(model_id: str) -> str:
 _ROWS = "__record_ids__"  # the test rows a kept file's outputs are on, in order
 
 
-def load_test_outputs(
-    store: ArtifactStore, model_id: str, test_ids: np.ndarray
-) -> dict[str, torch.Tensor]:
-    """The saved shard outputs on these test rows ({} when none are kept): the kept file
-    of exactly these rows, or one kept on more rows (a job whose requests quarantined
-    test rows: they are no longer test rows of the job), taken at these rows."""
-    rel = f"{_folder(model_id)}/test-{rows_digest(test_ids)}.safetensors"
-    if store.exists(rel):
-        return {k: v for k, v in st_load(store.read_bytes(rel)).items() if k != _ROWS}
-    wanted = np.asarray(test_ids, dtype=np.int64)
+def load_kept_outputs(
+    store: ArtifactStore, model_id: str, row_sets: Sequence[np.ndarray]
+) -> list[dict[str, torch.Tensor]]:
+    """For each set of rows (sorted record ids), the kept shard outputs on exactly those
+    rows ({} where the kept file does not hold every one of them), the file read once:
+    the file of exactly these rows, or one kept on more rows (the test rows and the
+    member sample together; or a job whose requests quarantined test rows, which are no
+    longer test rows of the job), taken at these rows."""
+    found: list[dict[str, torch.Tensor]] = [{} for _ in row_sets]
+    if len(row_sets) == 1:
+        rel = f"{_folder(model_id)}/test-{rows_digest(row_sets[0])}.safetensors"
+        if store.exists(rel):
+            return [{k: v for k, v in st_load(store.read_bytes(rel)).items() if k != _ROWS}]
     for other in store.list(_folder(model_id)):
         tensors = dict(st_load(store.read_bytes(other)))
         rows = tensors.pop(_ROWS, None)
         if rows is None:
             continue
         ids = rows.numpy()
-        pos = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))
-        if len(ids) and np.array_equal(ids[pos], wanted):
-            index = torch.as_tensor(pos)
-            return {k: v[index] for k, v in tensors.items()}
-    return {}
+        for i, row_set in enumerate(row_sets):
+            wanted = np.asarray(row_set, dtype=np.int64)
+            pos = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))
+            if not found[i] and len(ids) and np.array_equal(ids[pos], wanted):
+                index = torch.as_tensor(pos)
+                found[i] = {k: v[index] for k, v in tensors.items()}
+    return found
+
+
+def load_test_outputs(
+    store: ArtifactStore, model_id: str, test_ids: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """The saved shard outputs on these test rows ({} when none are kept)."""
+    return load_kept_outputs(store, model_id, [test_ids])[0]
 
 
 def _write(
-    store: ArtifactStore, model_id: str, test_ids: np.ndarray, tensors: dict[str, torch.Tensor]
+    store: ArtifactStore, model_id: str, row_ids: np.ndarray, tensors: dict[str, torch.Tensor]
 ) -> None:
-    rel = f"{_folder(model_id)}/test-{rows_digest(test_ids)}.safetensors"
-    rows = torch.as_tensor(np.asarray(test_ids, dtype=np.int64))
+    rel = f"{_folder(model_id)}/test-{rows_digest(row_ids)}.safetensors"
+    rows = torch.as_tensor(np.asarray(row_ids, dtype=np.int64))
     blob = st_save({**{k: v.contiguous() for k, v in tensors.items()}, _ROWS: rows})
     store.write_bytes(rel, bytes(blob))
     for other in store.list(_folder(model_id)):
         if other != rel:
             store.delete(other)
+
+
+def save_kept_outputs(
+    store: ArtifactStore,
+    model_id: str,
+    manifest: SisaManifest,
+    parts: Sequence[tuple[np.ndarray, Mapping[str, torch.Tensor]]],
+) -> None:
+    """Keep the production version's shard outputs on the rows of `parts` (each: record
+    ids and the outputs on them; the first, the test rows, must hold every shard of
+    `manifest`, a later part without every shard is left out), in one file sorted by
+    record id, replacing whatever was kept before."""
+    keys = [shard_key(e.final_key, e.preprocessor) for e in manifest.entries if e.n_records]
+    complete = [(ids, out) for ids, out in parts if keys and all(k in out for k in keys)]
+    if not parts or not complete or complete[0][0] is not parts[0][0]:
+        return
+    ids = np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in complete])
+    uniq, first = np.unique(ids, return_index=True)  # sorted; a row kept once
+    index = torch.as_tensor(first)
+    tensors = {k: torch.cat([out[k] for _, out in complete])[index] for k in keys}
+    _write(store, model_id, uniq, tensors)
 
 
 def save_test_outputs(
@@ -261,10 +295,7 @@ def save_test_outputs(
 ) -> None:
     """Keep the production version's shard outputs on the test rows (every shard of
     `manifest` must be present), replacing whatever was kept before."""
-    keys = [shard_key(e.final_key, e.preprocessor) for e in manifest.entries if e.n_records]
-    if not keys or any(k not in outputs for k in keys):
-        return
-    _write(store, model_id, test_ids, {k: outputs[k] for k in keys})
+    save_kept_outputs(store, model_id, manifest, [(test_ids, outputs)])
 
 
 def drop_rows(store: ArtifactStore, model_id: str, record_ids: list[int]) -> None:

@@ -27,9 +27,9 @@ from app.pipeline.outputs import (
     ShardOutputs,
     SharedEnsemble,
     load_ensemble,
+    load_kept_outputs,
     load_sharing,
-    load_test_outputs,
-    save_test_outputs,
+    save_kept_outputs,
 )
 from app.pipeline.start import device
 from app.pipeline.training import version_metrics
@@ -72,9 +72,13 @@ def verify_candidate(
     loaded = load_ensemble(inputs.manifest, ckpt, dev)
     baseline = SharedEnsemble.of(loaded, outputs)
     candidate = SharedEnsemble.of(load_sharing(new_manifest, loaded, ckpt, dev), outputs)
-    # The production version's shard outputs on these very test rows, kept from when it
-    # was promoted: the candidate's unchanged shards and the baseline are not run again.
-    saved = load_test_outputs(store, inputs.model_id, inputs.test_ids)
+    # Retained rows scored beside the forget set (a fixed sample: see `members`).
+    members = inputs.members() if forget is not None and len(forget) else None
+    # The production version's shard outputs on these very test rows and member rows,
+    # kept from when it was promoted: the candidate's unchanged shards and the baseline
+    # are not run on them again.
+    row_sets = [inputs.test_ids] + ([members.record_ids] if members is not None else [])
+    saved, *saved_members = load_kept_outputs(store, inputs.model_id, row_sets)
     seed = inputs.verify_seed("forgetting") % (2**31)
     # The attack's sample of the test rows, drawn as the check draws it, so that the
     # saved outputs serve it too.
@@ -84,6 +88,8 @@ def verify_candidate(
         outputs.view(attack_test.columns, test.columns, cap)
     if saved:
         outputs.preload(test.columns, saved)
+    if members is not None and saved_members and saved_members[0]:
+        outputs.preload(members.columns, saved_members[0])
     inputs.phases.add("verify.load", time.perf_counter() - t0)
     checks: dict[str, verification.Check] = {}
     timed = inputs.phases.timed
@@ -92,7 +98,6 @@ def verify_candidate(
         # the other checks.
         with timed("verify.lineage"):
             checks["lineage"] = verification.lineage_check(new_manifest, forgotten)
-    members = inputs.members() if forget is not None and len(forget) else None
     checks |= quality_checks(
         inputs,
         candidate,
@@ -160,9 +165,10 @@ def verify_candidate(
     )
     if decision == "promote":
         keys = list(candidate.keys.values())
-        save_test_outputs(
-            store, inputs.model_id, inputs.test_ids, new_manifest, outputs.of(test.columns, keys)
-        )
+        parts = [(inputs.test_ids, outputs.of(test.columns, keys))]
+        if members is not None:
+            parts.append((members.record_ids, outputs.of(members.columns, keys)))
+        save_kept_outputs(store, inputs.model_id, new_manifest, parts)
 
 
 def verify_unlearning(

@@ -415,18 +415,16 @@ def erase(session: Session, store: ArtifactStore, request_id: str) -> None:
             model = session.get(MLModel, model_id)
             top = hi if hi is not None else (model.production_version if model else lo) or lo
             reached.setdefault(model_id, set()).update(range(lo, top + 1))
-    # A model that held one of these rows in its test split keeps shard outputs on its
-    # test rows, predictions on them included: they lose those rows.
-    tested: dict[str, list[int]] = {}
+    # A model that held one of these rows keeps shard outputs on its test rows and on a
+    # sample of its training rows, predictions on them included: they lose those rows.
+    scored: dict[str, list[int]] = {}
     for chunk in in_chunks(ids):
         for model_id, rid in session.execute(
-            select(Lineage.model_id, Lineage.record_id).where(
-                Lineage.record_id.in_(chunk), Lineage.split == "test"
-            )
+            select(Lineage.model_id, Lineage.record_id).where(Lineage.record_id.in_(chunk))
         ):
-            tested.setdefault(model_id, []).append(int(rid))
-    for model_id in sorted(tested):
-        outputs.drop_rows(store, model_id, tested[model_id])
+            scored.setdefault(model_id, []).append(int(rid))
+    for model_id in sorted(scored):
+        outputs.drop_rows(store, model_id, sorted(set(scored[model_id])))
     for model_id, versions in reached.items():
         registry.purge_versions(session, store, model_id, versions, WORKER)
         # Reference models (forgetting-check shadows) trained on these records go too.

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.ml.data import TabularData
-from app.ml.device import derive_seed
+from app.ml.device import derive_seed, mix64
 from app.ml.sisa import SisaEnsemble
 from app.ml.verify.membership import (
     attack,
@@ -83,7 +83,7 @@ def _out_masks(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
     return out
 
 
-_OUT_SALT = np.uint64(derive_seed("out-reference") % 2**63)
+_OUT_SALT = derive_seed("out-reference")
 
 
 def _pick(out: np.ndarray, record_ids: np.ndarray, k_use: int) -> np.ndarray:
@@ -93,12 +93,8 @@ def _pick(out: np.ndarray, record_ids: np.ndarray, k_use: int) -> np.ndarray:
     k = out.shape[0]
     with np.errstate(over="ignore"):
         z = np.asarray(record_ids, dtype=np.uint64)[None, :] * np.uint64(k + 1)
-        z = z + np.arange(k, dtype=np.uint64)[:, None] + _OUT_SALT
-        # splitmix64's finaliser: every bit of the input moves every bit of the output.
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    z = np.where(out, z, np.uint64(np.iinfo(np.uint64).max))
+        z = z + np.arange(k, dtype=np.uint64)[:, None]
+    z = np.where(out, mix64(z, _OUT_SALT), np.uint64(np.iinfo(np.uint64).max))
     return np.argsort(z, axis=0, kind="stable")[:k_use].astype(np.int64)
 
 

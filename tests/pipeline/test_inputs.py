@@ -130,7 +130,12 @@ def test_a_warm_copy_unused_for_its_time_is_dropped_by_a_timer() -> None:
     # The same rows asked again are the same arrays (what is computed per array is kept).
     same = cache.rows("ds", np.asarray([4]), lambda: None, ttl=0.2)
     assert same is not None and same[0] is again[0]
+    others = cache.rows("ds", np.asarray([0, 2]), lambda: None, ttl=0.2)
+    assert others is not None
     cache.drop_rows("ds", [4])
+    # Rows taken without an erased one are still those rows: the same arrays again.
+    kept = cache.rows("ds", np.asarray([0, 2]), lambda: None, ttl=0.2)
+    assert kept is not None and kept[0] is others[0]
     gone = cache.rows("ds", np.asarray([4]), lambda: None, ttl=0.2)
     assert gone is None  # erased: neither the copy nor the rows taken from it serve it
     assert cache.held() == {}

@@ -1,5 +1,6 @@
-"""Shard outputs kept from the production version: equal to computing them afresh, used by
-the next job's verification, replaced on promotion, and gone once a test row is erased."""
+"""Shard outputs kept from the production version (on the test rows and the member sample):
+equal to computing them afresh, used by the next job's verification, replaced on
+promotion, and gone once their row is erased."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from app.core.storage import get_store
 from app.datasets import service as datasets
 from app.ml.device import resolve_device
 from app.ml.sisa import SisaEnsemble
-from app.models import Lineage, MLModel, ModelVersion, Record, Subject
+from app.models import DeletionRequest, Lineage, MLModel, ModelVersion, Record, Subject
 from app.pipeline import outputs
 from app.registry import artifacts
 from app.requests import lifecycle
@@ -55,6 +56,13 @@ def _production() -> tuple[str, ModelVersion, np.ndarray]:
             dtype=np.int64,
         )
         return model.id, version, test_ids
+
+
+def _kept_rows(env: AppEnv) -> np.ndarray:
+    from safetensors.torch import load as st_load
+
+    (kept,) = _kept(env)
+    return np.asarray(st_load(get_store().read_bytes(kept))["__record_ids__"].numpy())
 
 
 def _assert_kept_equal_fresh(model_id: str, version: ModelVersion, test_ids: np.ndarray) -> None:
@@ -105,7 +113,7 @@ def _subject_with(split: str) -> str:
     raise AssertionError(f"no subject only in {split}")
 
 
-def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_test_row(env: AppEnv) -> None:
+def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_row(env: AppEnv) -> None:
     admin = create_key("admin")
     ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=60, rows_per_subject=2))
     create_model(env.client, admin, ds["id"], unlearning={"mode": "sisa", "shards": 3, "slices": 2})
@@ -124,6 +132,22 @@ def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_test_row(env: App
     model_id, version, test_ids = _production()
     assert version.version == 2 and len(_kept(env)) == 1
     _assert_kept_equal_fresh(model_id, version, test_ids)
+    # The promoted version's outputs on the job's member sample (retained training rows,
+    # never a forgotten one) are kept beside the test rows', equal to fresh ones too.
+    with session_scope() as s:
+        train = set(
+            s.scalars(
+                select(Lineage.record_id).where(
+                    Lineage.model_id == model_id,
+                    Lineage.split == "train",
+                    Lineage.to_version.is_(None),
+                )
+            )
+        )
+    rows = _kept_rows(env)
+    members = np.setdiff1d(rows, test_ids)
+    assert len(members) and set(members.tolist()) <= train
+    _assert_kept_equal_fresh(model_id, version, members)
 
     # A subject with test rows only: erasing them takes their rows out of the kept
     # outputs (no prediction on an erased row stays); the rest still serve and are
@@ -149,12 +173,32 @@ def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_test_row(env: App
         lifecycle.erase(s, get_store(), rid)
     model_id, version, remaining = _production()
     assert len(remaining) == len(test_ids) - len(erased)
-    (kept,) = _kept(env)
-    from safetensors.torch import load as st_load
-
-    rows = st_load(get_store().read_bytes(kept))["__record_ids__"].numpy()
-    assert np.array_equal(rows, remaining) and not erased & set(rows.tolist())
+    rows = _kept_rows(env)
+    assert np.array_equal(rows, np.union1d(remaining, members))
+    assert not erased & set(rows.tolist())
     _assert_kept_equal_fresh(model_id, version, remaining)
+
+    # A training row of the member sample erased (here straight after planning, as an
+    # erasure that no promotion replaced the file for): its kept output goes too.
+    sid = _subject_with("train")
+    with session_scope() as s:
+        key = subject_key(sid, get_settings().pepper)
+        erased = set(
+            s.scalars(
+                select(Record.id)
+                .join(Subject, Record.subject_id == Subject.id)
+                .where(Subject.subject_key == key)
+            )
+        )
+    assert erased & set(rows.tolist())
+    rid = _request(env, admin, sid)
+    with session_scope() as s:
+        req = s.get(DeletionRequest, rid)
+        assert req is not None
+        req.status = "erasing"  # the erasure step on its own: no job replaced the file
+    with session_scope() as s:
+        lifecycle.erase(s, get_store(), rid)
+    assert _kept(env) and not erased & set(_kept_rows(env).tolist())
 
 
 def test_rows_that_are_a_view_of_others_take_a_slice_of_their_outputs() -> None:
