@@ -75,6 +75,15 @@ class ArtifactStore:
             return []
         return sorted(posixpath.relpath(p, self.root) for p in self.fs.find(full))
 
+    def usage(self, rel: str) -> tuple[int, int]:
+        """Files under `rel` and their total bytes (0, 0 when there is nothing)."""
+        full = self.path(rel)
+        if not self.fs.exists(full):
+            return 0, 0
+        found = self.fs.find(full, detail=True)
+        files = [v for v in found.values() if v.get("type", "file") == "file"]
+        return len(files), sum(int(v.get("size") or 0) for v in files)
+
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")

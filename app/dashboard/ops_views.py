@@ -1,4 +1,5 @@
-"""View models for the operational pages: jobs, models, the audit log and webhooks."""
+"""View models for the operational pages: jobs, datasets, models, the audit log and
+webhooks."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.core.errors import BadRequest, NotFound
+from app.core.storage import ArtifactStore
 from app.dashboard.rows import ACTIVE_JOB, JOB_STATUSES, JobRow, job_rows
-from app.models import AuditEvent, Dataset, Job, MLModel, ModelVersion
+from app.datasets.archive import media_prefix
+from app.models import AuditEvent, Dataset, Job, MLModel, ModelVersion, Record, Source
 from app.models.mirrors import RegistryMirror
 from app.models.webhooks import WebhookDelivery, WebhookEndpoint
 from app.webhooks import service as webhooks
@@ -250,6 +253,9 @@ class ModelDetail:
 
     # The MLflow mirror's state (issue 14), when PALIMPSEST_MLFLOW_TRACKING_URI is set.
     mirror: RegistryMirror | None = None
+    # The dataset it was trained on (its dashboard page), when it still exists.
+    dataset_id: str | None = None
+    dataset_name: str | None = None
 
 
 @dataclass
@@ -264,13 +270,19 @@ class InputRow:
     forgotten: str
 
 
-def input_rows(session: Session, model: MLModel) -> list[InputRow]:
-    ds = session.get(Dataset, model.dataset_id)
-    schema = ds.schema if ds is not None else {}
+def column_kinds(schema: dict[str, Any]) -> dict[str, str]:
+    """Every feature column's kind (numeric, categorical, text, image, audio); datasets
+    ingested before media columns existed have no `column_kinds` and are all tabular."""
     kinds: dict[str, str] = schema.get("column_kinds") or {
         c: "numeric" if c in schema.get("numeric_columns", []) else "categorical"
         for c in schema.get("feature_columns", [])
     }
+    return kinds
+
+
+def input_rows(session: Session, model: MLModel) -> list[InputRow]:
+    ds = session.get(Dataset, model.dataset_id)
+    kinds = column_kinds(ds.schema if ds is not None else {})
     resolved = model.config.get("resolved") or {}
     media = {e["column"]: e for e in (resolved.get("feature_spec") or {}).get("media", [])}
     removed = {d["feature"] for d in resolved.get("removed_features", [])}
@@ -386,6 +398,7 @@ def model_detail(session: Session, name: str) -> ModelDetail:
                 n_shards=len(shards),
             )
         )
+    ds = session.get(Dataset, model.dataset_id)
     certified = None
     if (model.config.get("unlearning") or {}).get("certified"):
         serving = next((v for v in versions if v.version == model.production_version), None)
@@ -400,6 +413,189 @@ def model_detail(session: Session, name: str) -> ModelDetail:
         config={k: v for k, v in model.config.items() if k != "resolved"},
         inputs=input_rows(session, model),
         mirror=session.get(RegistryMirror, model.id),
+        dataset_id=ds.id if ds is not None else None,
+        dataset_name=ds.name if ds is not None else None,
+    )
+
+
+# -- datasets ---------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetRow:
+    id: str
+    name: str
+    status: str
+    n_records: int  # live (not erased) records
+    n_subjects: int
+    kinds: dict[str, int]  # feature kind -> number of columns of that kind
+    models: int
+    created_at: datetime
+
+    @property
+    def kinds_label(self) -> str:
+        return ", ".join(f"{n} {k}" for k, n in self.kinds.items()) or "\u2013"
+
+
+@dataclass
+class ColumnRow:
+    """One column the dataset's spec names, with its kind: a feature's kind (numeric,
+    categorical, text, image, audio) or the column's role (subject, label, source, group,
+    record id); `roles` lists every role it plays (a group column may be a feature)."""
+
+    column: str
+    kind: str
+    roles: list[str]
+    note: str = ""
+
+
+@dataclass
+class MediaUsage:
+    """The image and audio files the dataset's media store holds now (after erasures)."""
+
+    files: int
+    bytes: int
+
+
+@dataclass
+class DatasetDetail:
+    dataset: DatasetRow
+    columns: list[ColumnRow]
+    sources: list[str]
+    label_classes: list[str]
+    partitions: int
+    error: str | None
+    media: MediaUsage | None  # None: the dataset has no image or audio column
+    models: list[ModelRow]
+
+
+KIND_ORDER = ("numeric", "categorical", "text", "image", "audio")
+
+
+def _kind_counts(schema: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in column_kinds(schema).values():
+        counts[kind] = counts.get(kind, 0) + 1
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    return dict(sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def _live_counts(session: Session, dataset_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Per dataset: live (not erased) records and distinct subjects, in one query."""
+    if not dataset_ids:
+        return {}
+    rows = session.execute(
+        select(Record.dataset_id, func.count(), func.count(func.distinct(Record.subject_id)))
+        .where(Record.dataset_id.in_(dataset_ids), Record.status != "erased")
+        .group_by(Record.dataset_id)
+    ).tuples()
+    return {d: (int(n), int(s)) for d, n, s in rows}
+
+
+def _dataset_row(ds: Dataset, counts: tuple[int, int], models: int) -> DatasetRow:
+    return DatasetRow(
+        id=ds.id,
+        name=ds.name,
+        status=ds.status,
+        n_records=counts[0],
+        n_subjects=counts[1],
+        kinds=_kind_counts(ds.schema or {}),
+        models=models,
+        created_at=ds.created_at,
+    )
+
+
+def dataset_list(session: Session, limit: int = 500) -> list[DatasetRow]:
+    """Datasets, newest first."""
+    datasets = list(
+        session.scalars(
+            select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id).limit(limit)
+        )
+    )
+    ids = [d.id for d in datasets]
+    counts = _live_counts(session, ids)
+    models = dict(
+        session.execute(
+            select(MLModel.dataset_id, func.count())
+            .where(MLModel.dataset_id.in_(ids))
+            .group_by(MLModel.dataset_id)
+        )
+        .tuples()
+        .all()
+    )
+    return [_dataset_row(d, counts.get(d.id, (0, 0)), int(models.get(d.id, 0))) for d in datasets]
+
+
+def dataset_columns(spec: dict[str, Any], schema: dict[str, Any]) -> list[ColumnRow]:
+    """The spec's columns in the order a reader needs them: subject, label, source and
+    record id, then the features, then group columns that are not features."""
+    kinds = column_kinds(schema)
+    groups = list(schema.get("group_columns") or spec.get("group_columns") or [])
+    out: list[ColumnRow] = []
+    classes = schema.get("label_classes") or []
+    for role, key, note in (
+        ("subject", "subject_column", "pseudonymised (keyed hash); never stored as sent"),
+        ("label", "label_column", f"classes: {', '.join(map(str, classes))}" if classes else ""),
+        ("source", "source_column", "a source request withdraws all its records"),
+        ("record id", "record_id_column", "stable ids for records requests"),
+    ):
+        column = spec.get(key) or (schema.get(key) if key == "label_column" else None)
+        if column:
+            out.append(ColumnRow(str(column), role, [role], note))
+    for c in schema.get("feature_columns") or []:
+        roles = ["feature"] + (["group"] if c in groups else [])
+        out.append(ColumnRow(c, kinds.get(c, "?"), roles))
+    for g in groups:
+        if g not in kinds:
+            out.append(ColumnRow(g, "group", ["group"], "judged by the fairness check"))
+    return out
+
+
+def media_usage(store: ArtifactStore, ds: Dataset) -> MediaUsage | None:
+    """Files and bytes under the dataset's media store; None when no column is image or
+    audio (text lives in the Parquet partitions)."""
+    if not set((ds.schema or {}).get("media_columns", {}).values()) & {"image", "audio"}:
+        return None
+    if not ds.artifact_prefix:
+        return MediaUsage(0, 0)
+    files, size = store.usage(media_prefix(ds.artifact_prefix))
+    return MediaUsage(files, size)
+
+
+def dataset_detail(session: Session, store: ArtifactStore, dataset_id: str) -> DatasetDetail:
+    ds = session.get(Dataset, dataset_id) if len(dataset_id) <= 64 else None
+    if ds is None:
+        raise NotFound(f"no dataset {dataset_id!r}", code="dataset_not_found")
+    models = list(
+        session.scalars(select(MLModel).where(MLModel.dataset_id == ds.id).order_by(MLModel.name))
+    )
+    versions = dict(
+        session.execute(
+            select(ModelVersion.model_id, func.count())
+            .where(ModelVersion.model_id.in_([m.id for m in models]))
+            .group_by(ModelVersion.model_id)
+        )
+        .tuples()
+        .all()
+    )
+    sources = sorted(
+        session.scalars(
+            select(Source.name)
+            .join(Record, Record.source_id == Source.id)
+            .where(Record.dataset_id == ds.id, Record.status != "erased")
+            .distinct()
+        )
+    )
+    schema = ds.schema or {}
+    return DatasetDetail(
+        dataset=_dataset_row(ds, _live_counts(session, [ds.id]).get(ds.id, (0, 0)), len(models)),
+        columns=dataset_columns(ds.spec or {}, schema),
+        sources=sources,
+        label_classes=[str(c) for c in schema.get("label_classes") or []],
+        partitions=ds.n_partitions,
+        error=ds.error,
+        media=media_usage(store, ds),
+        models=[_model_row(m, int(versions.get(m.id, 0))) for m in models],
     )
 
 

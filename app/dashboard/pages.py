@@ -43,6 +43,7 @@ NAV = (
     ("/admin/requests", "Requests"),
     ("/admin/review", "Needs review"),
     ("/admin/jobs", "Jobs"),
+    ("/admin/datasets", "Datasets"),
     ("/admin/models", "Models"),
     ("/admin/audit", "Audit"),
     ("/admin/webhooks", "Webhooks"),
@@ -107,6 +108,19 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _size(value: Any) -> str:
+    """Bytes in binary units: 512 B, 3.4 KiB, 12.0 MiB, 1.50 GiB."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return NONE
+    if value < 1024:
+        return f"{int(value)} B"
+    for unit, scale in (("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3)):
+        if value < scale * 1024 or unit == "GiB":
+            n = value / scale
+            return f"{n:.2f} {unit}" if unit == "GiB" else f"{n:.1f} {unit}"
+    return NONE  # unreachable: GiB takes every larger value
+
+
 def _short(value: Any, n: int = 8) -> str:
     return str(value)[:n] if value else NONE
 
@@ -147,6 +161,7 @@ def environment() -> jinja2.Environment:
         "num": _num,
         "pct": _pct,
         "short": _short,
+        "size": _size,
         "data_line": _data_line,
         "json_pretty": _json_pretty,
     }

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core.errors import AppError, NotFound
+from app.core.storage import get_store
 from app.dashboard import actions, auth, ops_views, reports, views
 from app.dashboard.auth import DashboardUser, SessionCodec
 from app.dashboard.pages import (
@@ -412,7 +413,20 @@ def job(request: Request, job_id: str, user: UserDep, session: SessionDep) -> Re
     )
 
 
-# -- models, audit, webhooks ------------------------------------------------------------
+# -- datasets, models, audit, webhooks --------------------------------------------------
+
+
+@router.get("/datasets")
+def datasets(request: Request, user: UserDep, session: SessionDep) -> Response:
+    return render(request, "datasets.html", user, datasets=ops_views.dataset_list(session))
+
+
+@router.get("/datasets/{dataset_id}")
+def dataset(
+    request: Request, dataset_id: str, user: UserDep, session: SessionDep, settings: SettingsDep
+) -> Response:
+    detail = ops_views.dataset_detail(session, get_store(settings), dataset_id)
+    return render(request, "dataset_detail.html", user, d=detail)
 
 
 @router.get("/models")

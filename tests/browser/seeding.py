@@ -9,6 +9,9 @@ Two small datasets with distinct subjects, so that a request reaches one model o
   `require_approval`): every request on them waits in `needs_review` for an admin; one
   request each, one for a test to approve and one that stays in review.
 
+`scans`, a zip of PNG images with a manifest, is a media dataset with no model (its page
+shows the column kinds).
+
 A webhook endpoint that refuses connections gives the webhooks page failed deliveries.
 """
 
@@ -24,6 +27,7 @@ from typing import Any
 import httpx
 
 from app.stack import LocalStack
+from tests.media import gen
 from tests.support.factories import dataset_spec, make_csv
 
 TERMINAL = {"completed", "failed", "needs_review", "cancelled", "rejected"}
@@ -41,6 +45,7 @@ class Seeded:
     in_review: str = ""
     models: dict[str, str] = field(default_factory=dict)  # name -> training job id
     webhook_id: str = ""
+    media_dataset: str = ""  # the id of `scans`
 
     @property
     def base_url(self) -> str:
@@ -148,7 +153,15 @@ def seed(stack: LocalStack) -> Seeded:
     referrals = _dataset(
         admin, "referrals", make_csv(n_subjects=60, seed=1, subject_prefix="referral")
     )
+    scans = gen.rows("image", n_subjects=8, seed=4, prefix="scan-")
     claims = _dataset(admin, "claims", make_csv(n_subjects=60, seed=2, subject_prefix="claim"))
+    r = admin.post(
+        "/v1/datasets",
+        files={"file": ("scans.zip", io.BytesIO(gen.zip_bytes(scans, "image")), "application/zip")},
+        data={"spec": json.dumps(gen.spec("scans", "image"))},
+    )
+    assert r.status_code == 201, r.text
+    s.media_dataset = str(r.json()["id"])
     s.models["visit-risk"] = _model(admin, "visit-risk", visits, approval=False)
     s.models["referral-triage"] = _model(admin, "referral-triage", referrals, approval=True)
     s.models["claims-triage"] = _model(admin, "claims-triage", claims, approval=True)

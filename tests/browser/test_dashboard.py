@@ -309,6 +309,37 @@ def test_models_audit_and_webhooks_pages(open_page: OpenPage, seeded: Seeded) ->
     assert page.locator("[data-testid=webhook-deliveries]").count() == 1
 
 
+def test_dataset_pages_show_a_media_datasets_column_kinds(
+    open_page: OpenPage, seeded: Seeded
+) -> None:
+    page = open_page(seeded.auditor_key)
+    page.goto("/admin/datasets")
+    page.click("[data-testid=datasets-table] a:text-is('scans')")
+    assert _path(page) == f"/admin/datasets/{seeded.media_dataset}"
+    kinds = {
+        row.get_attribute("data-column"): row.get_attribute("data-kind")
+        for row in page.locator("[data-testid=dataset-columns] tbody tr").all()
+    }
+    assert kinds == {
+        "subject": "subject",
+        "label": "label",
+        "source": "source",
+        "media": "image",
+        "age": "numeric",
+        "group": "categorical",  # a feature that the fairness check also groups by
+    }, kinds
+    assert "feature, group" in page.locator("tr[data-column=group]").inner_text()
+    assert "image" in page.locator("tr[data-column=media]").inner_text()
+    assert "files" in page.locator("[data-testid=media-usage]").inner_text()
+    # The tabular dataset's page links to its model, and the model page back to it.
+    page.goto("/admin/datasets")
+    page.click("[data-testid=datasets-table] a:text-is('clinic-visits')")
+    page.click("[data-testid=dataset-models] a:text-is('visit-risk')")
+    assert _path(page) == "/admin/models/visit-risk"
+    page.click("[data-testid=model-dataset] a")
+    assert page.locator("h1").inner_text().startswith("clinic-visits")
+
+
 def test_admin_approves_a_request_in_review(open_page: OpenPage, seeded: Seeded) -> None:
     rid = seeded.to_approve
     assert _api(seeded, f"/v1/deletion-requests/{rid}")["status"] == "needs_review"
