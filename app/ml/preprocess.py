@@ -159,6 +159,7 @@ _ONE_HOT: OrderedDict[
 _ONE_HOT_SIZE = 128
 _ONE_HOT_ROWS = 100_000
 _ONE_HOT_CELLS = 1_000_000
+_ONE_HOT_HELD = 0  # positions held in _ONE_HOT
 _ONE_HOT_LOCK = threading.Lock()
 
 
@@ -175,11 +176,16 @@ def _one_hot(values: Any, vocab: tuple[str, ...], n: int) -> tuple[np.ndarray, n
     rows, cols = np.nonzero(found)[0].astype(np.int32), codes[found].astype(np.int32)
     if n > _ONE_HOT_ROWS or not isinstance(values, np.ndarray):
         return rows, cols
+    global _ONE_HOT_HELD
     with _ONE_HOT_LOCK:
+        old = _ONE_HOT.pop(key, None)
+        _ONE_HOT_HELD -= 0 if old is None else len(old[1])
         _ONE_HOT[key] = (weakref.ref(values), rows, cols)
-        cells = sum(len(r) for _, r, _ in _ONE_HOT.values())
-        while len(_ONE_HOT) > _ONE_HOT_SIZE or (cells > _ONE_HOT_CELLS and len(_ONE_HOT) > 1):
-            cells -= len(_ONE_HOT.popitem(last=False)[1][1])
+        _ONE_HOT_HELD += len(rows)
+        while len(_ONE_HOT) > 1 and (
+            len(_ONE_HOT) > _ONE_HOT_SIZE or _ONE_HOT_HELD > _ONE_HOT_CELLS
+        ):
+            _ONE_HOT_HELD -= len(_ONE_HOT.popitem(last=False)[1][1])
     return rows, cols
 
 
