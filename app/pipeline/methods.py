@@ -25,6 +25,7 @@ from app.ml.certified import (
     CertifiedConfig,
     CertifiedState,
     remove,
+    sigma_of,
     to_module,
     train_certified,
 )
@@ -143,6 +144,7 @@ def train_certified_manifest(
 ) -> tuple[SisaManifest, dict[str, Any]]:
     """Train from scratch with the loss perturbation; the preprocessor is fitted on
     exactly `data` (so a retrain never sees forgotten rows)."""
+    cfg = cfg.for_rows(len(data))  # the default noise scale is fixed here, for good
     prep = fit_preprocessor(feature_spec, data.columns)
     x, y = _xy(prep, data, device)
     state = train_certified(x, y, cfg, derive_seed(training.seed, model_key, "certified"))
@@ -161,6 +163,17 @@ def train_certified_manifest(
         runtime=runtime_fingerprint(device),
     )
     return manifest, {"certified": _state_summary(state), "config": cfg.to_dict()}
+
+
+def _state_sigma(manifest: SisaManifest, store: CheckpointStore) -> float | None:
+    """The noise scale a certified model's current state was trained with (None: no
+    state, so the model's default applies)."""
+    keys = [k for e in manifest.entries for k in e.checkpoint_keys]
+    key = next((k for k in keys if k.startswith(CERT_STATE_PREFIX)), None)
+    if key is None:
+        return None
+    _, meta = store.load(key)
+    return sigma_of(meta)
 
 
 def _state_summary(state: CertifiedState) -> dict[str, Any]:
@@ -215,8 +228,9 @@ def _certified_unlearn(
         attempted: dict[str, Any] = removal.to_dict()
     else:
         reason, attempted = "row_count_mismatch", {"state_rows": state.n}
-    # Fallback: retrain from scratch on the retained rows; the budget starts afresh.
-    cfg = u.certified_config()
+    # Fallback: retrain from scratch on the retained rows; the budget starts afresh under
+    # the noise scale the model was trained with.
+    cfg = u.certified_config(sigma=state.sigma)
     new, info = train_certified_manifest(
         retained,
         feature_spec=manifest.feature_spec,
@@ -417,7 +431,7 @@ def feature_unlearn(
             sisa=manifest.sisa,
             n_classes=manifest.n_classes,
             model_key=manifest.model_key,
-            cfg=u.certified_config(),
+            cfg=u.certified_config(sigma=_state_sigma(manifest, store)),
             store=store,
             device=device,
         )
@@ -543,7 +557,8 @@ def retrain(
         "device": device,
     }
     if u.certified:
-        new, info = train_certified_manifest(retained, cfg=u.certified_config(), **common)
+        cfg = u.certified_config(sigma=_state_sigma(manifest, store))
+        new, info = train_certified_manifest(retained, cfg=cfg, **common)
         return new, {"method": "retrain", "shards": [0], **info["certified"]}
     shards: set[int] | None = None
     if u.is_sisa and spec == manifest.feature_spec:

@@ -76,13 +76,16 @@ class UnlearningConfig:
         """SISA feature requests retrain every shard without the column."""
         return self.is_sisa and self.feature_mode == "exact"
 
-    def certified_config(self) -> CertifiedConfig:
+    def certified_config(self, sigma: float | None = None) -> CertifiedConfig:
+        """The model's certificate. Without `certified_sigma` the noise scale is the
+        default scaled to the training set (fixed when the model is first trained);
+        `sigma` is the one its current state was trained with, which retrains keep."""
         base = CertifiedConfig()
         return CertifiedConfig(
             epsilon=self.certified_epsilon or base.epsilon,
             delta=self.certified_delta or base.delta,
             lam=self.certified_lambda or base.lam,
-            sigma=base.sigma if self.certified_sigma is None else self.certified_sigma,
+            sigma=sigma if self.certified_sigma is None else self.certified_sigma,
         )
 
 

@@ -20,6 +20,7 @@ from app.ml.device import derive_seed, mix64
 from app.ml.sisa import SisaEnsemble
 from app.ml.verify.membership import (
     attack,
+    auc_null_se,
     forgetting_check,
     lira_offline,
     lira_online,
@@ -107,21 +108,45 @@ def _ref_probas(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
 def _out_reference(
     stacked: np.ndarray, data: TabularData, out: np.ndarray, k_use: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of each row under `k_use` of the references that did not train on it (the
-    same number for every row, picked by a hash of the record id so both sides of the
-    attack average alike): the score of their mean probability (N,), and the
-    per-reference scores (k_use, N) for the likelihood-ratio test."""
+    """Scores of each row under `k_use` of the references that did not train on it
+    (picked by a hash of the record id so both sides of the attack average alike; a row
+    with fewer out-references uses all it has): the score of their mean probability
+    (N,), and the per-reference scores (k_use, N), NaN where a row has no more
+    references, for the likelihood-ratio tests."""
     n = len(data)
     chosen = _pick(out, data.record_ids, k_use)
     cols = np.arange(n)
-    picked = stacked[chosen, cols[None, :]]  # (k_use, N, C)
+    valid = out[chosen, cols[None, :]]  # (k_use, N): a reference that never saw the row
+    picked = np.where(valid[..., None], stacked[chosen, cols[None, :]], 0.0)  # (k_use, N, C)
     per_ref = np.stack([member_scores(picked[j], data.labels) for j in range(k_use)])
-    return member_scores(picked.mean(axis=0), data.labels), per_ref
+    per_ref = np.where(valid, per_ref, np.nan)
+    mean = picked.sum(axis=0) / np.maximum(valid.sum(axis=0), 1)[:, None]
+    return member_scores(mean, data.labels), per_ref
 
 
+def references_per_row(out_f: np.ndarray, out_n: np.ndarray) -> int:
+    """How many out-references each row is scored under: the median forget row's count
+    of references that never saw it, capped by the fewest any non-member has (so both
+    sides use the same number wherever they can). A forget row with fewer uses all it
+    has (the likelihood-ratio test's predictive variance accounts for it); the minimum
+    over rows instead would let one unlucky row (a random half that held it in five of
+    six references) cut every row's references to one."""
+    per_f = out_f.sum(axis=0)
+    return int(max(1, min(np.median(per_f[per_f > 0]), out_n.sum(axis=0).min())))
+
+
+# The two bars of each gating attack, in null standard errors of its AUC (counted in
+# people): beyond EVIDENCE_SE an attack finds the forget set (on the candidate: fail,
+# when it also found it on the baseline); beyond POWER_SE on the baseline it has power,
+# which a pass needs. The band between them is hysteresis: a no-op whose baseline shows
+# membership at 2 to 3 standard errors fails instead of being inconclusive by luck.
+EVIDENCE_SE = 2.0
+POWER_SE = 3.0
 POWER_RULE = (
-    "the same attack must fail the baseline (which still holds the forget set): "
-    "otherwise it cannot tell members from non-members and the check is inconclusive"
+    f"an attack has power when it beats its null by {POWER_SE:g} standard errors on the "
+    "baseline (which still holds the forget set); a pass needs power; the candidate fails "
+    f"when an attack beats {EVIDENCE_SE:g} standard errors on both the baseline and the "
+    "candidate"
 )
 
 
@@ -196,17 +221,18 @@ def forgetting(
     """Attack the candidate on the forget set against test non-members, and compare with
     the out-references, after measuring the attack's power on the baseline.
 
-    Power before verdict: each gating attack (the population attack against the
-    references' AUC, offline LiRA with four or more references, RMIA; per-example
-    thresholds 0.5 + max(margin, 3 null standard errors in people)) is first run with the
-    baseline (which still holds the forget set) in the candidate's place. An attack that
-    does not beat its threshold there cannot separate the forget set from non-members
-    even where they are members. With no attack having power, a pass on the candidate
-    would prove nothing: the check is `inconclusive` with that reason (the decision then
-    rests on the lineage proof for exact methods, or falls back to exact retraining for
-    approximate ones, `app.verification.service.decide`). Otherwise the candidate fails
-    if any attack that had power still beats its threshold on it, and passes if none
-    does.
+    Power before verdict, with a band (`verdict`): each gating attack (the population
+    attack against the references' AUC, offline LiRA with four or more references per
+    row, RMIA against 0.5) is run with the baseline (which still holds the forget set)
+    in the candidate's place and with the candidate, and measured against two bars in
+    null standard errors of its AUC counted in people: EVIDENCE_SE (2) and POWER_SE (3),
+    each never below `margin`. The candidate fails when an attack beats the evidence bar
+    on the baseline and still beats it on the candidate; it passes when none does and
+    some attack beats the power bar on the baseline; otherwise the check is
+    `inconclusive` (the decision then rests on the lineage proof for exact methods, or
+    falls back to exact retraining for approximate ones,
+    `app.verification.service.decide`). A no-op thus fails whenever the baseline shows
+    membership at 2 SE, instead of flipping with the seed around a single threshold.
 
     Without out-references (or when every reference trained on the forget rows) the
     attack cannot be calibrated: `inconclusive` too.
@@ -288,7 +314,7 @@ def forgetting(
             base_f[usable],
             out_f[:, usable],
         )
-    k_use = int(min(out_f.sum(axis=0).min(), out_n.sum(axis=0).min()))
+    k_use = references_per_row(out_f, out_n)
     stacked_f, stacked_n = _ref_probas(refs, forget), _ref_probas(refs, test)
     ref_f, per_ref_f = _out_reference(stacked_f, forget, out_f, k_use)
     ref_n, per_ref_n = _out_reference(stacked_n, test, out_n, k_use)
@@ -317,36 +343,51 @@ def forgetting(
     )
     metrics["attacks"] = {"candidate": suite_after, "baseline": suite_before}
     metrics["per_example"] = _per_example(flat_after, flat_before, seed + 4)
-    # Each gating attack: its power on the baseline, then its verdict on the candidate.
-    # Per-example thresholds: a model that never saw the rows gives AUC 0.5 (each row
-    # against its own out-references), plus three null standard errors (units, not rows).
-    per_example_threshold = 0.5 + (power.allowed_margin or margin)
+    # Each gating attack: its power on the baseline, then its verdict on the candidate,
+    # against two bars in units of the AUC's null standard error (counted in people):
+    # EVIDENCE_SE (the candidate still shows the forget set; the baseline shows some
+    # membership) and POWER_SE (the baseline clearly shows it: a pass can mean something).
+    # A model that never saw the rows gives a per-example AUC of 0.5 (each row against
+    # its own out-references); the population attack's null is the references' AUC.
+    n_units_f = min(len(forget), _units(forget) or len(forget))
+    n_units_n = min(len(test), _units(test) or len(test))
+    se0 = auc_null_se(n_units_f, n_units_n)
+    bars = (max(margin, EVIDENCE_SE * se0), max(margin, POWER_SE * se0))
     gates: dict[str, dict[str, Any]] = {
-        "population": _gate(
-            power.candidate.auc,
-            result.candidate.auc,
-            result.reference.auc + (result.allowed_margin or margin),
-        ),
-        "rmia": _gate(
-            suite_before["rmia"]["auc"], suite_after["rmia"]["auc"], per_example_threshold
-        ),
+        "population": _gate(power.candidate.auc, result.candidate.auc, result.reference.auc, *bars),
+        "rmia": _gate(suite_before["rmia"]["auc"], suite_after["rmia"]["auc"], 0.5, *bars),
     }
     if power.lira_auc is not None and result.lira_auc is not None:
-        gates["lira_offline"] = _gate(power.lira_auc, result.lira_auc, per_example_threshold)
-    has_power = any(g["has_power"] for g in gates.values())
-    passed = all(g["passed"] for g in gates.values() if g["has_power"])
+        gates["lira_offline"] = _gate(power.lira_auc, result.lira_auc, 0.5, *bars)
+    status, failing, with_power = verdict(gates)
+    has_power = bool(with_power)
     metrics["power"] = {
         "has_power": has_power,
         "rule": POWER_RULE,
         "attacks": gates,
+        "null_se": _num(se0),
+        "evidence_se": EVIDENCE_SE,
+        "power_se": POWER_SE,
         "baseline_auc": _num(power.candidate.auc),
         "reference_auc": _num(power.reference.auc),
-        "allowed_margin": _num(power.allowed_margin),
+        "allowed_margin": _num(bars[1]),
         "baseline_lira_auc": _num(power.lira_auc),
-        "lira_threshold": _num(power.lira_threshold),
+        "lira_threshold": _num(0.5 + bars[1]) if power.lira_auc is not None else None,
         "baseline_rmia_auc": _num(suite_before["rmia"]["auc"]),
+        "references_per_row": k_use,
     }
-    if not has_power:
+    if status == "fail":
+        return Check(
+            False,
+            metrics,
+            threshold,
+            reason=(
+                "the candidate still treats the forget set as members "
+                f"({', '.join(failing)}: beyond {EVIDENCE_SE:g} null standard errors on the "
+                "baseline and still on the candidate)"
+            ),
+        )
+    if status == "inconclusive":
         said = "; ".join(
             f"{name} {g['baseline']:.3f} <= {g['threshold']:.3f}"
             for name, g in gates.items()
@@ -357,31 +398,64 @@ def forgetting(
             threshold,
             reason=(
                 "the attack has no power: on the baseline, which still holds the forget "
-                f"set, no attack beats its threshold ({said}), within noise of models that "
-                "never saw it; a pass would prove nothing"
+                f"set, no attack beats its power bar of {POWER_SE:g} null standard errors "
+                f"({said}); a pass would prove nothing"
             ),
         )
-    with_power = [n for n, g in gates.items() if g["has_power"]]
-    failing = [n for n in with_power if not gates[n]["passed"]]
-    reason = (
-        f"the attacks with power on the baseline ({', '.join(with_power)}) no longer find "
-        "the forget set in the candidate"
-        if passed
-        else f"the candidate still treats the forget set as members ({', '.join(failing)})"
+    return Check(
+        True,
+        metrics,
+        threshold,
+        reason=(
+            f"the attacks with power on the baseline ({', '.join(with_power)}) no longer find "
+            "the forget set in the candidate"
+        ),
     )
-    return Check(passed, metrics, threshold, reason=reason)
 
 
-def _gate(baseline: float | None, candidate: float | None, threshold: float) -> dict[str, Any]:
-    """One attack's power (it beats its threshold on the baseline) and verdict (it does
-    not on the candidate)."""
-    b, c = _num(baseline), _num(candidate)
+def verdict(gates: dict[str, dict[str, Any]]) -> tuple[str, list[str], list[str]]:
+    """The check's status from its gating attacks (`_gate`), with the attacks that fail
+    it and those with power. Fail: an attack that finds the forget set in the baseline
+    (beyond the evidence bar) still finds it in the candidate; a no-op is such a
+    candidate whenever the baseline shows membership at all, so its verdict does not
+    hang on the power bar. Pass: no such attack, and at least one has power (beyond the
+    power bar on the baseline). Inconclusive: neither."""
+    failing = [n for n, g in gates.items() if g["evidence"] and not g["passed"]]
+    with_power = [n for n, g in gates.items() if g["has_power"]]
+    if failing:
+        return "fail", failing, with_power
+    return ("pass" if with_power else "inconclusive"), failing, with_power
+
+
+def _gate(
+    baseline: float | None,
+    candidate: float | None,
+    null: float | None,
+    evidence_bar: float,
+    power_bar: float,
+) -> dict[str, Any]:
+    """One attack: its power on the baseline (it beats the null by the power bar), the
+    evidence it finds there (beyond the lower evidence bar), and whether the candidate
+    stays within the evidence bar (`passed`)."""
+    b, c, z = _num(baseline), _num(candidate), _num(null)
+    if z is None:
+        return {
+            "baseline": b,
+            "candidate": c,
+            "threshold": None,
+            "evidence_threshold": None,
+            "has_power": False,
+            "evidence": False,
+            "passed": True,
+        }
     return {
         "baseline": b,
         "candidate": c,
-        "threshold": _num(threshold),
-        "has_power": b is not None and b > threshold,
-        "passed": c is None or c <= threshold,
+        "threshold": _num(z + power_bar),
+        "evidence_threshold": _num(z + evidence_bar),
+        "has_power": b is not None and b > z + power_bar,
+        "evidence": b is not None and b > z + evidence_bar,
+        "passed": c is None or c <= z + evidence_bar,
     }
 
 

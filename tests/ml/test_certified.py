@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from app.ml.certified import (
+    NOISE_PER_ROW,
+    SIGMA_FLOOR,
     CertifiedConfig,
+    default_sigma,
     from_module,
     gradient_norm,
     predict_proba_certified,
@@ -17,6 +20,7 @@ from app.ml.certified import (
     train_certified,
 )
 from app.ml.training import predict_proba
+from app.pipeline.spec import UnlearningConfig
 
 AGREEMENT = 0.99  # removal vs retrain-from-scratch prediction agreement on test rows
 
@@ -156,3 +160,24 @@ def test_running_bound_stays_above_the_residual_and_near_the_reference_over_100_
     assert none == 0 and stale_exhausted is not None and stale_exhausted < 100
     assert stale[-1] > 1.5 * ref2[-1]
     assert all(r <= b for r, b in zip(residual2, stale, strict=True))
+
+
+def test_default_noise_scale_follows_the_training_set_and_explicit_sigma_is_kept() -> None:
+    default = CertifiedConfig()
+    assert default.sigma is None
+    assert default.for_rows(50_000).sigma == pytest.approx(NOISE_PER_ROW * 1e-3 * 50_000)
+    assert default.for_rows(200).sigma == SIGMA_FLOOR  # small sets keep the floor
+    assert CertifiedConfig(sigma=0.5).for_rows(50_000).sigma == 0.5
+    with pytest.raises(ValueError):
+        _ = default.budget  # unresolved: the rows decide it
+    # Training fixes it, and the state remembers it (its budget solved back).
+    x, y = make_data(400, 4, 11)
+    state = train_certified(x, y, CertifiedConfig(lam=10.0), seed=0)
+    assert state.sigma == pytest.approx(default_sigma(400, 10.0)) and state.sigma == 800.0
+    # A model's stored settings: an explicit sigma wins over everything; without one,
+    # retrains keep the sigma the model was first trained with.
+    explicit = UnlearningConfig.from_dict({"certified": True, "certified_sigma": 3.0})
+    assert explicit.certified_config(sigma=state.sigma).sigma == 3.0
+    implicit = UnlearningConfig.from_dict({"certified": True})
+    assert implicit.certified_config().sigma is None
+    assert implicit.certified_config(sigma=state.sigma).sigma == state.sigma

@@ -22,7 +22,7 @@ from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingC
 from app.ml.data import TabularData
 from app.ml.sharding import assign_shards, assign_slices
 from app.ml.sisa import SisaEnsemble, SisaManifest, train_sisa, unlearn_sisa
-from app.verification.forgetting import forgetting
+from app.verification.forgetting import EVIDENCE_SE, POWER_SE, _gate, forgetting, verdict
 
 CPU = torch.device("cpu")
 D = 8
@@ -146,3 +146,29 @@ def test_an_attack_with_no_power_is_inconclusive_not_pass(world: dict[str, Any])
         assert c.metrics["power"]["has_power"] is False, c.metrics["power"]
         assert c.status == "inconclusive" and not c.passed
         assert "no power" in c.reason
+
+
+def test_a_no_op_fails_wherever_the_baseline_shows_membership_and_no_power_is_inconclusive() -> (
+    None
+):
+    """The verdict's band, on the numbers alone (no models): with a null standard error
+    of 0.05 the evidence bar is 0.5 + 0.10 and the power bar 0.5 + 0.15."""
+    se = 0.05
+    bars = (max(0.05, EVIDENCE_SE * se), max(0.05, POWER_SE * se))
+
+    def check(baseline: float, candidate: float) -> str:
+        return verdict({"rmia": _gate(baseline, candidate, 0.5, *bars)})[0]
+
+    # A no-op (candidate == baseline) with clear power fails, and so does one whose
+    # baseline sits inside the band (some evidence, short of the power bar): its verdict
+    # no longer hangs on which side of the power bar a seed lands.
+    assert check(0.70, 0.70) == "fail"
+    assert check(0.62, 0.62) == "fail"
+    # A set the attack cannot see even in the baseline: inconclusive, never pass.
+    assert check(0.55, 0.55) == "inconclusive"
+    assert check(0.55, 0.50) == "inconclusive"
+    # Real forgetting with power passes; forgetting to inside the band, with only
+    # marginal power, proves nothing; a candidate still beyond the evidence bar fails.
+    assert check(0.70, 0.52) == "pass"
+    assert check(0.62, 0.52) == "inconclusive"
+    assert check(0.70, 0.61) == "fail"

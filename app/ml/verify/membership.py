@@ -122,19 +122,25 @@ def lira_offline(target: np.ndarray, out_refs: np.ndarray) -> np.ndarray:
     """Offline LiRA statistic (N,): one-sided z-score of each target score, higher = member.
 
     `target` (N,) are the scores of N examples under the model being tested; `out_refs`
-    (K, N) their scores under K reference models that did not train on them. Each
+    (K, N) their scores under K reference models that did not train on them, NaN where
+    a reference is missing for an example (an example has K_i >= 1 finite entries). Each
     example's out-distribution is a Gaussian N(mu_i, sigma_i^2):
 
-    - mu_i is the mean of its K reference scores;
-    - K == 1: no per-example spread is observable; sigma is the spread of the reference
-      scores across examples (conservative: it includes example difficulty);
-    - 2 <= K < 4: the pooled variance (mean of the per-example variances), the paper's
-      "global variance" variant for few shadow models;
-    - K >= 4: the per-example variance, floored at half the pooled variance.
+    - mu_i is the mean of its K_i reference scores;
+    - at most one reference per example: no per-example spread is observable; sigma is
+      the spread of the reference scores across examples (conservative: it includes
+      example difficulty);
+    - fewer than 4 references: the pooled variance (mean of the per-example variances
+      of the examples with two or more), the paper's "global variance" variant for few
+      shadow models;
+    - K_i >= 4: the per-example variance, floored at half the pooled variance.
 
-    Carlini et al. recommend K >= 4 reference models before trusting per-example tests;
-    with fewer the statistic is still returned but is coarse. The z-score is monotone in
-    the paper's offline likelihood ratio 1 - Pr[Z > target], so ranks (and AUCs) agree.
+    The z-score divides by the predictive spread sigma_i * sqrt(1 + 1/K_i) (the target's
+    own spread plus that of a mean of K_i references), so examples with different
+    numbers of references are standardised alike; with the same K_i everywhere this is
+    a constant factor and ranks are unchanged. Carlini et al. recommend K >= 4 reference
+    models before trusting per-example variances. The z-score is monotone in the paper's
+    offline likelihood ratio 1 - Pr[Z > target], so ranks (and AUCs) agree.
     """
     t = np.asarray(target, dtype=np.float64).reshape(-1)
     refs = np.asarray(out_refs, dtype=np.float64)
@@ -145,20 +151,25 @@ def lira_offline(target: np.ndarray, out_refs: np.ndarray) -> np.ndarray:
     k = refs.shape[0]
     if k < 1:
         raise ValueError("LiRA needs at least one reference model")
-    mu = refs.mean(axis=0)
     if len(t) == 0:
         return np.zeros(0, dtype=np.float64)
-    if k == 1:
-        var = np.full(len(t), refs[0].var(ddof=1) if len(t) > 1 else 0.0)
+    have = np.isfinite(refs)
+    k_i = have.sum(axis=0)
+    if (k_i == 0).any():
+        raise ValueError("every example needs at least one reference score")
+    filled = np.where(have, refs, 0.0)
+    mu = filled.sum(axis=0) / k_i
+    dev2 = np.where(have, (refs - mu[None, :]) ** 2, 0.0).sum(axis=0)
+    multi = k_i >= 2
+    if not multi.any():
+        single = filled.sum(axis=0)  # one score per example
+        var = np.full(len(t), single.var(ddof=1) if len(t) > 1 else 0.0)
     else:
-        per = refs.var(axis=0, ddof=1)
-        pooled = float(per.mean())
-        var = (
-            np.full(len(t), pooled)
-            if k < LIRA_MIN_REFS
-            else np.maximum(per, _VAR_FLOOR_SHARE * pooled)
-        )
-    std = np.maximum(np.sqrt(var), _MIN_STD)
+        per = np.where(multi, dev2 / np.maximum(k_i - 1, 1), np.nan)
+        pooled = float(np.nanmean(per))
+        own = k_i >= LIRA_MIN_REFS
+        var = np.where(own, np.maximum(np.nan_to_num(per), _VAR_FLOOR_SHARE * pooled), pooled)
+    std = np.maximum(np.sqrt(var * (1.0 + 1.0 / k_i)), _MIN_STD)
     z: np.ndarray = (t - mu) / std
     return z
 
@@ -234,7 +245,8 @@ def rmia(
 
     Inputs are member scores (logit confidences): `target` (N,) and `out_refs` (K, N) for
     the tested examples, `population_target` (Z,) and `population_refs` (K, Z) for the
-    population (non-members from the same distribution). Pr(.|theta) is the true label's
+    population (non-members from the same distribution); NaN marks a reference missing
+    for an example (the mean is over those present). Pr(.|theta) is the true label's
     probability; Pr(x) the out-references' mean corrected as ((1 + a) p_out + (1 - a)) / 2.
     """
 
@@ -242,7 +254,7 @@ def rmia(
         r = np.asarray(refs, dtype=np.float64)
         if r.ndim == 1:
             r = r[None, :]
-        p_out = score_to_probability(r).mean(axis=0)
+        p_out = np.nanmean(score_to_probability(r), axis=0)  # NaN: reference missing
         prior = 0.5 * ((1.0 + a) * p_out + (1.0 - a))
         out: np.ndarray = score_to_probability(t) / np.maximum(prior, _PROB_FLOOR)
         return out
