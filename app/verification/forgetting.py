@@ -26,6 +26,7 @@ from app.ml.verify.membership import (
     lira_online,
     member_scores,
     rmia,
+    rmia_prior,
 )
 from app.registry.artifacts import Predictor
 from app.verification.service import Check
@@ -38,9 +39,8 @@ SAMPLE_SCORES = 200
 
 def _units(data: TabularData) -> int | None:
     """Distinct subjects behind the rows (None when the rows carry no subject keys)."""
-    subjects = np.asarray(data.subjects, dtype=object)
-    keys = subjects[subjects.astype(bool)] if len(subjects) else subjects
-    return len(set(keys.tolist())) if len(keys) else None
+    keys = {k for k in np.asarray(data.subjects, dtype=object).tolist() if k}
+    return len(keys) if keys else None
 
 
 def cap_index(n: int, seed: int) -> np.ndarray | None:
@@ -105,8 +105,15 @@ def _ref_probas(refs: SisaEnsemble, data: TabularData) -> np.ndarray:
     return np.stack([probas[s].numpy() for s in refs.shards])
 
 
+def _all_scores(stacked: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(K, N): every reference's member score on every row, in one call (the score is
+    computed row by row, so each equals the score of that reference's row alone)."""
+    k, n, c = stacked.shape
+    return member_scores(stacked.reshape(k * n, c), np.tile(labels, k)).reshape(k, n)
+
+
 def _out_reference(
-    stacked: np.ndarray, data: TabularData, out: np.ndarray, k_use: int
+    stacked: np.ndarray, data: TabularData, out: np.ndarray, k_use: int, scores: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of each row under `k_use` of the references that did not train on it
     (picked by a hash of the record id so both sides of the attack average alike; a row
@@ -118,8 +125,8 @@ def _out_reference(
     cols = np.arange(n)
     valid = out[chosen, cols[None, :]]  # (k_use, N): a reference that never saw the row
     picked = np.where(valid[..., None], stacked[chosen, cols[None, :]], 0.0)  # (k_use, N, C)
-    per_ref = np.stack([member_scores(picked[j], data.labels) for j in range(k_use)])
-    per_ref = np.where(valid, per_ref, np.nan)
+    # Each picked reference's score on its row: `scores` (K, N) of `_all_scores` taken.
+    per_ref = np.where(valid, scores[chosen, cols[None, :]], np.nan)
     mean = picked.sum(axis=0) / np.maximum(valid.sum(axis=0), 1)[:, None]
     return member_scores(mean, data.labels), per_ref
 
@@ -159,6 +166,8 @@ def _attack_suite(
     all_n: np.ndarray,
     in_f: np.ndarray,
     in_n: np.ndarray,
+    prior_f: np.ndarray,
+    prior_n: np.ndarray,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Per-example attacks of one model (target scores `t_*`) on the forget rows against
     the non-members: offline LiRA (each row against its own out-references), online LiRA
@@ -171,8 +180,9 @@ def _attack_suite(
         np.concatenate([all_f, all_n], axis=1),
         np.concatenate([in_f, in_n], axis=1),
     )
-    r_f = rmia(t_f, per_ref_f, t_n, per_ref_n)
-    r_n = rmia(t_n, per_ref_n, t_n, per_ref_n)
+    # Pr(x) of each row from its out-references: the same for every model attacked.
+    r_f = rmia(t_f, per_ref_f, t_n, per_ref_n, out_prior=prior_f, population_prior=prior_n)
+    r_n = rmia(t_n, per_ref_n, t_n, per_ref_n, out_prior=prior_n, population_prior=prior_n)
     nf = len(t_f)
     stats = {
         "lira_offline": (z[:nf], z[nf:]),
@@ -316,8 +326,9 @@ def forgetting(
         )
     k_use = references_per_row(out_f, out_n)
     stacked_f, stacked_n = _ref_probas(refs, forget), _ref_probas(refs, test)
-    ref_f, per_ref_f = _out_reference(stacked_f, forget, out_f, k_use)
-    ref_n, per_ref_n = _out_reference(stacked_n, test, out_n, k_use)
+    all_f, all_n = _all_scores(stacked_f, forget.labels), _all_scores(stacked_n, test.labels)
+    ref_f, per_ref_f = _out_reference(stacked_f, forget, out_f, k_use, all_f)
+    ref_n, per_ref_n = _out_reference(stacked_n, test, out_n, k_use, all_n)
     kw: dict[str, Any] = {
         "margin": margin,
         "out_refs_forget": per_ref_f,
@@ -333,13 +344,12 @@ def forgetting(
     metrics["score_samples"] |= score_samples({"forgotten_reference": ref_f}, seed + 3)
     metrics["baseline"] = before.to_dict()
     metrics["references"] = len(refs.shards)
-    all_f = np.stack([member_scores(stacked_f[j], forget.labels) for j in range(len(stacked_f))])
-    all_n = np.stack([member_scores(stacked_n[j], test.labels) for j in range(len(stacked_n))])
+    priors = (rmia_prior(per_ref_f), rmia_prior(per_ref_n))
     suite_after, flat_after = _attack_suite(
-        cand_f, cand_n, per_ref_f, per_ref_n, all_f, all_n, ~out_f, ~out_n
+        cand_f, cand_n, per_ref_f, per_ref_n, all_f, all_n, ~out_f, ~out_n, *priors
     )
     suite_before, flat_before = _attack_suite(
-        base_f, base_n, per_ref_f, per_ref_n, all_f, all_n, ~out_f, ~out_n
+        base_f, base_n, per_ref_f, per_ref_n, all_f, all_n, ~out_f, ~out_n, *priors
     )
     metrics["attacks"] = {"candidate": suite_after, "baseline": suite_before}
     metrics["per_example"] = _per_example(flat_after, flat_before, seed + 4)

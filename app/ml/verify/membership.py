@@ -230,6 +230,18 @@ def score_to_probability(scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def rmia_prior(refs: np.ndarray, *, a: float = RMIA_OFFLINE_A) -> np.ndarray:
+    """RMIA's Pr(x) per example from its out-references' member scores (K, N) or (N,):
+    their mean probability (NaN: a reference missing), corrected as
+    ((1 + a) p_out + (1 - a)) / 2, floored away from 0."""
+    r = np.asarray(refs, dtype=np.float64)
+    if r.ndim == 1:
+        r = r[None, :]
+    p_out = np.nanmean(score_to_probability(r), axis=0)
+    prior: np.ndarray = np.maximum(0.5 * ((1.0 + a) * p_out + (1.0 - a)), _PROB_FLOOR)
+    return prior
+
+
 def rmia(
     target: np.ndarray,
     out_refs: np.ndarray,
@@ -238,6 +250,8 @@ def rmia(
     *,
     a: float = RMIA_OFFLINE_A,
     gamma: float = RMIA_GAMMA,
+    out_prior: np.ndarray | None = None,
+    population_prior: np.ndarray | None = None,
 ) -> np.ndarray:
     """RMIA score (N,) (Zarifzadeh et al., "Low-Cost High-Power Membership Inference
     Attacks", ICML 2024), offline form: the share of population examples z that x
@@ -248,20 +262,23 @@ def rmia(
     population (non-members from the same distribution); NaN marks a reference missing
     for an example (the mean is over those present). Pr(.|theta) is the true label's
     probability; Pr(x) the out-references' mean corrected as ((1 + a) p_out + (1 - a)) / 2.
+    `out_prior` / `population_prior`: Pr(x) already computed (`rmia_prior` of the same
+    references with the same `a`), for callers that attack several models against them.
     """
 
-    def ratio(t: np.ndarray, refs: np.ndarray) -> np.ndarray:
-        r = np.asarray(refs, dtype=np.float64)
-        if r.ndim == 1:
-            r = r[None, :]
-        p_out = np.nanmean(score_to_probability(r), axis=0)  # NaN: reference missing
-        prior = 0.5 * ((1.0 + a) * p_out + (1.0 - a))
-        out: np.ndarray = score_to_probability(t) / np.maximum(prior, _PROB_FLOOR)
+    def ratio(t: np.ndarray, refs: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+        if prior is None:
+            prior = rmia_prior(refs, a=a)
+        out: np.ndarray = score_to_probability(t) / prior
         return out
 
-    rx = ratio(np.asarray(target, dtype=np.float64).reshape(-1), out_refs)
+    rx = ratio(np.asarray(target, dtype=np.float64).reshape(-1), out_refs, out_prior)
     rz = np.sort(
-        ratio(np.asarray(population_target, dtype=np.float64).reshape(-1), population_refs)
+        ratio(
+            np.asarray(population_target, dtype=np.float64).reshape(-1),
+            population_refs,
+            population_prior,
+        )
     )
     if len(rz) == 0:
         raise ValueError("RMIA needs a population")
