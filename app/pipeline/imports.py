@@ -23,7 +23,7 @@ from app.ml.sisa import ShardEntry, SisaEnsemble, SisaManifest
 from app.models import Job, Lineage, MLModel, ModelVersion
 from app.pipeline.inputs import Phases
 from app.pipeline.outputs import ShardOutputs, SharedEnsemble, save_test_outputs
-from app.pipeline.spec import ModelSpec
+from app.pipeline.spec import ModelSpec, seed_key
 from app.pipeline.start import WORKER, begin_first_version, device, test_split
 from app.registry import artifacts, references
 from app.registry import service as registry
@@ -77,7 +77,9 @@ def run_import(job_id: str) -> None:
     key = str(imported["checkpoint"])
     ids = np.sort(np.asarray(train.record_ids, dtype=np.int64))
     manifest = SisaManifest(
-        model_key=model_id,
+        # Seeds from the model's name, never its install-random id: the same import on
+        # the same data is verified alike on any install.
+        model_key=seed_key(started.model_name),
         arch=spec.arch,
         training=spec.training,
         sisa=spec.sisa,
@@ -100,6 +102,7 @@ def run_import(job_id: str) -> None:
             store,
             model_id,
             train,
+            seed_key=manifest.model_key,
             k=spec.verification.reference_models,
             feature_spec=spec.feature_spec,
             arch=spec.arch,
