@@ -113,6 +113,22 @@ def _subject_with(split: str) -> str:
     raise AssertionError(f"no subject only in {split}")
 
 
+def _records_of(subject_id: str) -> set[int]:
+    """The record ids of a subject (by its external id)."""
+    from app.core.security import subject_key
+    from app.core.settings import get_settings
+
+    key = subject_key(subject_id, get_settings().pepper)
+    with session_scope() as s:
+        return set(
+            s.scalars(
+                select(Record.id)
+                .join(Subject, Record.subject_id == Subject.id)
+                .where(Subject.subject_key == key)
+            )
+        )
+
+
 def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_row(env: AppEnv) -> None:
     admin = create_key("admin")
     ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=60, rows_per_subject=2))
@@ -153,18 +169,7 @@ def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_row(env: AppEnv) 
     # outputs (no prediction on an erased row stays); the rest still serve and are
     # still what the production version computes on the remaining test rows.
     sid = _subject_with("test")
-    with session_scope() as s:
-        from app.core.security import subject_key
-        from app.core.settings import get_settings
-
-        key = subject_key(sid, get_settings().pepper)
-        erased = set(
-            s.scalars(
-                select(Record.id)
-                .join(Subject, Record.subject_id == Subject.id)
-                .where(Subject.subject_key == key)
-            )
-        )
+    erased = _records_of(sid)
     assert erased and erased <= set(test_ids.tolist())
     rid = _request(env, admin, sid)
     with session_scope() as s:
@@ -181,15 +186,7 @@ def test_kept_outputs_serve_the_next_job_and_go_with_an_erased_row(env: AppEnv) 
     # A training row of the member sample erased (here straight after planning, as an
     # erasure that no promotion replaced the file for): its kept output goes too.
     sid = _subject_with("train")
-    with session_scope() as s:
-        key = subject_key(sid, get_settings().pepper)
-        erased = set(
-            s.scalars(
-                select(Record.id)
-                .join(Subject, Record.subject_id == Subject.id)
-                .where(Subject.subject_key == key)
-            )
-        )
+    erased = _records_of(sid)
     assert erased & set(rows.tolist())
     rid = _request(env, admin, sid)
     with session_scope() as s:
