@@ -32,20 +32,32 @@ def set_application_name(name: str) -> None:
         dispose_engines()
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # API and worker processes share the file: WAL lets readers run beside one writer,
-    # the busy timeout makes a writer wait instead of failing at once.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+def _sqlite_pragmas(busy_ms: int) -> Any:
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        # API and worker processes share the file: WAL lets readers run beside one
+        # writer, the busy timeout makes a writer wait instead of failing at once.
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return apply
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, busy_timeout: float | None = None) -> Engine:
+    """An engine for `url`; statements wait `busy_timeout` seconds (default: the
+    `database_busy_timeout_seconds` setting) for a lock or a pooled connection."""
+    wait = float(
+        get_settings().database_busy_timeout_seconds if busy_timeout is None else busy_timeout
+    )
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": wait, "check_same_thread": False},
+            pool_timeout=wait,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas(int(wait * 1000)))
         # pysqlite's own transaction handling defers BEGIN; take it over so that
         # "BEGIN IMMEDIATE" below is honoured and writers serialise cleanly.
         event.listen(engine, "connect", lambda c, _r: setattr(c, "isolation_level", None))
@@ -55,14 +67,20 @@ def make_engine(url: str) -> Engine:
     # a failover) is replaced on checkout instead of failing the next statement.
     connect_args = {"application_name": _application_name} if url.startswith("postgres") else {}
     return create_engine(
-        url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        pool_timeout=wait,
+        connect_args=connect_args,
     )
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
-    url = (settings or get_settings()).database_url
+    settings = settings or get_settings()
+    url = settings.database_url
     if url not in _engines:
-        _engines[url] = make_engine(url)
+        _engines[url] = make_engine(url, settings.database_busy_timeout_seconds)
     return _engines[url]
 
 

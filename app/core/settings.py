@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     subject_pepper: str | None = None
     dashboard_session_secret: str | None = None
     secrets_file: str | None = None
+    # How long a statement waits for the database (SQLite's busy timeout, a pooled
+    # connection's checkout) before the request answers 503 `busy`.
+    database_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     # `palimpsest api` processes (uvicorn workers): one per core the process may use.
     api_workers: int = Field(default_factory=_usable_cores, ge=1)
     # Worker shape: CUDA does not survive fork, so the GPU queue runs `solo` by default.

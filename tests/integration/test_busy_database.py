@@ -27,7 +27,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[LocalStack]:
-    st = LocalStack(tmp_path / "stack", env={"PALIMPSEST_DEVICE": "cpu"})
+    # A short wait for the lock (the setting, 30 s by default): the answers are the same
+    # 503s, sooner.
+    st = LocalStack(
+        tmp_path / "stack",
+        env={"PALIMPSEST_DEVICE": "cpu", "PALIMPSEST_DATABASE_BUSY_TIMEOUT_SECONDS": "3"},
+    )
     st.start()
     try:
         yield st
