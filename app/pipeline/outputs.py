@@ -14,7 +14,7 @@ a retired version's outputs, and no erased row's prediction stays.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -94,11 +94,15 @@ class SharedEnsemble(SisaEnsemble):
 
     outputs: ShardOutputs
     keys: dict[int, str]
+    # Aggregated outputs per (input rows, shards): utility, fairness, forgetting and the
+    # version's metrics all ask for the ensemble's outputs on the same test rows.
+    _probas: dict[tuple[int, tuple[int, ...] | None], torch.Tensor]
 
     @classmethod
     def of(cls, ensemble: SisaEnsemble, outputs: ShardOutputs) -> SharedEnsemble:
         shared = cls(ensemble.manifest, ensemble.models, ensemble.preprocessors, ensemble.device)
         shared.outputs = outputs
+        shared._probas = {}
         shared.keys = {
             e.shard: shard_key(e.final_key, e.preprocessor)
             for e in ensemble.manifest.entries
@@ -110,6 +114,16 @@ class SharedEnsemble(SisaEnsemble):
         return self.outputs.get(
             self.keys[shard], columns, lambda rows: SisaEnsemble.shard_proba(self, rows, shard)
         )
+
+    def predict_proba(
+        self, columns: Mapping[str, np.ndarray], shards: Iterable[int] | None = None
+    ) -> torch.Tensor:
+        # The rows stay referenced by the outputs cache (`shard_proba`), so their id is
+        # not reused while this memo lives; a copy is handed out, never the memo itself.
+        key = (id(columns), None if shards is None else tuple(sorted(set(shards))))
+        if key not in self._probas:
+            self._probas[key] = super().predict_proba(columns, shards)
+        return self._probas[key].clone()
 
 
 class WarmModels:

@@ -37,7 +37,7 @@ from app.registry import artifacts, references
 from app.verification import media as media_checks
 from app.verification import service as verification
 from app.verification.fairness import fairness
-from app.verification.forgetting import cap_index, forgetting
+from app.verification.forgetting import attack_rows, forgetting
 from app.verification.injection import injection
 
 
@@ -82,7 +82,7 @@ def verify_candidate(
     seed = inputs.verify_seed("forgetting") % (2**31)
     # The attack's sample of the test rows, drawn as the check draws it, so that the
     # saved outputs serve it too.
-    cap = cap_index(len(test), seed + 1)
+    cap = attack_rows(len(test), forget, seed) if forget is not None else None
     attack_test = test if cap is None else test.take(cap)
     if cap is not None:
         outputs.view(attack_test.columns, test.columns, cap)

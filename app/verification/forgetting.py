@@ -32,6 +32,12 @@ from app.registry.artifacts import Predictor
 from app.verification.service import Check
 
 MAX_ROWS = 5000  # enough for a stable AUC; bounds the cost of verification
+# Non-members attacked against a forget set of u independent units (people): the AUC's
+# null variance is about (1/u + 1/n) / 12, so n = 20 u leaves its standard error within
+# 2.5% of an unlimited sample's; at least 1,000, so that a TPR at 0.1% FPR has a
+# threshold to stand on (one false positive in 1,000).
+NONMEMBERS_PER_UNIT = 20
+MIN_NONMEMBERS = 1000
 # Scores kept per population in the report, for the dashboard's distribution chart:
 # enough to draw a histogram, small enough to keep the report JSON compact.
 SAMPLE_SCORES = 200
@@ -43,17 +49,34 @@ def _units(data: TabularData) -> int | None:
     return len(keys) if keys else None
 
 
-def cap_index(n: int, seed: int) -> np.ndarray | None:
-    """The rows the attack uses of `n` (a seeded sample of MAX_ROWS; None: all)."""
-    if n <= MAX_ROWS:
+def cap_index(n: int, seed: int, k: int = MAX_ROWS) -> np.ndarray | None:
+    """The rows the attack uses of `n` (a seeded sample of `k`; None: all)."""
+    if n <= k:
         return None
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, MAX_ROWS, replace=False))
+    return np.sort(rng.choice(n, k, replace=False))
 
 
-def _cap(data: TabularData, seed: int) -> TabularData:
-    index = cap_index(len(data), seed)
+def _cap(data: TabularData, seed: int, k: int = MAX_ROWS) -> TabularData:
+    index = cap_index(len(data), seed, k)
     return data if index is None else data.take(index)
+
+
+def nonmember_count(forget: TabularData) -> int:
+    """How many non-members the attack takes against this forget set: NONMEMBERS_PER_UNIT
+    per independent unit behind its (capped) rows, at least MIN_NONMEMBERS, at most
+    MAX_ROWS. A one-person request is judged against 1,000 test rows, not 5,000: its
+    AUC's resolution is set by the one person, and the other 4,000 rows only cost time."""
+    rows = min(len(forget), MAX_ROWS)
+    units = min(rows, _units(forget) or rows)
+    return int(min(MAX_ROWS, max(MIN_NONMEMBERS, NONMEMBERS_PER_UNIT * units)))
+
+
+def attack_rows(n_test: int, forget: TabularData, seed: int) -> np.ndarray | None:
+    """The test rows (indices of `n_test`) the forgetting check attacks against this
+    forget set with this seed (None: all of them): what `forgetting` draws itself, for
+    callers that prepare the outputs on those rows beforehand."""
+    return cap_index(n_test, seed + 1, nonmember_count(forget))
 
 
 def score_samples(
@@ -251,8 +274,9 @@ def forgetting(
     per-example attacks (offline and online LiRA, RMIA: AUC and TPR at 1% and 0.1% FPR)
     on the candidate and on the baseline, a paired sample of per-example statistics, and
     a sample of the member scores of each population (`score_samples`)."""
+    k_test = nonmember_count(forget)
     forget = _cap(forget, seed)
-    test = _cap(test, seed + 1)
+    test = _cap(test, seed + 1, k_test)
     threshold = {
         "margin": margin,
         "rule": "candidate AUC <= reference AUC + margin",

@@ -22,7 +22,18 @@ from app.ml.config import ArchitectureConfig, FeatureSpec, SisaConfig, TrainingC
 from app.ml.data import TabularData
 from app.ml.sharding import assign_shards, assign_slices
 from app.ml.sisa import SisaEnsemble, SisaManifest, train_sisa, unlearn_sisa
-from app.verification.forgetting import EVIDENCE_SE, POWER_SE, _gate, forgetting, verdict
+from app.verification.forgetting import (
+    EVIDENCE_SE,
+    MAX_ROWS,
+    MIN_NONMEMBERS,
+    NONMEMBERS_PER_UNIT,
+    POWER_SE,
+    _gate,
+    attack_rows,
+    forgetting,
+    nonmember_count,
+    verdict,
+)
 
 CPU = torch.device("cpu")
 D = 8
@@ -172,3 +183,38 @@ def test_a_no_op_fails_wherever_the_baseline_shows_membership_and_no_power_is_in
     assert check(0.70, 0.52) == "pass"
     assert check(0.62, 0.52) == "inconclusive"
     assert check(0.70, 0.61) == "fail"
+
+
+def _people(n_rows: int, n_people: int, offset: int = 50_000) -> TabularData:
+    data = make(n_rows, 5, offset)
+    data.subjects = np.array([f"p{i % n_people}" for i in range(n_rows)], dtype=object)
+    return data
+
+
+def test_non_members_follow_the_forget_sets_people() -> None:
+    """The attack takes 20 non-members per person forgotten, at least 1,000 (a TPR at
+    0.1% FPR needs them), at most 5,000; rows without subject keys count as people."""
+    assert nonmember_count(_people(3, 1)) == MIN_NONMEMBERS == 1000
+    assert nonmember_count(_people(240, 120)) == 120 * NONMEMBERS_PER_UNIT == 2400
+    assert nonmember_count(_people(900, 900)) == MAX_ROWS
+    no_keys = make(70, 6, 60_000)
+    no_keys.subjects = np.array([""] * 70, dtype=object)
+    assert nonmember_count(no_keys) == 1400
+    # The test rows the pipeline prepares outputs for are the ones the check draws.
+    idx = attack_rows(3000, _people(3, 1), seed=7)
+    assert idx is not None and len(idx) == 1000 and np.all(np.diff(idx) > 0)
+    assert attack_rows(800, _people(3, 1), seed=7) is None  # fewer: all of them
+
+
+def test_a_one_person_request_is_judged_against_a_thousand_test_rows(
+    world: dict[str, Any],
+) -> None:
+    w = world["overfit"]
+    forget = w["forget"].take(np.arange(2))  # two records of two people
+    test = make(2500, 9, 20_000)
+    c = forgetting(
+        w["baseline"], w["baseline"], w["baseline"], forget, test, margin=0.05, exact=False
+    )
+    assert c.metrics["nonmember_rows"] == 1000 and c.metrics["forget_rows"] == 2
+    # Two people cannot give the attack power, whatever it finds.
+    assert c.status == "inconclusive" and c.metrics["power"]["has_power"] is False
