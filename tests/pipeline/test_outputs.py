@@ -24,6 +24,7 @@ from tests.support.factories import (
     create_key,
     create_model,
     make_csv,
+    make_rows,
     plan_and_run,
     upload_dataset,
 )
@@ -238,3 +239,35 @@ def test_warm_models_serve_the_next_job_but_never_a_deleted_checkpoint(env: AppE
     # A purged checkpoint is gone for the warm copy too: loading it fails as it would.
     with pytest.raises((FileNotFoundError, KeyError, OSError)):
         outputs.load_ensemble(manifest, ckpt, dev)
+
+
+def test_a_shared_ensembles_outputs_on_the_same_rows_are_aggregated_once(env: AppEnv) -> None:
+    admin = create_key("admin")
+    ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=30, rows_per_subject=2))
+    create_model(env.client, admin, ds["id"], unlearning={"mode": "sisa", "shards": 3, "slices": 1})
+    model_id, version, _ = _production()
+    store = get_store()
+    manifest = artifacts.load_manifest(store, version.manifest_path)
+    ckpt = artifacts.checkpoint_store(store, model_id)
+    dev = resolve_device("cpu")
+    fresh = SisaEnsemble.load(manifest, ckpt, dev)
+    shared = outputs.SharedEnsemble.of(
+        outputs.load_ensemble(manifest, ckpt, dev), outputs.ShardOutputs()
+    )
+    new = make_rows(n_subjects=12, seed=5)
+    columns = {
+        "age": np.asarray([r["age"] for r in new], dtype=np.float64),
+        "score": np.asarray([r["score"] for r in new], dtype=np.float64),
+        "colour": np.asarray([r["colour"] for r in new], dtype=object),
+        "region": np.asarray([r["region"] for r in new], dtype=np.float64),
+    }
+    first = shared.predict_proba(columns)
+    assert torch.equal(first, fresh.predict_proba(columns))
+    first.zero_()  # a caller writing into what it got changes nothing kept
+    assert torch.equal(shared.predict_proba(columns), fresh.predict_proba(columns))
+    two = shared.shards[:2]
+    assert torch.equal(shared.predict_proba(columns, two), fresh.predict_proba(columns, two))
+    # Each shard's outputs were computed once, whichever aggregate asked for them, and
+    # each aggregate once (all shards, and the two).
+    assert shared.outputs.misses == len(shared.shards)
+    assert len(shared._probas) == 2
