@@ -4,6 +4,8 @@ promotion, and gone once their row is erased."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -219,15 +221,22 @@ def test_rows_that_are_a_view_of_others_take_a_slice_of_their_outputs() -> None:
     assert calls == [6] and cache.misses == 1
 
 
-def test_warm_models_serve_the_next_job_but_never_a_deleted_checkpoint(env: AppEnv) -> None:
+def _trained(env: AppEnv, shards: int, slices: int) -> tuple[Any, Any, torch.device]:
+    """A SISA model trained on 30 subjects: its production manifest, checkpoint store
+    and the CPU device."""
     admin = create_key("admin")
     ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=30, rows_per_subject=2))
-    create_model(env.client, admin, ds["id"], unlearning={"mode": "sisa", "shards": 2, "slices": 2})
+    create_model(
+        env.client, admin, ds["id"], unlearning={"mode": "sisa", "shards": shards, "slices": slices}
+    )
     model_id, version, _ = _production()
     store = get_store()
     manifest = artifacts.load_manifest(store, version.manifest_path)
-    ckpt = artifacts.checkpoint_store(store, model_id)
-    dev = resolve_device("cpu")
+    return manifest, artifacts.checkpoint_store(store, model_id), resolve_device("cpu")
+
+
+def test_warm_models_serve_the_next_job_but_never_a_deleted_checkpoint(env: AppEnv) -> None:
+    manifest, ckpt, dev = _trained(env, 2, 2)
     first = outputs.load_ensemble(manifest, ckpt, dev)
     again = outputs.load_ensemble(manifest, ckpt, dev)
     fresh = SisaEnsemble.load(manifest, ckpt, dev)
@@ -242,14 +251,7 @@ def test_warm_models_serve_the_next_job_but_never_a_deleted_checkpoint(env: AppE
 
 
 def test_a_shared_ensembles_outputs_on_the_same_rows_are_aggregated_once(env: AppEnv) -> None:
-    admin = create_key("admin")
-    ds = upload_dataset(env.client, admin, "people", make_csv(n_subjects=30, rows_per_subject=2))
-    create_model(env.client, admin, ds["id"], unlearning={"mode": "sisa", "shards": 3, "slices": 1})
-    model_id, version, _ = _production()
-    store = get_store()
-    manifest = artifacts.load_manifest(store, version.manifest_path)
-    ckpt = artifacts.checkpoint_store(store, model_id)
-    dev = resolve_device("cpu")
+    manifest, ckpt, dev = _trained(env, 3, 1)
     fresh = SisaEnsemble.load(manifest, ckpt, dev)
     shared = outputs.SharedEnsemble.of(
         outputs.load_ensemble(manifest, ckpt, dev), outputs.ShardOutputs()
