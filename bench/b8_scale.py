@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.stack import LocalStack
+from bench import production_secrets
 from bench.b9_intake import PG_DEFAULT, REDIS_DEFAULT, _plain, _reachable
 
 RESULTS = Path(__file__).resolve().parent / "results" / "b8.json"
@@ -154,7 +155,7 @@ def run_size(n_records: int, shards: int, n_requests: int) -> dict[str, Any]:
         "PALIMPSEST_DEVICE": "cpu",
         "PALIMPSEST_TORCH_THREADS": "1",
         "PALIMPSEST_LOG_LEVEL": "WARNING",
-    }
+    } | production_secrets()
     blob, subjects, sources = dataset(n_records)
     out: dict[str, Any] = {"records": n_records, "shards": shards, "slices": 4}
     try:

@@ -45,7 +45,7 @@ import httpx
 import psycopg
 
 from app.stack import LocalStack
-from bench import loadgen
+from bench import loadgen, production_secrets
 
 RESULTS = Path(__file__).resolve().parent / "results" / "b9.json"
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -258,7 +258,7 @@ def run(
         "PALIMPSEST_DEVICE": "cpu",
         "PALIMPSEST_TORCH_THREADS": "1",
         "PALIMPSEST_LOG_LEVEL": "WARNING",  # a log line per request is not intake's cost
-    }
+    } | production_secrets()
     workers = api_workers or len(os.sched_getaffinity(0))
     # As deployed: one process per core unless told (LocalStack's own default is one).
     env["PALIMPSEST_API_WORKERS"] = str(workers)

@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, text
 
 from app.core.broker import queue_depth
 from app.stack import LocalStack
-from bench import loadgen
+from bench import loadgen, production_secrets
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2.json"
 EVENTS = [
@@ -87,9 +87,7 @@ def run_once(
             "PALIMPSEST_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}",
             "PALIMPSEST_BROKER_URL": f"redis://127.0.0.1:6379/{db}",
             "PALIMPSEST_RESULT_BACKEND": f"redis://127.0.0.1:6379/{db}",
-            "PALIMPSEST_SUBJECT_PEPPER": uuid.uuid4().hex,
-            "PALIMPSEST_DASHBOARD_SESSION_SECRET": uuid.uuid4().hex,
-        }
+        } | production_secrets()
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     stack = LocalStack(folder, env=env)
