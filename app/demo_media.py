@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -239,9 +240,56 @@ def cv_text_story(admin: httpx.Client, console: Console) -> Table:
 # -- ESL speech -------------------------------------------------------------------------
 
 DISTRICT_A = "district-a"
-ACCENT = "vi"  # the home language most of whose speakers study in district A
+ACCENT = "vi"  # the home language nearly all of whose speakers study in district A
 VOICES = {"en": "en-us", "es": "es", "pl": "pl", ACCENT: "vi"}
-ANSWERS = {1: ["yes", "right", "correct"], 0: ["no", "wrong", "never"]}
+# The answers the tool recognises (the label): English numbers, colours and things,
+# each spelled
+# as a speaker of the home language says it, in that language's own spelling, so that
+# its espeak-ng voice reads it with the language's phonology: Spanish /θ/ for "th" and
+# /b/ for "v", Polish /f/ for "th" and /w/ for "v", Vietnamese aspirated t, final
+# consonants dropped, tones and a vowel between the consonants of a cluster ("bờ lu").
+ANSWERS: dict[str, dict[str, str]] = {
+    "en": {
+        "one": "one", "two": "two", "three": "three", "four": "four", "five": "five",
+        "six": "six", "seven": "seven", "eight": "eight", "nine": "nine", "ten": "ten",
+        "red": "red", "blue": "blue", "green": "green", "black": "black",
+        "white": "white", "brown": "brown",
+        "cat": "cat", "dog": "dog", "fish": "fish", "bird": "bird", "house": "house",
+        "book": "book", "car": "car", "tree": "tree",
+    },
+    "es": {
+        "one": "guan", "two": "tu", "three": "zri", "four": "for", "five": "faif",
+        "six": "sics", "seven": "seben", "eight": "eit", "nine": "nain", "ten": "ten",
+        "red": "red", "blue": "blu", "green": "grin", "black": "blak",
+        "white": "guait", "brown": "braun",
+        "cat": "quet", "dog": "dog", "fish": "fis", "bird": "berd", "house": "jaus",
+        "book": "buk", "car": "car", "tree": "tri",
+    },
+    "pl": {
+        "one": "łan", "two": "tu", "three": "fri", "four": "for", "five": "fajw",
+        "six": "syks", "seven": "sewen", "eight": "ejt", "nine": "najn", "ten": "ten",
+        "red": "red", "blue": "blu", "green": "grin", "black": "blek",
+        "white": "łajt", "brown": "brałn",
+        "cat": "ket", "dog": "dog", "fish": "fisz", "bird": "berd", "house": "hałs",
+        "book": "buk", "car": "kar", "tree": "czri",
+    },
+    ACCENT: {
+        "one": "oan", "two": "tu", "three": "thri", "four": "pho", "five": "phai",
+        "six": "xích", "seven": "xe vần", "eight": "ây", "nine": "nai", "ten": "then",
+        "red": "rét", "blue": "bờ lu", "green": "gờ rin", "black": "bờ léc",
+        "white": "oai", "brown": "bờ rao",
+        "cat": "khét", "dog": "đóc", "fish": "phít", "bird": "bơ", "house": "hao",
+        "book": "búc", "car": "kha", "tree": "chi",
+    },
+}  # fmt: skip
+WORDS = list(ANSWERS["en"])
+# Each home language's speakers in the class speak in their own range of speed (words
+# per minute) and pitch (espeak-ng's 0-99); each student has one of espeak-ng's voice
+# variants and varies a little from answer to answer.
+SPEED = {"en": (150, 185), "es": (165, 200), "pl": (140, 175), ACCENT: (115, 145)}
+PITCH = {"en": (35, 55), "es": (45, 65), "pl": (30, 50), ACCENT: (60, 85)}
+VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4"]
+ANSWERS_PER_STUDENT = 8
 
 
 def espeak_available() -> bool:
@@ -259,45 +307,92 @@ def speak(text: str, voice: str, speed: int, pitch: int) -> bytes:
     return out.stdout
 
 
-def esl_speech_rows(n_students: int = 260, seed: int = 31) -> list[dict[str, Any]]:
-    """Students answering yes/no questions aloud in the accent of their home language.
-    District A holds most `vi` speakers. The label is whether the spoken answer was a
-    yes (what the tool must recognise)."""
+def esl_speech_rows(n_students: int = 240, seed: int = 31) -> list[dict[str, Any]]:
+    """Students saying answers aloud in the accent of their home language; the label is
+    the answer said (`word`, one of `WORDS`), what the tool must recognise.
+
+    District A (45% of the students) holds nearly all `vi` speakers: each of its
+    students speaks `vi` at home with probability 0.9, each other student with 0.06
+    (with the defaults: 99 `vi` speakers in A and 12 elsewhere, 89% in A). Each student
+    says `ANSWERS_PER_STUDENT` different answers drawn at random from the 24, once each,
+    so the few `vi` speakers outside A say each answer only a handful of times: what the
+    model knows of the `vi` accent it learns from district A. Deterministic for a seed
+    (espeak-ng is)."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    calls: list[tuple[str, str, int, int]] = []
     for s in range(n_students):
-        in_a = s < n_students * 2 // 5
-        district = DISTRICT_A if in_a else f"district-{'bcde'[s % 4]}"
-        probs = [0.05, 0.05, 0.05, 0.85] if in_a else [0.5, 0.2, 0.2, 0.1]
-        lang = str(rng.choice(list(VOICES), p=probs))
-        speed, pitch = int(rng.integers(120, 200)), int(rng.integers(20, 80))
-        for j in range(2):
-            label = int(rng.integers(0, 2))
-            word = str(rng.choice(ANSWERS[label]))
+        if s < n_students * 9 // 20:
+            district = DISTRICT_A
+            lang = ACCENT if rng.random() < 0.9 else str(rng.choice(["en", "es", "pl"]))
+        else:
+            district = f"district-{'bcde'[s % 4]}"
+            lang = str(rng.choice(list(VOICES), p=[0.44, 0.25, 0.25, 0.06]))
+        speed, pitch = int(rng.integers(*SPEED[lang])), int(rng.integers(*PITCH[lang]))
+        voice = f"{VOICES[lang]}+{rng.choice(VARIANTS)}"
+        chosen = rng.choice(WORDS, size=ANSWERS_PER_STUDENT, replace=False)
+        for j, word in enumerate(str(w) for w in chosen):
             rows.append(
                 {
                     "student": f"st{s:04d}",
                     "district": district,
                     "home_language": lang,
                     "answer": f"audio/st{s:04d}-{j}.wav",
-                    "wav": speak(word, VOICES[lang], speed, pitch),
-                    "said_yes": label,
+                    "word": word,
                 }
             )
+            jitter = int(rng.integers(-8, 9)), int(rng.integers(-5, 6))
+            calls.append((ANSWERS[lang][word], voice, speed + jitter[0], pitch + jitter[1]))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for row, wav in zip(rows, pool.map(lambda c: speak(*c), calls), strict=True):
+            row["wav"] = wav
     return rows
 
 
 def speech_zip(rows: list[dict[str, Any]]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        lines = ["student,district,home_language,answer,said_yes"]
+        lines = ["student,district,home_language,answer,word"]
         for r in rows:
             zf.writestr(r["answer"], r["wav"])
             lines.append(
-                f"{r['student']},{r['district']},{r['home_language']},{r['answer']},{r['said_yes']}"
+                f"{r['student']},{r['district']},{r['home_language']},{r['answer']},{r['word']}"
             )
         zf.writestr("manifest.csv", "\n".join(lines) + "\n")
     return buf.getvalue()
+
+
+SPEECH_SPEC: dict[str, Any] = {
+    "name": "esl-speech",
+    "subject_column": "student",
+    "label_column": "word",
+    "source_column": "district",
+    "audio_columns": ["answer"],
+    "group_columns": ["home_language"],
+    "feature_columns": ["answer"],
+}
+
+
+def speech_model(dataset_id: str) -> dict[str, Any]:
+    """The story's `POST /v1/models` body for the uploaded answers."""
+    return {
+        "name": "esl-speech",
+        "dataset_id": dataset_id,
+        "architecture": {
+            "kind": "mlp",
+            "hidden": [32],
+            "encoders": {"answer": {"seconds": 1.2, "n_mels": 24, "width": 8}},
+        },
+        "training": {"epochs": 50, "batch_size": 32, "lr": 0.01, "seed": 7},
+        # District A (45% of the answers) fills one of the two shards alone, so the
+        # withdrawal retrains that shard and the other serves unchanged.
+        "unlearning": {"mode": "sisa", "shards": 2, "slices": 2, "sharding": "source"},
+        "group_columns": ["home_language"],
+        # Half the answers are held out, so that about 50 `vi` answers outside district
+        # A remain to judge the accent group by once A's rows are erased.
+        "test_fraction": 0.5,
+        "verification": {"min_group_size": 10, "utility_max_drop": 0.5},
+    }
 
 
 def _group(check: dict[str, Any], group: str) -> tuple[float | None, float | None]:
@@ -317,43 +412,19 @@ def esl_speech_story(
         table.add_row("espeak-ng is not installed (apt-get install espeak-ng)")
         return table
     t0 = time.perf_counter()
-    rows = esl_speech_rows(n_students=200)
+    rows = esl_speech_rows()
     console.print(
         f"synthesised {len(rows)} spoken answers with espeak-ng in {time.perf_counter() - t0:.1f} s"
     )
-    spec = {
-        "name": "esl-speech",
-        "subject_column": "student",
-        "label_column": "said_yes",
-        "source_column": "district",
-        "audio_columns": ["answer"],
-        "group_columns": ["home_language"],
-        "feature_columns": ["answer"],
-    }
     r = admin.post(
         "/v1/datasets",
         files={"file": ("answers.zip", io.BytesIO(speech_zip(rows)), "application/zip")},
-        data={"spec": json.dumps(spec)},
+        data={"spec": json.dumps(SPEECH_SPEC)},
     )
     r.raise_for_status()
     ds = r.json()
     console.print(f"dataset: {ds['n_records']} recordings, column kinds {ds['column_kinds']}")
-    _train(
-        admin,
-        {
-            "name": "esl-speech",
-            "dataset_id": ds["id"],
-            "architecture": {
-                "kind": "mlp",
-                "hidden": [16],
-                "encoders": {"answer": {"seconds": 0.8, "n_mels": 24, "width": 8}},
-            },
-            "training": {"epochs": 6, "batch_size": 32, "lr": 0.01, "seed": 7},
-            "unlearning": {"mode": "sisa", "shards": 3, "slices": 2, "sharding": "source"},
-            "group_columns": ["home_language"],
-            "verification": {"min_group_size": 10, "utility_max_drop": 0.5},
-        },
-    )
+    _train(admin, speech_model(ds["id"]))
     r = portal.post(
         "/v1/deletion-requests",
         json={"kind": "source", "source": DISTRICT_A, "reason": "district withdrew"},
@@ -399,16 +470,19 @@ def esl_speech_story(
     table.add_row(
         "shards retrained", f"{len(un.get('affected_shards', []))}/{un.get('total_shards')}"
     )
-    for lang in VOICES:
-        b, a = _group(fair, lang)
-        table.add_row(f"accuracy, {lang}-accented answers: before -> after", f"{_f(b)} -> {_f(a)}")
     named = sorted({f"{f['column']}={f['group']} ({f['metric']})" for f in flagged})
     table.add_row("flagged groups", "; ".join(named) or "none")
-    if mitigated:
-        for lang in sorted({str(f["group"]) for f in flagged} | {ACCENT}):
-            _, am = _group(mitigated["checks"].get("fairness", {}), lang)
-            table.add_row(f"accuracy, {lang}-accented answers after mitigation", _f(am))
-    elif not flagged:
+    after_mitigation = mitigated.get("checks", {}).get("fairness", {})
+    sizes = {g["group"]: g["n"] for g in fair.get("metrics", {}).get("before", [])}
+    for lang in VOICES:
+        b, a = _group(fair, lang)
+        am = _group(after_mitigation, lang)[1] if mitigated else None
+        table.add_row(
+            f"accuracy, {lang}-accented answers (n={sizes.get(lang, 0)}): "
+            "before / after withdrawal / after mitigation",
+            f"{_f(b)} / {_f(a)} / {_f(am)}",
+        )
+    if not flagged:
         table.add_row("mitigation", "not run: no group flagged (drop not significant)")
     table.add_row("certificate verifies offline", verified)
     return table

@@ -541,11 +541,16 @@ def retrain(
     device: torch.device,
     progress: ProgressFn | None = None,
     sample_weight: np.ndarray | None = None,
+    weights_changed: bool = False,
 ) -> tuple[SisaManifest, dict[str, Any]]:
     """From scratch on the retained records. SISA: only shards whose records changed
-    (all of them when the feature spec changed or nothing changed: a retrain on demand).
-    `sample_weight` (aligned with `retained`) reweights the loss: the fairness
-    mitigation. Certified models ignore it (their guarantee is for the plain objective)."""
+    (all of them when the feature spec changed, when the weights changed or when nothing
+    changed: a retrain on demand). `sample_weight` (aligned with `retained`) reweights
+    the loss: the fairness mitigation; `weights_changed` says it is not the weighting the
+    shards were trained with, so a shard whose records are unchanged must learn it too
+    (a withdrawal can empty the only shard whose records changed, and the flagged group's
+    rows then all lie in shards that would otherwise be kept). Certified models ignore
+    the weights (their guarantee is for the plain objective)."""
     common: dict[str, Any] = {
         "feature_spec": spec,
         "arch": manifest.arch,
@@ -561,7 +566,7 @@ def retrain(
         new, info = train_certified_manifest(retained, cfg=cfg, **common)
         return new, {"method": "retrain", "shards": [0], **info["certified"]}
     shards: set[int] | None = None
-    if u.is_sisa and spec == manifest.feature_spec:
+    if u.is_sisa and spec == manifest.feature_spec and not weights_changed:
         ids = np.asarray(retained.record_ids, dtype=np.int64)
         changed = {
             e.shard

@@ -68,6 +68,7 @@ def run_retrain(job_id: str, events: RequestEvents) -> None:
         device=dev,
         progress=jobs.ProgressReporter(job_id).sub(0.0, 0.8),
         sample_weight=weights,
+        weights_changed=(table.to_dict() if table is not None else None) != manifest.weighting,
     )
     inputs.phases.add("compute", time.perf_counter() - t_compute)
     u = inputs.spec.unlearning
