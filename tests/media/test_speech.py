@@ -22,11 +22,15 @@ from app.demo_media import (
     speech_zip,
 )
 from app.models import Job
-from app.pipeline import retraining
-from app.requests.lifecycle import EVENTS
 from tests.media.test_flow import SMALL
 from tests.support.app_env import AppEnv
-from tests.support.factories import auth, create_model, plan_and_run, post_dataset
+from tests.support.factories import (
+    auth,
+    create_model,
+    plan_and_run,
+    post_dataset,
+    run_mitigation,
+)
 
 pytestmark = pytest.mark.skipif(
     not espeak_available(),
@@ -100,15 +104,10 @@ def test_district_a_withdrawal_flags_the_vi_accent(env: AppEnv, keys: dict[str, 
     # Reweighting retrains every shard with the accent upweighted (the withdrawal emptied
     # the only shard whose records changed, so retraining that one alone changes nothing).
     # How much it wins back varies from run to run (docs/media.md); its report shows it.
-    r = env.client.post(
-        f"/v1/deletion-requests/{view['id']}/review", headers=h, json={"action": "mitigate"}
-    )
-    assert r.status_code == 200, r.text
-    job_id = r.json()["models"][0]["job_id"]
-    retraining.run_retrain(job_id, EVENTS)
+    job_id = run_mitigation(env.client, h, view["id"])
     with session_scope() as s:
         job = s.get(Job, job_id)
-        assert job is not None and job.status == "succeeded", job.error
+        assert job is not None
         result, report_id = dict(job.result), job.report_id
     assert result["unlearning"]["shards"] == [0, 1], result
     mitigation = result["unlearning"]["mitigation"]

@@ -188,3 +188,26 @@ def plan_and_run(client: Any, admin: str, request_id: str) -> dict[str, Any]:
         f"/v1/deletion-requests/{request_id}", headers=auth(admin)
     ).json()
     return out
+
+
+def run_mitigation(
+    client: Any, headers: dict[str, str], request_id: str, mitigation: str | None = None
+) -> str:
+    """Ask for a mitigation of a request held for review and run its retrain job
+    in-process (the worker's task body); asserts it succeeded and returns the job id."""
+    from app.core.db import session_scope
+    from app.models import Job
+    from app.pipeline import retraining
+    from app.requests.lifecycle import EVENTS
+
+    body: dict[str, Any] = {"action": "mitigate"}
+    if mitigation is not None:
+        body["mitigation"] = mitigation
+    r = client.post(f"/v1/deletion-requests/{request_id}/review", headers=headers, json=body)
+    assert r.status_code == 200, r.text
+    job_id = str(r.json()["models"][0]["job_id"])
+    retraining.run_retrain(job_id, EVENTS)
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == "succeeded", job and job.error
+    return job_id
