@@ -45,12 +45,16 @@ def _sqlite_pragmas(busy_ms: int) -> Any:
     return apply
 
 
-def make_engine(url: str, busy_timeout: float | None = None) -> Engine:
-    """An engine for `url`; statements wait `busy_timeout` seconds (default: the
-    `database_busy_timeout_seconds` setting) for a lock or a pooled connection."""
-    wait = float(
-        get_settings().database_busy_timeout_seconds if busy_timeout is None else busy_timeout
-    )
+# How long a statement waits for a lock or a pooled connection when the caller does not
+# say (the `database_busy_timeout_seconds` setting's default): migrations and scripts
+# make engines from a URL alone, without the service's settings.
+DEFAULT_BUSY_TIMEOUT = 30.0
+
+
+def make_engine(url: str, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Engine:
+    """An engine for `url`; statements wait `busy_timeout` seconds for a lock or a pooled
+    connection (`get_engine` passes the `database_busy_timeout_seconds` setting)."""
+    wait = float(busy_timeout)
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
