@@ -7,7 +7,7 @@ the session, sent after commit, dropped on rollback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,7 +32,7 @@ def set_application_name(name: str) -> None:
         dispose_engines()
 
 
-def _sqlite_pragmas(busy_ms: int) -> Any:
+def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
     def apply(dbapi_conn: Any, _record: Any) -> None:
         # API and worker processes share the file: WAL lets readers run beside one
         # writer, the busy timeout makes a writer wait instead of failing at once.

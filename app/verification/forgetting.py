@@ -57,8 +57,8 @@ def cap_index(n: int, seed: int, k: int = MAX_ROWS) -> np.ndarray | None:
     return np.sort(rng.choice(n, k, replace=False))
 
 
-def _cap(data: TabularData, seed: int, k: int = MAX_ROWS) -> TabularData:
-    index = cap_index(len(data), seed, k)
+def _cap(data: TabularData, seed: int) -> TabularData:
+    index = cap_index(len(data), seed)
     return data if index is None else data.take(index)
 
 
@@ -274,9 +274,9 @@ def forgetting(
     per-example attacks (offline and online LiRA, RMIA: AUC and TPR at 1% and 0.1% FPR)
     on the candidate and on the baseline, a paired sample of per-example statistics, and
     a sample of the member scores of each population (`score_samples`)."""
-    k_test = nonmember_count(forget)
+    attacked = attack_rows(len(test), forget, seed)  # drawn before the forget rows are capped
+    test = test if attacked is None else test.take(attacked)
     forget = _cap(forget, seed)
-    test = _cap(test, seed + 1, k_test)
     threshold = {
         "margin": margin,
         "rule": "candidate AUC <= reference AUC + margin",
