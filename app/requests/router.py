@@ -6,10 +6,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from app.api.deps import AdminDep, AnyRoleDep, PortalDep, SessionDep, SettingsDep
+from app.api.deps import (
+    AdminDep,
+    AnyRoleDep,
+    AsyncSettingsDep,
+    IntakeCallerDep,
+    PortalDep,
+    SessionDep,
+    SettingsDep,
+)
 from app.certificates import service as certificates
 from app.certificates.schemas import SignedCertificate
-from app.requests import callbacks, service, states
+from app.requests import intake, service, states
 from app.requests.schemas import (
     DeletionRequestIn,
     DeletionRequestOut,
@@ -24,11 +32,10 @@ STATUSES = "|".join(states.STATUSES)
 
 
 @router.post("", status_code=202, responses={200: {}, 403: {}, 404: {}, 409: {}, 422: {}})
-def create_request(
+async def create_request(
     body: DeletionRequestIn,
-    caller: PortalDep,
-    session: SessionDep,
-    settings: SettingsDep,
+    caller: IntakeCallerDep,
+    settings: AsyncSettingsDep,
     response: Response,
     # The length rule is stated here and enforced by the service (a 400).
     idempotency_key: Annotated[
@@ -48,13 +55,11 @@ def create_request(
     reply_to_token: Annotated[str | None, Header(alias="Reply-To-Token")] = None,
 ) -> RequestAccepted:
     """`Reply-To` and `Reply-To-Token` (Fides's asynchronous callback): Palimpsest calls
-    that URL with that token when the request completes; see docs/fides.md."""
-    if reply_to is not None or reply_to_token is not None:
-        accepted, created = callbacks.create_with_callback(
-            session, body, caller, settings, idempotency_key, reply_to, reply_to_token
-        )
-    else:
-        accepted, created = service.create(session, body, caller, settings, idempotency_key)
+    that URL with that token when the request completes; see docs/fides.md. Requests
+    are stored in groups (app/requests/intake.py); a 202 means this one is stored."""
+    accepted, created = await intake.accept(
+        body, caller, settings, idempotency_key, reply_to, reply_to_token
+    )
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return accepted

@@ -28,7 +28,7 @@ from app.models import (
     Report,
     RequestModel,
 )
-from app.models.base import utcnow
+from app.models.base import new_id, utcnow
 from app.requests import states, targets
 from app.requests.lifecycle import advance
 from app.requests.schemas import (
@@ -148,6 +148,70 @@ def _find_records(
     return None, 0
 
 
+def request_row(
+    body: DeletionRequestIn,
+    caller: Caller,
+    settings: Settings,
+    idempotency_key: str | None,
+    key: str | None,
+    n: int,
+) -> dict[str, Any]:
+    """A new request's columns (both intake paths store exactly these)."""
+    now = utcnow()
+    return {
+        "id": new_id(),
+        "kind": body.kind,
+        "status": "received",
+        "subject_key": key,
+        "record_ids": sorted(set(body.record_ids)) if body.record_ids else None,
+        "source": body.source,
+        "feature": body.feature,
+        "tokens": sorted({t.casefold() for t in body.tokens}) if body.tokens else None,
+        "model_name": body.model,
+        "dataset_id": body.dataset_id,
+        "reason": body.reason,
+        "external_ref": body.external_ref,
+        "api_key_id": caller.key_id,
+        "idempotency_key": idempotency_key,
+        "received_at": now,
+        "due_at": now + timedelta(days=settings.deadline_days),
+        "n_records": n,
+    }
+
+
+def received_entry(
+    request_id: str, caller: Caller, kind: str, n: int, due_at: datetime
+) -> audit.Entry:
+    """The `request.received` audit event."""
+    return audit.Entry(
+        actor=caller.actor,
+        action="request.received",
+        entity_type="deletion_request",
+        entity_id=request_id,
+        data={"kind": kind, "records": n, "due_at": due_at.isoformat()},
+    )
+
+
+def replay(prior: DeletionRequest, body: DeletionRequestIn, settings: Settings) -> RequestAccepted:
+    """The answer to a retry with a used Idempotency-Key: the first request, if the body
+    asks the same; else 409."""
+    if _fingerprint(prior) != _body_fingerprint(body, settings):
+        raise Conflict(
+            "this Idempotency-Key was already used with a different request body",
+            code="idempotency_key_reused",
+        )
+    return RequestAccepted(
+        id=prior.id, status=prior.status, received_at=prior.received_at, due_at=prior.due_at
+    )
+
+
+def check_idempotency_key(idempotency_key: str | None) -> None:
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise BadRequest(
+            "Idempotency-Key must be 1 to 200 characters", code="invalid_idempotency_key"
+        )
+
+
 def create(
     session: Session,
     body: DeletionRequestIn,
@@ -156,11 +220,8 @@ def create(
     idempotency_key: str | None,
 ) -> tuple[RequestAccepted, bool]:
     """Returns the accepted request and whether it was newly created."""
+    check_idempotency_key(idempotency_key)
     if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= 200:
-            raise BadRequest(
-                "Idempotency-Key must be 1 to 200 characters", code="invalid_idempotency_key"
-            )
         prior = session.scalars(
             select(DeletionRequest).where(
                 DeletionRequest.api_key_id == caller.key_id,
@@ -168,38 +229,13 @@ def create(
             )
         ).first()
         if prior is not None:
-            if _fingerprint(prior) != _body_fingerprint(body, settings):
-                raise Conflict(
-                    "this Idempotency-Key was already used with a different request body",
-                    code="idempotency_key_reused",
-                )
-            return RequestAccepted(
-                id=prior.id, status=prior.status, received_at=prior.received_at, due_at=prior.due_at
-            ), False
+            return replay(prior, body, settings), False
     if body.kind == "feature" and caller.role != "admin":
         raise Forbidden("feature requests are admin-only")
     if body.dataset_id is not None and body.kind != "records":
         raise Unprocessable("dataset_id only narrows 'records' requests", code="invalid")
     key, n = _find_records(session, body, settings)
-    now = utcnow()
-    req = DeletionRequest(
-        kind=body.kind,
-        status="received",
-        subject_key=key,
-        record_ids=sorted(set(body.record_ids)) if body.record_ids else None,
-        source=body.source,
-        feature=body.feature,
-        tokens=sorted({t.casefold() for t in body.tokens}) if body.tokens else None,
-        model_name=body.model,
-        dataset_id=body.dataset_id,
-        reason=body.reason,
-        external_ref=body.external_ref,
-        api_key_id=caller.key_id,
-        idempotency_key=idempotency_key,
-        received_at=now,
-        due_at=now + timedelta(days=settings.deadline_days),
-        n_records=n,
-    )
+    req = DeletionRequest(**request_row(body, caller, settings, idempotency_key, key, n))
     session.add(req)
     try:
         session.flush()
@@ -207,14 +243,7 @@ def create(
         raise Conflict(
             "a request with this Idempotency-Key is being created", code="idempotency_conflict"
         ) from exc
-    audit.record(
-        session,
-        actor=caller.actor,
-        action="request.received",
-        entity_type="deletion_request",
-        entity_id=req.id,
-        data={"kind": req.kind, "records": n, "due_at": req.due_at.isoformat()},
-    )
+    audit.record_many(session, [received_entry(req.id, caller, req.kind, n, req.due_at)])
     webhooks.request_received(session, req)
     enqueue(session, "palimpsest.plan_request", req.id)
     return RequestAccepted(

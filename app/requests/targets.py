@@ -34,18 +34,21 @@ class Target:
         )
 
 
+def _owner(q: Select[Any], kind: str) -> tuple[Select[Any], Any]:
+    """`q` over Record joined to what a subject or source target names, and the column
+    that holds the name (a subject's key, a source's name)."""
+    if kind == "subject":
+        return q.join(Subject, Subject.id == Record.subject_id), Subject.subject_key
+    return q.join(Source, Source.id == Record.source_id), Source.name
+
+
 def _narrow(q: Select[Any], target: Target) -> Select[Any] | None:
     """`q` over Record restricted to the live records of a subject or source target."""
-    live = Record.status.in_(LIVE)
-    if target.kind == "subject":
-        return q.join(Subject, Subject.id == Record.subject_id).where(
-            Subject.subject_key == target.subject_key, live
-        )
-    if target.kind == "source":
-        return q.join(Source, Source.id == Record.source_id).where(
-            Source.name == target.source, live
-        )
-    return None
+    if target.kind not in ("subject", "source"):
+        return None
+    joined, column = _owner(q, target.kind)
+    value = target.subject_key if target.kind == "subject" else target.source
+    return joined.where(column == value, Record.status.in_(LIVE))
 
 
 def record_ids(session: Session, target: Target) -> list[int]:
@@ -61,6 +64,20 @@ def count(session: Session, target: Target) -> int:
         return len(matching_records(session, target))
     q = _narrow(select(func.count(Record.id)).select_from(Record), target)
     return 0 if q is None else int(session.scalar(q) or 0)
+
+
+def count_many(session: Session, kind: str, values: set[str]) -> dict[str, int]:
+    """`count` for many subject keys or source names at once: {value: live records};
+    values holding none are absent."""
+    if not values:
+        return {}
+    out: dict[str, int] = {}
+    for chunk in in_chunks(sorted(values)):
+        q, column = _owner(select(func.count(Record.id)).select_from(Record), kind)
+        q = q.add_columns(column).where(column.in_(chunk), Record.status.in_(LIVE))
+        rows = session.connection().execute(q.group_by(column))  # Core: no ORM loading
+        out.update((str(v), int(n)) for n, v in rows)
+    return out
 
 
 def matching_records(session: Session, target: Target) -> list[tuple[int, str, str]]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from typing import Any
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
@@ -22,13 +24,14 @@ from app.core.db import enqueue
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
 from app.models import DeletionRequest, Job, MLModel
-from app.models.base import utcnow
+from app.models.base import new_id, utcnow
 from app.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from app.webhooks import targets
 from app.webhooks.schemas import DeliveryOut, WebhookIn, WebhookOut
 
 DELIVER_TASK = "palimpsest.deliver_webhook"
 FAN_OUT_TASK = "palimpsest.fan_out_webhook"
+FAN_OUT_MANY_TASK = "palimpsest.fan_out_webhooks"
 QUEUE = "webhooks"
 
 
@@ -265,18 +268,74 @@ def _request_data(req: DeletionRequest) -> dict[str, Any]:
     return {"request_id": req.id, "kind": req.kind, "subject_key": req.subject_key}
 
 
+def _received_data(
+    request_id: str,
+    kind: str,
+    subject_key: str | None,
+    status: str,
+    records: int,
+    received_at: datetime,
+    due_at: datetime,
+) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "kind": kind,
+        "subject_key": subject_key,
+        "status": status,
+        "records": records,
+        "received_at": received_at.isoformat(),
+        "due_at": due_at.isoformat(),
+    }
+
+
 def request_received(session: Session, req: DeletionRequest) -> None:
     emit(
         session,
         "request.received",
-        {
-            **_request_data(req),
-            "status": req.status,
-            "records": req.n_records,
-            "received_at": req.received_at.isoformat(),
-            "due_at": req.due_at.isoformat(),
-        },
+        _received_data(
+            req.id,
+            req.kind,
+            req.subject_key,
+            req.status,
+            req.n_records,
+            req.received_at,
+            req.due_at,
+        ),
     )
+
+
+def requests_received(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """`request.received` for a group of new requests (intake's rows, the columns of
+    `DeletionRequest`): one outbox row each, one statement and one fan-out task for all."""
+    if not rows:
+        return
+    now = utcnow()
+    events = [
+        {
+            "id": new_id(),
+            "event_type": "request.received",
+            "payload": {
+                "type": "request.received",
+                "timestamp": now.isoformat(),
+                "data": _received_data(
+                    r["id"],
+                    r["kind"],
+                    r["subject_key"],
+                    r["status"],
+                    r["n_records"],
+                    r["received_at"],
+                    r["due_at"],
+                ),
+            },
+            "created_at": now,
+            "deliveries": 0,
+        }
+        for r in rows
+    ]
+    session.connection().execute(
+        insert(cast(Table, WebhookEvent.__table__)), events
+    )  # Core: no ORM per row
+    enqueue(session, FAN_OUT_MANY_TASK, [e["id"] for e in events], queue=QUEUE)
 
 
 def request_status_changed(

@@ -124,9 +124,11 @@ def deliver_ids(sent: list[Any]) -> list[str]:
     """The deliveries sent, after fanning out every event sent (as the worker does)."""
     from app.webhooks import delivery
 
-    for t in [t for t in sent if t.name == "palimpsest.fan_out_webhook"]:
+    for t in [t for t in sent if t.name.startswith("palimpsest.fan_out_webhook")]:
         assert t.queue == "webhooks"
-        delivery.fan_out(t.args[0])
+        # One event, or (intake's groups) a list of them.
+        for event_id in t.args[0] if isinstance(t.args[0], list) else [t.args[0]]:
+            delivery.fan_out(event_id)
     ids = [t.args[0] for t in sent if t.name == "palimpsest.deliver_webhook"]
     assert all(t.queue == "webhooks" for t in sent if t.name == "palimpsest.deliver_webhook")
     sent.clear()
@@ -433,15 +435,16 @@ def test_an_event_is_one_outbox_row_however_many_endpoints(
         json={"kind": "subject", "subject_id": "subj-0001"},
     )
     assert r.status_code == 202
-    fan = [t for t in sent if t.name == "palimpsest.fan_out_webhook"]
-    assert len(fan) == 1 and fan[0].queue == "webhooks"
-    assert [t.name for t in sent if "webhook" in t.name] == ["palimpsest.fan_out_webhook"]
+    # Intake's events go out as one fan-out task per group (here a group of one).
+    fan = [t for t in sent if t.name == "palimpsest.fan_out_webhooks"]
+    assert len(fan) == 1 and fan[0].queue == "webhooks" and len(fan[0].args[0]) == 1
+    assert [t.name for t in sent if "webhook" in t.name] == ["palimpsest.fan_out_webhooks"]
     with session_scope() as s:
         assert len(s.scalars(select(WebhookEvent)).all()) == 1
         assert s.scalars(select(WebhookDelivery)).all() == []
     sent.clear()
-    assert delivery.fan_out(fan[0].args[0]) == 20
-    assert delivery.fan_out(fan[0].args[0]) == 0  # a redelivered fan-out adds nothing
+    assert delivery.fan_out(fan[0].args[0][0]) == 20
+    assert delivery.fan_out(fan[0].args[0][0]) == 0  # a redelivered fan-out adds nothing
     assert [t.queue for t in sent] == ["webhooks"] * 20
     with session_scope() as s:
         rows = s.scalars(select(WebhookDelivery)).all()
@@ -489,18 +492,18 @@ def test_an_endpoint_registered_after_an_event_does_not_get_it(
         json={"kind": "subject", "subject_id": "subj-0002"},
     )
     assert r.status_code == 202
-    early = [t for t in sent if t.name == "palimpsest.fan_out_webhook"]
+    early = [t for t in sent if t.name == "palimpsest.fan_out_webhooks"]
     assert len(early) == 1
     hook = register(env, keys["admin"], receiver.url, ["request.received"])
     sent.clear()
-    assert delivery.fan_out(early[0].args[0]) == 0  # it happened before the endpoint
+    assert delivery.fan_out(early[0].args[0][0]) == 0  # it happened before the endpoint
     r = env.client.post(
         "/v1/deletion-requests",
         headers=auth(keys["portal"]),
         json={"kind": "subject", "subject_id": "subj-0003"},
     )
-    later = [t for t in sent if t.name == "palimpsest.fan_out_webhook"]
-    assert len(later) == 1 and delivery.fan_out(later[0].args[0]) == 1
+    later = [t for t in sent if t.name == "palimpsest.fan_out_webhooks"]
+    assert len(later) == 1 and delivery.fan_out(later[0].args[0][0]) == 1
     from app.core.db import session_scope
 
     with session_scope() as s:
