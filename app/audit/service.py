@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.orm import Session
 
 from app.models import AuditEvent
@@ -76,11 +76,31 @@ def _chain(session: Session) -> int:
     return chain
 
 
+_LAST_KEY = "audit_last"
+
+
 @event.listens_for(Session, "after_commit")
 @event.listens_for(Session, "after_rollback")
 def _release_chain(session: Session) -> None:
     # The transaction's advisory lock ended with it; the next one picks again.
     session.info.pop(_CHAIN_KEY, None)
+    session.info.pop(_LAST_KEY, None)
+
+
+def _last_hash(session: Session, chain: int) -> str | None:
+    """The hash of the chain's last event. While this transaction holds the chain (its
+    lock, or SQLite's one writer) nobody else appends to it, so after its first event
+    the last one is the one it appended itself, unless a savepoint rolled it back (then
+    it is no longer persistent, and the chain is read again)."""
+    mine: AuditEvent | None = session.info.get(_LAST_KEY)
+    if mine is not None and mine.chain == chain and inspect(mine).persistent:
+        return mine.hash
+    return session.scalar(
+        select(AuditEvent.hash)
+        .where(AuditEvent.chain == chain)
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
 
 
 def record(
@@ -94,12 +114,7 @@ def record(
 ) -> AuditEvent:
     """Append one event chained to the last one of this transaction's chain."""
     chain = _chain(session)
-    last = session.scalar(
-        select(AuditEvent.hash)
-        .where(AuditEvent.chain == chain)
-        .order_by(AuditEvent.id.desc())
-        .limit(1)
-    )
+    last = _last_hash(session, chain)
     prev = last if last is not None else GENESIS
     at = utcnow()
     payload = json.loads(json.dumps(data or {}, default=str))
@@ -116,6 +131,7 @@ def record(
     )
     session.add(ev)
     session.flush()
+    session.info[_LAST_KEY] = ev
     return ev
 
 

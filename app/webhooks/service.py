@@ -213,9 +213,9 @@ def emit(session: Session, event_type: str, data: dict[str, Any]) -> WebhookEven
     """One outbox row for the event, fanned out to its subscribers after commit."""
     now = utcnow()
     payload = {"type": event_type, "timestamp": now.isoformat(), "data": data}
-    event = WebhookEvent(event_type=event_type, payload=payload, created_at=now)
+    # The id is drawn here, so the row waits for the transaction's next flush.
+    event = WebhookEvent(id=new_id(), event_type=event_type, payload=payload, created_at=now)
     session.add(event)
-    session.flush()
     # One transaction announcing many (a batch of requests planned) sends them as one
     # `FAN_OUT_MANY_TASK`.
     enqueue(session, FAN_OUT_TASK, event.id, queue=QUEUE, batch=FAN_OUT_MANY_TASK)
