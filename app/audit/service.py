@@ -91,9 +91,11 @@ def _last_hash(session: Session, chain: int) -> str | None:
     """The hash of the chain's last event. While this transaction holds the chain (its
     lock, or SQLite's one writer) nobody else appends to it, so after its first event
     the last one is the one it appended itself, unless a savepoint rolled it back (then
-    it is no longer persistent, and the chain is read again)."""
+    it is gone from the session, and the chain is read again)."""
     mine: AuditEvent | None = session.info.get(_LAST_KEY)
-    if mine is not None and mine.chain == chain and inspect(mine).persistent:
+    state = inspect(mine) if mine is not None else None
+    live = state is not None and (state.pending or state.persistent)
+    if mine is not None and live and mine.chain == chain:
         return mine.hash
     return session.scalar(
         select(AuditEvent.hash)
@@ -129,8 +131,10 @@ def record(
         hash=_digest(prev, at, actor, action, entity_type, entity_id, payload),
         chain=chain,
     )
+    # Not flushed here: a transaction's events go in with its next flush, in the order
+    # they were added (the ORM inserts a table's new rows in that order, and SQLAlchemy
+    # has PostgreSQL draw their ids in that order too), which is the chain's order.
     session.add(ev)
-    session.flush()
     session.info[_LAST_KEY] = ev
     return ev
 
