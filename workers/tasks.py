@@ -151,6 +151,18 @@ def plan_request(self: Task, request_id: str) -> None:
         raise self.retry(countdown=2, exc=exc) from exc
 
 
+@shared_task(name="palimpsest.plan_requests", acks_late=True)
+def plan_requests(request_ids: list[str]) -> int:
+    """Plan a batch of requests (the intake sends one task per committed batch), most
+    in one transaction (`lifecycle.plan_many`). A request whose planning fails even on
+    its own goes back to its own `palimpsest.plan_request` task in 2 s, with that task's
+    retries; the others are planned regardless. Returns how many failed."""
+    failed = lifecycle.plan_many(request_ids)
+    if failed:
+        lifecycle.retry_alone(failed, countdown=2.0)
+    return len(failed)
+
+
 @shared_task(name="palimpsest.erase_request", bind=True, acks_late=True, max_retries=5)
 def erase_request(self: Task, request_id: str) -> None:
     try:
@@ -192,6 +204,15 @@ def fan_out_webhook(event_id: str) -> int:
     from app.webhooks import delivery
 
     return delivery.fan_out(event_id)
+
+
+@shared_task(name="palimpsest.fan_out_webhooks", acks_late=True)
+def fan_out_webhooks(event_ids: list[str]) -> int:
+    """Several webhook events fanned out at once (what a transaction that announced
+    many sends), on the `webhooks` queue; the number of deliveries made."""
+    from app.webhooks import delivery
+
+    return delivery.fan_out_many(event_ids)
 
 
 @shared_task(name="palimpsest.sweep_webhooks")

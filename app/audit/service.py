@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, event, insert, select, text
+from sqlalchemy import Table, event, insert, inspect, select, text
 from sqlalchemy.orm import Session
 
 from app.models import AuditEvent
@@ -77,11 +77,34 @@ def _chain(session: Session) -> int:
     return chain
 
 
+_LAST_KEY = "audit_last"
+
+
 @event.listens_for(Session, "after_commit")
 @event.listens_for(Session, "after_rollback")
 def _release_chain(session: Session) -> None:
     # The transaction's advisory lock ended with it; the next one picks again.
     session.info.pop(_CHAIN_KEY, None)
+    session.info.pop(_LAST_KEY, None)
+
+
+def _last_hash(session: Session, chain: int) -> str:
+    """The hash of the chain's last event. While this transaction holds the chain (its
+    lock, or SQLite's one writer) nobody else appends to it, so after its first event
+    the last one is the one it appended itself, unless a savepoint rolled it back (then
+    it is gone from the session, and the chain is read again)."""
+    mine: AuditEvent | None = session.info.get(_LAST_KEY)
+    state = inspect(mine) if mine is not None else None
+    live = state is not None and (state.pending or state.persistent)
+    if mine is not None and live and mine.chain == chain:
+        return mine.hash
+    last = session.scalar(
+        select(AuditEvent.hash)
+        .where(AuditEvent.chain == chain)
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    return last if last is not None else GENESIS
 
 
 @dataclass(frozen=True)
@@ -114,16 +137,6 @@ def _chained(prev: str, chain: int, entry: Entry) -> dict[str, Any]:
     }
 
 
-def _last_hash(session: Session, chain: int) -> str:
-    last = session.connection().scalar(
-        select(AuditEvent.hash)
-        .where(AuditEvent.chain == chain)
-        .order_by(AuditEvent.id.desc())
-        .limit(1)
-    )
-    return last if last is not None else GENESIS
-
-
 def record(
     session: Session,
     *,
@@ -137,8 +150,11 @@ def record(
     chain = _chain(session)
     entry = Entry(actor, action, entity_type, entity_id, data)
     ev = AuditEvent(**_chained(_last_hash(session, chain), chain, entry))
+    # Not flushed here: a transaction's events go in with its next flush, in the order
+    # they were added (the ORM inserts a table's new rows in that order, and SQLAlchemy
+    # has PostgreSQL draw their ids in that order too), which is the chain's order.
     session.add(ev)
-    session.flush()
+    session.info[_LAST_KEY] = ev
     return ev
 
 
@@ -155,9 +171,10 @@ def record_many(session: Session, entries: Sequence[Entry]) -> None:
     for entry in entries:
         rows.append(_chained(prev, chain, entry))
         prev = rows[-1]["hash"]
-    session.connection().execute(
-        insert(cast(Table, AuditEvent.__table__)), rows
-    )  # Core: no ORM per row
+    # Core: no ORM work per row. The chain's last event is now one the session does
+    # not hold: the next `record` reads it back.
+    session.connection().execute(insert(cast(Table, AuditEvent.__table__)), rows)
+    session.info.pop(_LAST_KEY, None)
 
 
 @dataclass

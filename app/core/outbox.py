@@ -32,6 +32,9 @@ class PendingTask:
     countdown: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = field(default_factory=lambda: request_id_var.get())
+    # A task that takes a list of what this one takes as its one argument: several of
+    # these sent by one commit go as one such task (`coalesce`).
+    batch: str | None = None
 
 
 class TaskSender(Protocol):
@@ -58,10 +61,56 @@ def sender() -> TaskSender:
 
 
 def enqueue(
-    session: Session, name: str, *args: Any, queue: str = "default", countdown: float | None = None
+    session: Session,
+    name: str,
+    *args: Any,
+    queue: str = "default",
+    countdown: float | None = None,
+    batch: str | None = None,
 ) -> None:
-    """Send task `name` once this session's transaction commits."""
-    session.info.setdefault("outbox", []).append(PendingTask(name, args, queue, countdown))
+    """Send task `name` once this session's transaction commits. With `batch` (the name
+    of a task taking a list of `name`'s single argument), several such tasks of one
+    commit are sent as one `batch` task."""
+    session.info.setdefault("outbox", []).append(
+        PendingTask(name, args, queue, countdown, batch=batch)
+    )
+
+
+# The most ids one coalesced task carries.
+BATCH_MAX = 500
+
+
+def coalesce(tasks: Sequence[PendingTask]) -> list[PendingTask]:
+    """`tasks` with those that name a `batch` task, one argument each, merged: per batch
+    task, queue, countdown and request id, two or more become `batch` tasks of at most
+    `BATCH_MAX` ids (in their order, at the place of the first); a lone one stays."""
+    groups: dict[tuple[str, str, float | None, str | None], list[PendingTask]] = {}
+    for t in tasks:
+        if t.batch is not None and len(t.args) == 1 and not t.kwargs:
+            groups.setdefault((t.batch, t.queue, t.countdown, t.request_id), []).append(t)
+    out: list[PendingTask] = []
+    done: set[tuple[str, str, float | None, str | None]] = set()
+    for t in tasks:
+        key = (t.batch or "", t.queue, t.countdown, t.request_id)
+        members = groups.get(key) if t.batch is not None else None
+        if members is None or len(members) < 2:
+            out.append(t)
+            continue
+        if key in done:
+            continue
+        done.add(key)
+        items = list(dict.fromkeys(m.args[0] for m in members))
+        for i in range(0, len(items), BATCH_MAX):
+            out.append(
+                PendingTask(
+                    key[0],
+                    (items[i : i + BATCH_MAX],),
+                    t.queue,
+                    t.countdown,
+                    request_id=t.request_id,
+                )
+            )
+    return out
 
 
 def on_rollback(session: Session, undo: Callable[[], None]) -> None:
@@ -92,7 +141,7 @@ def _send_outbox(session: Session) -> None:
     if _sender is None:
         log.error("no task sender registered: %d task(s) left to the resume sweep", len(pending))
         return
-    for task in pending:
+    for task in coalesce(pending):
         _sender.send(task)
 
 

@@ -8,7 +8,8 @@ and a job that runs on a live worker is left alone.
   audit log, and its task is sent again;
 - a `pending` job older than the grace period whose message may be gone (a broker
   restart, a send that failed after commit), unless batching still holds it;
-- a request still `received` (planning) or `erasing` after the grace period.
+- a request still `received` (planning) or `erasing` after the grace period (those to
+  plan are sent together, as `palimpsest.plan_requests` tasks).
 
 Pending work is re-sent only while its queue is empty. With a backlog, work waits for
 minutes as a matter of course, and its message is most likely still queued: re-sending
@@ -117,7 +118,10 @@ def resume(session: Session, older_than_seconds: float | None = None) -> dict[st
             DeletionRequest.received_at < cutoff,
         )
     ):
-        name = "palimpsest.plan_request" if req.status == "received" else "palimpsest.erase_request"
-        enqueue(session, name, req.id)
+        if req.status == "received":
+            # Sent as `palimpsest.plan_requests` batches (the outbox merges them).
+            enqueue(session, "palimpsest.plan_request", req.id, batch="palimpsest.plan_requests")
+        else:
+            enqueue(session, "palimpsest.erase_request", req.id)
         counts["requests"] += 1
     return counts

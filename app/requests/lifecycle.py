@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.certificates import service as certificates
 from app.core.chunks import in_chunks
 from app.core.db import enqueue, session_scope
+from app.core.outbox import PendingTask, sender
 from app.core.storage import ArtifactStore
 from app.datasets import service as datasets
 from app.jobs import batching, routing
@@ -225,6 +228,261 @@ def plan(session: Session, request_id: str) -> None:
     _quarantine(session, req, ids)
     models = _models_reached(session, ids)
     _attach(session, req, ids, models, _models_not_trained(session, ids, models))
+
+
+# -- planning many requests at once ----------------------------------------------------
+#
+# The intake commits requests in batches and asks for them to be planned together
+# (`palimpsest.plan_requests`). Ordinary subject and source targets are resolved with a
+# handful of queries for the whole batch (records, datasets, models still training,
+# lineage), quarantined with one statement per run of them, and planned in one
+# transaction; each request then goes through `_attach`, exactly as `plan` would take it.
+# Records and feature requests in the batch go through `plan` itself, in the same
+# transaction and in their place in the order (a record two requests cover is
+# quarantined by the first, as one by one). Large targets (> PLAN_STEP records) and
+# anything odd are planned after the batch by `plan_in_steps`, one by one.
+
+# Requests planned per transaction by `plan_many` (a longer list runs in several).
+PLAN_BATCH = 100
+
+
+@dataclass
+class _Resolved:
+    """What a bulk-resolved request covers: its live record ids and their datasets."""
+
+    ids: list[int] = field(default_factory=list)
+    datasets: set[str] = field(default_factory=set)
+
+
+def plan_many(request_ids: Sequence[str]) -> list[str]:
+    """Plan every request in `request_ids` (those still `received`; the rest are skipped,
+    as by `plan`), `PLAN_BATCH` per transaction. If a batch's transaction fails, nothing
+    of it is kept and each of its requests is planned on its own, so one bad request
+    costs the others nothing. Returns the ids whose planning failed even alone (the
+    caller retries them one by one)."""
+    unique = list(dict.fromkeys(request_ids))
+    failed: list[str] = []
+    for i in range(0, len(unique), PLAN_BATCH):
+        part = unique[i : i + PLAN_BATCH]
+        try:
+            with session_scope() as s:
+                alone = _plan_batch(s, part)
+        except Exception:
+            log.warning(
+                "planning %d requests together failed; planning them one by one",
+                len(part),
+                exc_info=True,
+            )
+            alone = part
+        for rid in alone:
+            try:
+                plan_in_steps(rid)
+            except Exception:
+                log.exception("planning request %s failed", rid)
+                failed.append(rid)
+    return failed
+
+
+def retry_alone(request_ids: Sequence[str], countdown: float = 2.0) -> None:
+    """Send each request its own `palimpsest.plan_request` task after `countdown`
+    seconds (that task's own retries then apply); what cannot be sent is re-sent by
+    the resume sweep (the request stays `received`)."""
+    for rid in request_ids:
+        sender().send(PendingTask("palimpsest.plan_request", (rid,), countdown=countdown))
+
+
+def _plan_batch(session: Session, request_ids: list[str]) -> list[str]:
+    """Plan the still-`received` ones of `request_ids` in this transaction, in the
+    list's order; returns those left to `plan_in_steps` (large or odd targets)."""
+    pos = {rid: i for i, rid in enumerate(request_ids)}
+    # Locked in id order, so two batches sharing requests cannot deadlock on them.
+    reqs = sorted(
+        session.scalars(
+            select(DeletionRequest)
+            .where(DeletionRequest.id.in_(request_ids), DeletionRequest.status == "received")
+            .order_by(DeletionRequest.id)
+            .with_for_update()
+        ),
+        key=lambda r: pos[r.id],
+    )
+    resolved, large = _resolve(session, reqs)
+    # Left to `plan_in_steps`: large targets, and a subject or source request naming none.
+    alone = [
+        r.id
+        for r in reqs
+        if r.id in large
+        or (r.kind == "records" and len(r.record_ids or []) > PLAN_STEP)
+        or (r.kind in ("subject", "source") and r.id not in resolved)
+        or r.kind not in ("subject", "source", "records", "feature")
+    ]
+    skip = set(alone)
+    bulk = [r for r in reqs if r.id in resolved]
+    training = _training_datasets(session, {d for r in bulk for d in resolved[r.id].datasets})
+    waiting = {r.id for r in bulk if resolved[r.id].datasets & training}
+    reached, tested = _lineage_of(
+        session, sorted({i for r in bulk if r.id not in waiting for i in resolved[r.id].ids})
+    )
+    run: list[DeletionRequest] = []
+    for req in reqs:
+        if req.id in skip:
+            continue
+        if req.id not in resolved:  # records or feature: `plan` itself, in its place
+            _plan_run(session, run, resolved, reached, tested)
+            run = []
+            plan(session, req.id)
+        elif req.id in waiting:
+            enqueue(session, "palimpsest.plan_request", req.id, countdown=2.0)
+        else:
+            run.append(req)
+    _plan_run(session, run, resolved, reached, tested)
+    return alone
+
+
+def _resolve(
+    session: Session, reqs: list[DeletionRequest]
+) -> tuple[dict[str, _Resolved], set[str]]:
+    """The live records of the batch's subject and source requests, a query per chunk
+    of subjects and of sources; and the requests whose target holds more than
+    PLAN_STEP records (a large source is counted, never listed here)."""
+    live = Record.status.in_(targets.LIVE)
+    subjects: dict[str, list[str]] = {}
+    sources: dict[str, list[str]] = {}
+    for r in reqs:
+        if r.kind == "subject" and r.subject_key:
+            subjects.setdefault(r.subject_key, []).append(r.id)
+        elif r.kind == "source" and r.source:
+            sources.setdefault(r.source, []).append(r.id)
+    by_key: dict[str, _Resolved] = {k: _Resolved() for k in subjects}
+    for chunk in in_chunks(sorted(subjects)):
+        for key, rid, ds in session.execute(
+            select(Subject.subject_key, Record.id, Record.dataset_id)
+            .join(Subject, Subject.id == Record.subject_id)
+            .where(Subject.subject_key.in_(chunk), live)
+        ):
+            by_key[key].ids.append(int(rid))
+            by_key[key].datasets.add(str(ds))
+    by_source: dict[str, _Resolved] = {}
+    large = {
+        rid for key, rids in subjects.items() if len(by_key[key].ids) > PLAN_STEP for rid in rids
+    }
+    if sources:
+        sizes = {
+            str(name): int(n)
+            for name, n in session.execute(
+                select(Source.name, func.count(Record.id))
+                .join(Source, Source.id == Record.source_id)
+                .where(Source.name.in_(sorted(sources)), live)
+                .group_by(Source.name)
+            )
+        }
+        small = sorted(n for n in sources if sizes.get(n, 0) <= PLAN_STEP)
+        large |= {rid for n in sources if n not in small for rid in sources[n]}
+        by_source = {n: _Resolved() for n in small}
+        for chunk in in_chunks(small):
+            for name, rid, ds in session.execute(
+                select(Source.name, Record.id, Record.dataset_id)
+                .join(Source, Source.id == Record.source_id)
+                .where(Source.name.in_(chunk), live)
+            ):
+                by_source[name].ids.append(int(rid))
+                by_source[name].datasets.add(str(ds))
+    out: dict[str, _Resolved] = {}
+    for groups, found in ((subjects, by_key), (sources, by_source)):
+        for name, rids in groups.items():
+            hit = found.get(name)
+            if hit is None:
+                continue  # large: planned in steps
+            hit.ids.sort()
+            for rid in rids:
+                if rid not in large:
+                    out[rid] = _Resolved(list(hit.ids), set(hit.datasets))
+    return out, large
+
+
+def _training_datasets(session: Session, datasets_hit: set[str]) -> set[str]:
+    """Which of these datasets a model is still training on (see `_still_training`)."""
+    if not datasets_hit:
+        return set()
+    return set(
+        session.scalars(
+            select(MLModel.dataset_id)
+            .where(MLModel.dataset_id.in_(sorted(datasets_hit)), MLModel.status == "training")
+            .distinct()
+        )
+    )
+
+
+def _lineage_of(
+    session: Session, ids: list[int]
+) -> tuple[dict[int, set[str]], dict[int, set[str]]]:
+    """Per record: the models it reaches (trained on, open-ended: `_models_reached`) and
+    those holding it in a test split (`_models_not_trained`)."""
+    reached: dict[int, set[str]] = {}
+    tested: dict[int, set[str]] = {}
+    for chunk in in_chunks(ids):
+        for rid, model_id, split, open_ended in session.execute(
+            select(
+                Lineage.record_id, Lineage.model_id, Lineage.split, Lineage.to_version.is_(None)
+            ).where(
+                Lineage.record_id.in_(chunk),
+                or_(
+                    Lineage.split == "test",
+                    (Lineage.split == "train") & Lineage.to_version.is_(None),
+                ),
+            )
+        ):
+            if split == "train" and open_ended:
+                reached.setdefault(int(rid), set()).add(str(model_id))
+            elif split == "test":
+                tested.setdefault(int(rid), set()).add(str(model_id))
+    return reached, tested
+
+
+def _plan_run(
+    session: Session,
+    run: list[DeletionRequest],
+    resolved: dict[str, _Resolved],
+    reached: dict[int, set[str]],
+    tested: dict[int, set[str]],
+) -> None:
+    """Quarantine a run of bulk-resolved requests' records (each record by the first
+    request of the run covering it, as one by one), then attach each to its models."""
+    if not run:
+        return
+    owner: dict[int, str] = {}
+    for req in run:
+        for rid in resolved[req.id].ids:
+            owner.setdefault(rid, req.id)
+    for chunk in in_chunks(sorted(owner)):
+        # Locked in id order first (concurrent batches covering the same records take
+        # them in one order), then quarantined with one statement.
+        active = list(
+            session.scalars(
+                select(Record.id)
+                .where(Record.id.in_(chunk), Record.status == "active")
+                .order_by(Record.id)
+                .with_for_update()
+            )
+        )
+        if not active:
+            continue
+        owners = {owner[i] for i in active}
+        by = (
+            owners.pop()
+            if len(owners) == 1
+            else case({i: owner[i] for i in active}, value=Record.id)
+        )
+        session.execute(
+            update(Record)
+            .where(Record.id.in_(active), Record.status == "active")
+            .values(status="quarantined", quarantined_by=by)
+            .execution_options(synchronize_session=False)
+        )
+    for req in run:
+        ids = resolved[req.id].ids
+        models = {m for i in ids for m in reached.get(i, ())}
+        untrained = {m for i in ids for m in tested.get(i, ())} - models
+        _attach(session, req, ids, models, untrained)
 
 
 def _attach(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -175,6 +176,32 @@ def fan_out(event_id: str) -> int:
         return len(service.fan_out(s, event_id))
 
 
+# Events fanned out per transaction by `fan_out_many`.
+FAN_OUT_BATCH = 200
+
+
+def fan_out_many(event_ids: Sequence[str]) -> int:
+    """`palimpsest.fan_out_webhooks`: several events, `FAN_OUT_BATCH` per transaction;
+    the number of deliveries made. If a batch fails, its events are fanned out one by
+    one; one that fails alone is left to the sweep (it is still not fanned out)."""
+    unique = list(dict.fromkeys(event_ids))
+    made = 0
+    for i in range(0, len(unique), FAN_OUT_BATCH):
+        part = unique[i : i + FAN_OUT_BATCH]
+        try:
+            with session_scope() as s:
+                made += len(service.fan_out_many(s, part))
+            continue
+        except Exception:
+            log.warning("fanning out %d events together failed", len(part), exc_info=True)
+        for event_id in part:
+            try:
+                made += fan_out(event_id)
+            except Exception:
+                log.exception("fanning out event %s failed; the sweep re-sends it", event_id)
+    return made
+
+
 def sweep(grace: timedelta = timedelta(seconds=30), limit: int = 500) -> int:
     """Beat: re-send pending deliveries whose attempt is overdue by more than `grace`, and
     events not fanned out within it (their task was lost: broker down at commit, a worker
@@ -190,7 +217,13 @@ def sweep(grace: timedelta = timedelta(seconds=30), limit: int = 500) -> int:
             .limit(limit)
         ).all()
         for event_id in events:
-            enqueue(s, service.FAN_OUT_TASK, event_id, queue=service.QUEUE)
+            enqueue(
+                s,
+                service.FAN_OUT_TASK,
+                event_id,
+                queue=service.QUEUE,
+                batch=service.FAN_OUT_MANY_TASK,
+            )
         ids = s.scalars(
             select(WebhookDelivery.id)
             .where(

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from app.models.webhooks import WebhookDelivery, WebhookEvent
+from app.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.support.app_env import AppEnv
 from tests.support.factories import (
     assert_error,
@@ -126,9 +126,10 @@ def deliver_ids(sent: list[Any]) -> list[str]:
 
     for t in [t for t in sent if t.name.startswith("palimpsest.fan_out_webhook")]:
         assert t.queue == "webhooks"
-        # One event, or (intake's groups) a list of them.
-        for event_id in t.args[0] if isinstance(t.args[0], list) else [t.args[0]]:
-            delivery.fan_out(event_id)
+        if t.name == "palimpsest.fan_out_webhooks":  # several events (a commit, a group)
+            delivery.fan_out_many(t.args[0])
+        else:
+            delivery.fan_out(t.args[0])
     ids = [t.args[0] for t in sent if t.name == "palimpsest.deliver_webhook"]
     assert all(t.queue == "webhooks" for t in sent if t.name == "palimpsest.deliver_webhook")
     sent.clear()
@@ -509,3 +510,112 @@ def test_an_endpoint_registered_after_an_event_does_not_get_it(
     with session_scope() as s:
         mine = s.scalars(select(WebhookDelivery).where(WebhookDelivery.endpoint_id == hook["id"]))
         assert [d.event_type for d in mine] == ["request.received"]  # the later one only
+
+
+def test_one_commit_of_many_events_sends_one_batched_fan_out(
+    env: AppEnv, keys: dict[str, str], sent: list[Any]
+) -> None:
+    """Events announced by one transaction (a batch of requests planned) go to the
+    worker as one `palimpsest.fan_out_webhooks` task; a lone event keeps its own task."""
+    from app.core.db import session_scope
+    from app.webhooks import service
+
+    with session_scope() as s:
+        ids = [service.emit(s, "job.failed", {"job_id": f"j{i}"}).id for i in range(3)]
+    assert [(t.name, t.args, t.queue) for t in sent] == [
+        ("palimpsest.fan_out_webhooks", (ids,), "webhooks")
+    ]
+    sent.clear()
+    with session_scope() as s:
+        one = service.emit(s, "job.failed", {"job_id": "alone"}).id
+    assert [(t.name, t.args) for t in sent] == [("palimpsest.fan_out_webhook", (one,))]
+
+
+def test_a_batched_fan_out_makes_the_deliveries_of_one_by_one_fan_outs(
+    env: AppEnv, keys: dict[str, str], sent: list[Any]
+) -> None:
+    """Two identical runs of events, one fanned out event by event, the other in one
+    batch: the same deliveries (endpoint, type, payload, message id rule), the same
+    counts on the events, the same delivery tasks; an endpoint registered between the
+    events gets only the later ones, a disabled one none; a repeat adds nothing."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.core.db import session_scope
+    from app.models.base import utcnow
+    from app.webhooks import delivery, service
+
+    admin = keys["admin"]
+    both = register(env, admin, "http://127.0.0.1:9/both", ["job.failed", "request.overdue"])
+    only = register(env, admin, "http://127.0.0.1:9/only", ["request.overdue"])
+    off = register(env, admin, "http://127.0.0.1:9/off", ["job.failed"])
+    with session_scope() as s:
+        s.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.id == off["id"])
+            .values(disabled_at=utcnow())
+        )
+    kinds = ["job.failed", "request.overdue", "model.promoted", "job.failed"]
+
+    def run() -> list[str]:
+        with session_scope() as s:
+            early = [service.emit(s, k, {"n": i}).id for i, k in enumerate(kinds[:2])]
+        with session_scope() as s:
+            late = [service.emit(s, k, {"n": i}).id for i, k in enumerate(kinds[2:])]
+            # The later events happen after the late endpoint registers.
+            s.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.id.in_(late))
+                .values(created_at=utcnow() + timedelta(minutes=1))
+            )
+        return early + late
+
+    late_ep = register(env, admin, "http://127.0.0.1:9/late", ["job.failed"])
+    with session_scope() as s:
+        s.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.id == late_ep["id"])
+            .values(created_at=utcnow() + timedelta(seconds=30))
+        )
+    one_by_one, batched = run(), run()
+    sent.clear()
+    made = sum(delivery.fan_out(e) for e in one_by_one)
+    single_tasks = [(t.name, t.queue) for t in sent]
+    sent.clear()
+    assert delivery.fan_out_many(batched) == made == 5
+    assert sorted((t.name, t.queue) for t in sent) == sorted(single_tasks)
+    assert delivery.fan_out_many(batched) == 0  # redelivered: nothing more
+
+    def shape(events: list[str]) -> list[Any]:
+        with session_scope() as s:
+            out = []
+            for e in events:
+                ev = s.get(WebhookEvent, e)
+                assert ev is not None and ev.fanned_out_at is not None
+                rows = s.scalars(
+                    select(WebhookDelivery).where(
+                        WebhookDelivery.msg_id.in_(
+                            [service.msg_id(e, h["id"]) for h in (both, only, off, late_ep)]
+                        )
+                    )
+                ).all()
+                out.append(
+                    (
+                        ev.deliveries,
+                        sorted(
+                            (d.endpoint_id, d.event_type, d.status, d.payload["data"]["n"])
+                            for d in rows
+                        ),
+                    )
+                )
+            return out
+
+    expected = shape(one_by_one)
+    assert shape(batched) == expected
+    assert [n for n, _ in expected] == [1, 2, 0, 2]
+    assert {ep for _, rows in expected for ep, *_ in rows} == {
+        both["id"],
+        only["id"],
+        late_ep["id"],
+    }
