@@ -15,9 +15,10 @@ deployed:
   generator's own CPU (its CPU seconds over the wall time, and its share of all CPU
   the machine spent meanwhile);
 * **retries**: 1,000 fresh keys, each sent 10 times (10,000 requests shuffled, over the
-  same clients); a `409 idempotency_conflict` (a concurrent retry of a request still being
-  created) is retried by the client as the API documents. Every key must end with one
-  request id and the database must hold exactly 1,000 requests for them;
+  same clients). Intake in groups makes a concurrent twin wait for the first and answers
+  it as a replay; a `409 idempotency_conflict` (possible on the one-request path) would
+  be retried by the client as the API documents. Every key must end with one request id
+  and the database must hold exactly 1,000 requests for them;
 * **planning**: only then a `palimpsest worker` starts (so it does not share the CPU with
   the load) and the run waits until every request has left `received`. Checked: every
   202 reply's id exists exactly once, every key is used once, and all are planned.
