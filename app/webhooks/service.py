@@ -229,6 +229,22 @@ def msg_id(event_id: str, endpoint_id: str) -> str:
     return "msg_" + hashlib.sha256(f"{event_id}:{endpoint_id}".encode()).hexdigest()[:32]
 
 
+def _delivery(
+    event_id: str, event_type: str, payload: dict[str, Any], endpoint_id: str, now: datetime
+) -> WebhookDelivery:
+    """An event's pending delivery to one endpoint, its id drawn here."""
+    return WebhookDelivery(
+        id=new_id(),
+        endpoint_id=endpoint_id,
+        msg_id=msg_id(event_id, endpoint_id),
+        event_type=event_type,
+        payload=payload,
+        status="pending",
+        next_attempt_at=now,
+        history=[],
+    )
+
+
 def fan_out(session: Session, event_id: str) -> list[str]:
     """One pending delivery per enabled endpoint subscribed to the event (idempotent);
     each is sent after commit. Returns the new deliveries' ids. An endpoint registered
@@ -249,15 +265,7 @@ def fan_out(session: Session, event_id: str) -> list[str]:
     for ep in endpoints:
         if event.event_type not in ep.events:
             continue
-        d = WebhookDelivery(
-            endpoint_id=ep.id,
-            msg_id=msg_id(event.id, ep.id),
-            event_type=event.event_type,
-            payload=event.payload,
-            status="pending",
-            next_attempt_at=now,
-            history=[],
-        )
+        d = _delivery(event.id, event.event_type, event.payload, ep.id, now)
         session.add(d)
         session.flush()
         enqueue(session, DELIVER_TASK, d.id, queue=QUEUE)
@@ -300,16 +308,7 @@ def fan_out_many(session: Session, event_ids: Sequence[str]) -> list[str]:
         for ep in endpoints:
             if ep.created_at > event.created_at or event.event_type not in ep.events:
                 continue
-            d = WebhookDelivery(
-                id=new_id(),
-                endpoint_id=ep.id,
-                msg_id=msg_id(event.id, ep.id),
-                event_type=event.event_type,
-                payload=event.payload,
-                status="pending",
-                next_attempt_at=now,
-                history=[],
-            )
+            d = _delivery(event.id, event.event_type, event.payload, ep.id, now)
             session.add(d)
             enqueue(session, DELIVER_TASK, d.id, queue=QUEUE)
             ids.append(d.id)

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from tests.support.app_env import AppEnv, app_env
 from tests.support.database import postgres_admin_url
 from tests.support.factories import auth, create_key, make_csv, make_rows, upload_dataset
+from tests.support.outbox import capture_tasks
 
 BACKENDS = [
     "sqlite",
@@ -37,19 +38,7 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppEnv]:
 @pytest.fixture
 def sent(env: AppEnv, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Tasks sent after commit, captured (the in-memory broker would drop them)."""
-    from app.core import outbox
-
-    captured: list[Any] = []
-
-    class Capture:
-        def send(self, task: Any) -> None:
-            captured.append(task)
-
-        def chord(self, header: Any, callback: Any) -> None:
-            captured.extend([*header, callback])
-
-    monkeypatch.setattr(outbox, "_sender", Capture())
-    return captured
+    return capture_tasks(monkeypatch).sent
 
 
 def _caller(raw: str) -> Any:

@@ -23,26 +23,12 @@ from app.models.webhooks import WebhookEvent
 from app.requests import lifecycle
 from tests.support.app_env import AppEnv, app_env
 from tests.support.factories import auth, create_key, create_model, make_csv, upload_dataset
-
-
-class Capture:
-    """The broker side of the outbox: what was sent after each commit."""
-
-    def __init__(self) -> None:
-        self.sent: list[outbox.PendingTask] = []
-
-    def send(self, task: outbox.PendingTask) -> None:
-        self.sent.append(task)
-
-    def chord(self, header: Any, callback: outbox.PendingTask) -> None:
-        self.sent.extend([*header, callback])
+from tests.support.outbox import Capture, capture_tasks
 
 
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[Capture]:
-    capture = Capture()
-    monkeypatch.setattr(outbox, "_sender", capture)
-    yield capture
+    yield capture_tasks(monkeypatch)
 
 
 def _world(env: AppEnv) -> dict[str, str]:

@@ -23,6 +23,7 @@ from tests.support.factories import (
     make_rows,
     upload_dataset,
 )
+from tests.support.outbox import capture_tasks
 
 ALL_EVENTS = [
     "request.received",
@@ -78,20 +79,8 @@ def receiver() -> Iterator[Receiver]:
 def sent(env: AppEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """Tasks sent after commit (PendingTask), captured; every endpoint removed after."""
     import app.core.db as db
-    from app.core import outbox
-    from app.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
-    captured: list[Any] = []
-
-    class Capture:
-        def send(self, task: Any) -> None:
-            captured.append(task)
-
-        def chord(self, header: Any, callback: Any) -> None:
-            captured.extend([*header, callback])
-
-    monkeypatch.setattr(outbox, "_sender", Capture())
-    yield captured
+    yield capture_tasks(monkeypatch).sent
     with db.session_scope() as s:
         s.execute(delete(WebhookDelivery))
         s.execute(delete(WebhookEvent))
