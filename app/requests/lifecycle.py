@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy import case, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
@@ -366,15 +366,7 @@ def _resolve(
         rid for key, rids in subjects.items() if len(by_key[key].ids) > PLAN_STEP for rid in rids
     }
     if sources:
-        sizes = {
-            str(name): int(n)
-            for name, n in session.execute(
-                select(Source.name, func.count(Record.id))
-                .join(Source, Source.id == Record.source_id)
-                .where(Source.name.in_(sorted(sources)), live)
-                .group_by(Source.name)
-            )
-        }
+        sizes = targets.count_many(session, "source", set(sources))
         small = sorted(n for n in sources if sizes.get(n, 0) <= PLAN_STEP)
         large |= {rid for n in sources if n not in small for rid in sources[n]}
         by_source = {n: _Resolved() for n in small}
