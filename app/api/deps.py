@@ -110,6 +110,11 @@ def _look_up(digest: str) -> Caller:
     return caller
 
 
+def known_caller(digest: str) -> Caller | None:
+    """The caller whose key hashes to `digest`, if this process has seen it live."""
+    return _known.get(digest)
+
+
 async def intake_caller(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Caller:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.settings import Settings, get_settings
@@ -117,6 +117,16 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
 
 
 # -- tasks after commit: see app.core.outbox ------------------------------------------
+
+
+def refresh_statistics(session: Session, *tables: str) -> None:
+    """On PostgreSQL, ANALYZE `tables` in this transaction (it counts the transaction's
+    own rows). After a bulk insert the planner's statistics are stale until autovacuum
+    gets round to it: with a freshly ingested `records` table estimated at a handful of
+    rows, intake's count by subject key was planned as a scan of every live record."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"ANALYZE {', '.join(tables)}"))
+
 
 from app.core.outbox import PendingTask, enqueue, savepoint  # noqa: E402
 

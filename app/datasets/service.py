@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.audit import service as audit
 from app.core import outbox
 from app.core.chunks import in_chunks
+from app.core.db import refresh_statistics
 from app.core.errors import Conflict, NotFound
 from app.core.security import subject_key
 from app.core.settings import Settings
@@ -129,6 +130,10 @@ def require_ready(ds: Dataset) -> None:
         )
 
 
+# What lineage queries plan over: their statistics are refreshed after an ingest.
+LINEAGE_TABLES = ("records", "subjects", "sources")
+
+
 def ingest(
     session: Session,
     store: ArtifactStore,
@@ -207,6 +212,7 @@ def ingest(
         raise
     # If the surrounding transaction rolls back after this point, drop the bytes too.
     outbox.on_rollback(session, lambda: store.delete(ds.artifact_prefix))
+    refresh_statistics(session, *LINEAGE_TABLES)
     audit.record(
         session,
         actor=actor,

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.core.chunks import in_chunks
-from app.core.db import session_scope
+from app.core.db import refresh_statistics, session_scope
 from app.core.errors import AppError
 from app.core.security import subject_key
 from app.core.settings import get_settings
@@ -132,6 +132,7 @@ def run_ingest(job_id: str) -> None:
             "label_classes": found.label_classes,
             **media_schema(found.columns.features, found.columns.numeric, found.columns.media),
         }
+        refresh_statistics(s, *datasets.LINEAGE_TABLES)
         job.result = {**job.result, "records": n_records, "partitions": n_parts}
         wall = time.perf_counter() - started
         jobs.finish(s, job, ok=True, wall_seconds=wall, device="cpu", device_seconds=wall)
