@@ -18,8 +18,9 @@ from app.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-_engines: dict[str, Engine] = {}
-_factories: dict[str, sessionmaker[Session]] = {}
+# By (database URL, ping on checkout).
+_engines: dict[tuple[str, bool], Engine] = {}
+_factories: dict[tuple[str, bool], sessionmaker[Session]] = {}
 _application_name = "palimpsest"
 
 
@@ -51,9 +52,12 @@ def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
 DEFAULT_BUSY_TIMEOUT = 30.0
 
 
-def make_engine(url: str, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Engine:
+def make_engine(
+    url: str, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, pre_ping: bool = True
+) -> Engine:
     """An engine for `url`; statements wait `busy_timeout` seconds for a lock or a pooled
-    connection (`get_engine` passes the `database_busy_timeout_seconds` setting)."""
+    connection (`get_engine` passes the `database_busy_timeout_seconds` setting).
+    `pre_ping=False` is for a caller that retries on a dropped connection itself."""
     wait = float(busy_timeout)
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -72,7 +76,7 @@ def make_engine(url: str, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Engine:
     connect_args = {"application_name": _application_name} if url.startswith("postgres") else {}
     return create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_size=5,
         max_overflow=10,
         pool_timeout=wait,
@@ -80,19 +84,26 @@ def make_engine(url: str, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Engine:
     )
 
 
-def get_engine(settings: Settings | None = None) -> Engine:
+def get_engine(settings: Settings | None = None, *, ping: bool = True) -> Engine:
+    """The process's engine for the settings' database; `ping=False` a second one whose
+    checkouts skip the liveness round trip (for a caller that retries on a dropped
+    connection itself: intake's groups)."""
     settings = settings or get_settings()
-    url = settings.database_url
-    if url not in _engines:
-        _engines[url] = make_engine(url, settings.database_busy_timeout_seconds)
-    return _engines[url]
+    key = (settings.database_url, ping)
+    if key not in _engines:
+        _engines[key] = make_engine(
+            settings.database_url, settings.database_busy_timeout_seconds, pre_ping=ping
+        )
+    return _engines[key]
 
 
-def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
-    url = (settings or get_settings()).database_url
-    if url not in _factories:
-        _factories[url] = sessionmaker(get_engine(settings), expire_on_commit=False)
-    return _factories[url]
+def session_factory(
+    settings: Settings | None = None, *, ping: bool = True
+) -> sessionmaker[Session]:
+    key = ((settings or get_settings()).database_url, ping)
+    if key not in _factories:
+        _factories[key] = sessionmaker(get_engine(settings, ping=ping), expire_on_commit=False)
+    return _factories[key]
 
 
 def dispose_engines() -> None:
@@ -103,9 +114,9 @@ def dispose_engines() -> None:
 
 
 @contextmanager
-def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+def session_scope(settings: Settings | None = None, *, ping: bool = True) -> Iterator[Session]:
     """The unit of work for tasks and commands: commit on success, roll back on error."""
-    session = session_factory(settings)()
+    session = session_factory(settings, ping=ping)()
     try:
         yield session
         session.commit()

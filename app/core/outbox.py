@@ -132,22 +132,42 @@ def savepoint(session: Session) -> Iterator[None]:
         raise
 
 
+_HELD = "outbox_held"
+
+
+def hold(session: Session, into: list[PendingTask]) -> None:
+    """At its commit, put the tasks this session's transaction enqueued in `into`
+    instead of sending them: the caller sends them with `send_all` when it chooses
+    (intake: after answering the requests they belong to). A rollback drops them."""
+    session.info[_HELD] = into
+
+
+def send_all(tasks: Sequence[PendingTask]) -> None:
+    """Send tasks (a sender's failures are its own to log; the resume sweep re-sends)."""
+    if not tasks:
+        return
+    if _sender is None:
+        log.error("no task sender registered: %d task(s) left to the resume sweep", len(tasks))
+        return
+    for task in tasks:
+        _sender.send(task)
+
+
 @event.listens_for(Session, "after_commit")
 def _send_outbox(session: Session) -> None:
     session.info.pop("on_rollback", None)
     pending: list[PendingTask] = session.info.pop("outbox", [])
-    if not pending:
+    held: list[PendingTask] | None = session.info.pop(_HELD, None)
+    if held is not None:
+        held.extend(coalesce(pending))
         return
-    if _sender is None:
-        log.error("no task sender registered: %d task(s) left to the resume sweep", len(pending))
-        return
-    for task in coalesce(pending):
-        _sender.send(task)
+    send_all(coalesce(pending))
 
 
 @event.listens_for(Session, "after_rollback")
 def _drop_outbox(session: Session) -> None:
     session.info.pop("outbox", None)
+    session.info.pop(_HELD, None)
     for undo in session.info.pop("on_rollback", []):
         try:
             undo()

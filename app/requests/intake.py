@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +42,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import Caller
 from app.audit import service as audit
+from app.core import outbox
 from app.core.db import enqueue, session_scope
 from app.core.errors import AppError, Conflict, Unauthorized
+from app.core.outbox import PendingTask
 from app.core.security import subject_key
 from app.core.settings import Settings
 from app.models import ApiKey, DeletionRequest
@@ -101,7 +104,20 @@ def _busy(exc: BaseException) -> bool:
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _TRANSIENT
+    """Worth one more try: a deadlock or serialisation failure, or a connection the
+    server had dropped (intake's engine does not ping on checkout; SQLAlchemy then
+    discards the pool's connections, so the second try gets a fresh one)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    return exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) in _TRANSIENT
+
+
+def _session(settings: Settings) -> AbstractContextManager[Session]:
+    """The group's transaction; on PostgreSQL without a ping on checkout (a round trip
+    of a group's eight or so): a dropped connection fails the group, which runs once
+    more (`_transient`)."""
+    postgres = settings.database_url.startswith("postgresql")
+    return session_scope(settings, ping=not postgres)
 
 
 def _settle(future: Future[Accepted], outcome: Accepted | BaseException) -> None:
@@ -180,12 +196,17 @@ def _priors(session: Session, tickets: Sequence[Ticket]) -> dict[tuple[str, str]
     return {(str(r.api_key_id), str(r.idempotency_key)): r for r in session.scalars(q)}
 
 
-def write_group(tickets: Sequence[Ticket]) -> dict[int, Accepted | AppError]:
+def write_group(
+    tickets: Sequence[Ticket], tasks: list[PendingTask] | None = None
+) -> dict[int, Accepted | AppError]:
     """Store a group of requests in one transaction (distinct Idempotency-Keys, one
-    database); each ticket's answer, by `id(ticket)`."""
+    database); each ticket's answer, by `id(ticket)`. The tasks it enqueues are sent at
+    commit, or with `tasks` kept there for the caller to send."""
     settings = tickets[0].settings
     out: dict[int, Accepted | AppError] = {}
-    with session_scope(settings) as s:
+    with _session(settings) as s:
+        if tasks is not None:
+            outbox.hold(s, tasks)
         key_ids = {t.caller.key_id for t in tickets}
         # Core statements on the transaction's connection: no ORM loading per row.
         conn = s.connection()
@@ -267,13 +288,15 @@ def write_tickets(group: Sequence[Ticket]) -> list[Ticket]:
         leaders.append(t)
     if not leaders:
         return again
+    tasks: list[PendingTask] = []
     try:
         try:
-            answers = write_group(leaders)
+            answers = write_group(leaders, tasks)
         except Exception as exc:
             if not _transient(exc):
                 raise
-            answers = write_group(leaders)  # a deadlock's loser runs again, once
+            # A deadlock's loser, or a connection the server dropped, runs again, once.
+            answers = write_group(leaders, tasks)
     except Exception as exc:
         if _busy(exc):
             for t in leaders:
@@ -285,6 +308,9 @@ def write_tickets(group: Sequence[Ticket]) -> list[Ticket]:
         return again
     for t in leaders:
         _settle(t.future, answers[id(t)])
+    # Planning and the webhooks' fan-out, sent once the callers have their answers
+    # (what cannot be sent is re-sent by the resume sweep).
+    outbox.send_all(tasks)
     return again
 
 

@@ -227,3 +227,79 @@ def test_a_failing_group_is_stored_one_request_at_a_time(env: AppEnv, sent: list
     assert all(t.future.result(timeout=0)[1] for t in tickets)
     # Stored alone: one planning task each, the single-request kind.
     assert sorted(t.name for t in sent if "plan" in t.name) == ["palimpsest.plan_request"] * 3
+
+
+def test_a_groups_tasks_go_out_after_its_callers_have_their_answers(
+    env: AppEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning and the webhooks' fan-out are sent once every ticket of the group is
+    answered (the broker's round trips are not in the callers' latency)."""
+    from app.core import outbox
+    from app.requests.intake import write_all
+
+    portal = _caller(create_key("portal", "t-portal"))
+    tickets = [_ticket(portal, f"t-{i}", kind="subject", subject_id=f"t{i}") for i in range(4)]
+    seen: list[tuple[str, bool]] = []
+
+    class Sender:
+        def send(self, task: outbox.PendingTask) -> None:
+            seen.append((task.name, all(t.future.done() for t in tickets)))
+
+        def chord(self, header: Any, callback: Any) -> None:
+            raise AssertionError("intake sends no chords")
+
+    monkeypatch.setattr(outbox, "_sender", Sender())
+    write_all(tickets)
+    assert all(t.future.result(timeout=0)[1] for t in tickets)
+    names = sorted(name for name, _ in seen)
+    assert names == ["palimpsest.fan_out_webhooks", "palimpsest.plan_requests"], names
+    assert all(done for _, done in seen)
+
+
+def test_held_tasks_are_kept_at_commit_and_dropped_on_rollback(
+    env: AppEnv, sent: list[Any]
+) -> None:
+    from app.core import outbox
+    from app.core.db import enqueue, session_scope
+
+    kept: list[outbox.PendingTask] = []
+    with session_scope() as s:
+        outbox.hold(s, kept)
+        enqueue(s, "palimpsest.example", 1)
+    assert [t.name for t in kept] == ["palimpsest.example"] and sent == []
+    dropped: list[outbox.PendingTask] = []
+    with pytest.raises(RuntimeError), session_scope() as s:
+        outbox.hold(s, dropped)
+        enqueue(s, "palimpsest.example", 2)
+        raise RuntimeError("roll back")
+    assert dropped == [] and sent == []
+    with session_scope() as s:  # an ordinary transaction after them still sends
+        enqueue(s, "palimpsest.example", 3)
+    assert [t.args for t in sent] == [(3,)]
+
+
+def test_a_dropped_connection_costs_a_group_one_more_try(env: AppEnv, sent: list[Any]) -> None:
+    """Intake's engine skips the ping on checkout; a connection the server dropped
+    fails the group's first try and the second, on a fresh connection, stores it."""
+    if env.database_url.startswith("sqlite"):
+        pytest.skip("a server-side connection exists only on PostgreSQL")
+    from sqlalchemy import text
+
+    from app.core.db import session_scope
+    from app.requests.intake import write_all
+
+    portal = _caller(create_key("portal", "d-portal"))
+    first = _ticket(portal, "d-0", kind="subject", subject_id="d0")
+    write_all([first])  # the intake engine's pooled connection now exists
+    assert first.future.result(timeout=0)[1] is True
+    with session_scope() as s:
+        killed = s.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    assert killed and killed >= 1
+    second = _ticket(portal, "d-1", kind="subject", subject_id="d1")
+    write_all([second])
+    assert second.future.result(timeout=0)[1] is True
