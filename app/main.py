@@ -18,12 +18,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.fast_intake import FastIntake
 from app.api.openapi import install as install_openapi
 from app.core.db import get_engine
 from app.core.errors import AppError
 from app.core.logging import new_request_id, request_id_var
 from app.ops.metrics import registry as metrics_registry
+from app.requests.fast_path import FastIntake
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("palimpsest.access")

@@ -1,4 +1,4 @@
-"""Intake's fast path (app/api/fast_intake.py): the ordinary `POST /v1/deletion-requests`
+"""Intake's fast path (app/requests/fast_path.py): the ordinary `POST /v1/deletion-requests`
 is answered without FastAPI's routing and dependencies, with the same answer the endpoint
 gives (status, body, headers, errors); anything unusual goes on to FastAPI with its body
 intact. Plus the two other intake costs found with it: FastAPI's telemetry checks when
@@ -92,8 +92,8 @@ def test_an_ordinary_request_is_answered_by_the_fast_path_as_the_endpoint_would(
     )
     assert callers == [
         "app.requests.router",  # an unknown key: FastAPI looks it up
-        "app.api.fast_intake",
-        "app.api.fast_intake",
+        "app.requests.fast_path",
+        "app.requests.fast_path",
         "app.requests.router",
         "app.requests.router",
     ]
@@ -132,7 +132,7 @@ def test_errors_on_the_fast_path_are_the_endpoints_errors(
         other_body = post(env, key, {"kind": "source", "source": "s2"}, **reused)
         answers.append((bad_key, first, other_body))
         reused = {"Idempotency-Key": "same-2"}
-    assert callers.count("app.api.fast_intake") == 3
+    assert callers.count("app.requests.fast_path") == 3
     for bad_key, first, other_body in answers:
         assert_error(bad_key, 400)
         assert first.status_code == 202
@@ -145,7 +145,7 @@ def test_errors_on_the_fast_path_are_the_endpoints_errors(
         revoke_key(s, find_key(s, "fast-b"))
     env.client.app.dependency_overrides.clear()  # type: ignore[attr-defined]
     gone = post(env, key, {"kind": "source", "source": "s1"})
-    assert callers[-1] == "app.api.fast_intake"
+    assert callers[-1] == "app.requests.fast_path"
     assert_error(gone, 401, "unauthorized")
 
 
@@ -186,7 +186,7 @@ def test_other_keys_and_content_go_to_fastapi(
         content=json.dumps({"kind": "source", "source": "a"}),
     )
     assert raw.status_code in (202, 422), raw.text  # whatever FastAPI makes of it
-    assert callers.count("app.api.fast_intake") == 0
+    assert callers.count("app.requests.fast_path") == 0
 
 
 def _asgi(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes):  # type: ignore[no-untyped-def]
@@ -212,7 +212,7 @@ def _asgi(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], 
 def test_a_request_left_to_fastapi_arrives_with_its_whole_body() -> None:
     from fastapi import FastAPI
 
-    from app.api.fast_intake import FastIntake
+    from app.requests.fast_path import FastIntake
 
     seen: list[bytes] = []
 
