@@ -110,6 +110,10 @@ def _look_up(digest: str) -> Caller:
     return caller
 
 
+# The roles that may create deletion requests.
+INTAKE_ROLES = frozenset({"admin", "portal"})
+
+
 def known_caller(digest: str) -> Caller | None:
     """The caller whose key hashes to `digest`, if this process has seen it live."""
     return _known.get(digest)
@@ -125,7 +129,7 @@ async def intake_caller(
     caller = _known.get(digest)
     if caller is None:
         caller = await run_in_threadpool(_look_up, digest)
-    return _admit(caller, {"admin", "portal"})
+    return _admit(caller, INTAKE_ROLES)
 
 
 async def current_settings() -> Settings:

@@ -127,9 +127,6 @@ def session_scope(settings: Settings | None = None, *, ping: bool = True) -> Ite
         session.close()
 
 
-# -- tasks after commit: see app.core.outbox ------------------------------------------
-
-
 def refresh_statistics(session: Session, *tables: str) -> None:
     """On PostgreSQL, ANALYZE `tables` in this transaction (it counts the transaction's
     own rows). After a bulk insert the planner's statistics are stale until autovacuum
@@ -137,6 +134,9 @@ def refresh_statistics(session: Session, *tables: str) -> None:
     rows, intake's count by subject key was planned as a scan of every live record."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"ANALYZE {', '.join(tables)}"))
+
+
+# -- tasks after commit: see app.core.outbox ------------------------------------------
 
 
 from app.core.outbox import PendingTask, enqueue, savepoint  # noqa: E402

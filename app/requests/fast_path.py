@@ -149,7 +149,7 @@ def _parse(
     if scheme.lower() != "bearer" or not token:
         return None
     caller = deps.known_caller(hash_api_key(token))
-    if caller is None or caller.role not in ("admin", "portal"):
+    if caller is None or caller.role not in deps.INTAKE_ROLES:
         return None
     try:
         request = DeletionRequestIn.model_validate(json.loads(body))
