@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, event, insert, inspect, select, text
+from sqlalchemy import Table, event, inspect, select, text
 from sqlalchemy.orm import Session
 
+from app.core import bulk
 from app.models import AuditEvent
 from app.models.base import utcnow
 
@@ -173,7 +174,7 @@ def record_many(session: Session, entries: Sequence[Entry]) -> None:
         prev = rows[-1]["hash"]
     # Core: no ORM work per row. The chain's last event is now one the session does
     # not hold: the next `record` reads it back.
-    session.connection().execute(insert(cast(Table, AuditEvent.__table__)), rows)
+    bulk.insert_rows(session.connection(), cast(Table, AuditEvent.__table__), rows)
     session.info.pop(_LAST_KEY, None)
 
 

@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.core import bulk
 from app.core.db import enqueue
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.core.settings import get_settings
@@ -393,9 +394,7 @@ def requests_received(session: Session, rows: Sequence[Mapping[str, Any]]) -> No
         }
         for r in rows
     ]
-    session.connection().execute(
-        insert(cast(Table, WebhookEvent.__table__)), events
-    )  # Core: no ORM per row
+    bulk.insert_rows(session.connection(), cast(Table, WebhookEvent.__table__), events)
     enqueue(session, FAN_OUT_MANY_TASK, [e["id"] for e in events], queue=QUEUE)
 
 

@@ -303,3 +303,39 @@ def test_a_dropped_connection_costs_a_group_one_more_try(env: AppEnv, sent: list
     second = _ticket(portal, "d-1", kind="subject", subject_id="d1")
     write_all([second])
     assert second.future.result(timeout=0)[1] is True
+
+
+def test_a_busy_writer_waits_for_as_many_as_last_time_and_no_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The linger: when busy, a group is closed as soon as it is as large as the one
+    before (the callers it answered are coming back), else at the linger's end; in a
+    quiet moment it takes what is waiting and goes."""
+    import time
+
+    from app.requests import intake
+
+    monkeypatch.setattr(intake, "LINGER_SECONDS", 0.5)
+    w = intake.Writer(threads=0)  # no thread: the gathering alone
+    waiting: list[Any] = [object() for _ in range(6)]
+
+    def gather(first: int, queued: int) -> tuple[int, float]:
+        group = waiting[:first]
+        for t in waiting[first : first + queued]:
+            w.submit(t)
+        t0 = time.monotonic()
+        w._gather(group)
+        return len(group), time.monotonic() - t0
+
+    w._last_end, w._last_size = time.monotonic(), 4
+    n, took = gather(1, 5)  # more than last time are there: all taken, no wait
+    assert n == 6 and took < 0.25
+    w._last_end, w._last_size = time.monotonic(), 3
+    n, took = gather(1, 2)  # exactly as many as last time: closed at once
+    assert n == 3 and took < 0.25
+    w._last_end, w._last_size = time.monotonic(), 5
+    n, took = gather(1, 2)  # fewer: waits the whole linger for the rest
+    assert n == 3 and took >= 0.45
+    w._last_end, w._last_size = time.monotonic() - 1.0, 5
+    n, took = gather(1, 1)  # quiet: what is waiting, at once
+    assert n == 2 and took < 0.25
