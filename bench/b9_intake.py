@@ -309,7 +309,8 @@ def run(
                 # Planning, by a worker started now.
                 t0 = time.perf_counter()
                 stack.start_worker("--queues", "default")
-                deadline = t0 + 180.0  # bounded: what is left is reported
+                # Bounded (what is left is reported), by the work: 100 planned/s at least.
+                deadline = t0 + max(180.0, stored / 100.0)
                 left = stored
                 while time.perf_counter() < deadline:
                     left = _count(
