@@ -21,6 +21,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
+from psycopg.types.json import Json, Jsonb
 from sqlalchemy import Column, Connection, Table, insert, types
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -38,10 +39,8 @@ def _as_text(value: Any) -> str | None:
         return value.isoformat()
     if isinstance(value, int | float | Decimal):
         return str(value)
-    obj = getattr(value, "obj", value)  # psycopg's Json wrapper (SQLAlchemy's JSON type)
-    if obj is not value:
-        dumps = getattr(value, "dumps", None) or json.dumps
-        return str(dumps(obj))
+    if isinstance(value, Json | Jsonb):  # what SQLAlchemy's JSON type binds on psycopg
+        return str((value.dumps or json.dumps)(value.obj))
     raise TypeError(f"no text form for a {type(value).__name__} value")
 
 

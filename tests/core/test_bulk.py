@@ -34,17 +34,9 @@ from sqlalchemy.exc import DBAPIError
 
 from app.core.bulk import insert_rows
 from app.models.base import UTCDateTime, new_id
-from tests.support.database import fresh_database, postgres_admin_url
+from tests.support.database import backends, fresh_database, postgres_admin_url
 
-BACKENDS = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(
-            postgres_admin_url() is None, reason="PALIMPSEST_TEST_POSTGRES_URL is not set"
-        ),
-    ),
-]
+BACKENDS = backends()
 
 META = MetaData()
 THINGS = Table(

@@ -14,19 +14,11 @@ import pytest
 from sqlalchemy import select
 
 from tests.support.app_env import AppEnv, app_env
-from tests.support.database import postgres_admin_url
+from tests.support.database import backends
 from tests.support.factories import auth, create_key, make_csv, make_rows, upload_dataset
 from tests.support.outbox import capture_tasks
 
-BACKENDS = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(
-            postgres_admin_url() is None, reason="PALIMPSEST_TEST_POSTGRES_URL is not set"
-        ),
-    ),
-]
+BACKENDS = backends()
 
 
 @pytest.fixture(params=BACKENDS)

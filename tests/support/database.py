@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -20,6 +21,15 @@ POSTGRES_ENV = "PALIMPSEST_TEST_POSTGRES_URL"
 
 def postgres_admin_url() -> str | None:
     return os.environ.get(POSTGRES_ENV) or None
+
+
+def backends() -> list[Any]:
+    """`sqlite`, and `postgresql` unless PALIMPSEST_TEST_POSTGRES_URL is unset (then
+    skipped with that reason): a backend fixture's params."""
+    import pytest
+
+    skip = pytest.mark.skipif(postgres_admin_url() is None, reason=f"{POSTGRES_ENV} is not set")
+    return ["sqlite", pytest.param("postgresql", marks=skip)]
 
 
 def _psycopg_dsn(url: str) -> str:
